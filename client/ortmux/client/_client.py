@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from ortmux.client import _convert
+from ortmux.client._channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from ortmux.client._errors import OrtmuxError
+from ortmux.client._types import ModelInfo
+from ortmux.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc
+
+T = TypeVar("T")
+
+
+class Client:
+    """A blocking client of one ortmux worker (or a load-balanced set of them).
+
+    ``timeout`` is the default deadline of every call in seconds (None: no deadline); each
+    method takes ``timeout=`` to override it. Use as a context manager, or call ``close()``.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 30.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        options = channel_options(max_message_bytes)
+        self._channel = (
+            grpc.secure_channel(target, credentials, options=options)
+            if credentials is not None
+            else grpc.insecure_channel(target, options=options)
+        )
+        self.target = target
+        self.timeout = timeout
+        self._models = models_pb2_grpc.ModelServiceStub(self._channel)
+        self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """Every base model the worker serves."""
+        response = self._call(self._models.ListModels, models_pb2.ListModelsRequest(), timeout)
+        return [_convert.model_info(model) for model in response.models]
+
+    def model_info(self, model: str, *, timeout: float | None = None) -> ModelInfo:
+        """Inputs, outputs, adapter targets and accounting of one base model."""
+        return _convert.model_info(
+            self._call(self._models.GetModel, models_pb2.GetModelRequest(name=model), timeout)
+        )
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        adapter: str | None = None,
+        *,
+        output_names: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run ``inputs`` (name -> array) through ``model``, optionally with an adapter."""
+        request = _convert.infer_request(model, inputs, adapter, output_names)
+        return _convert.infer_outputs(self._call(self._inference.Infer, request, timeout))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as error:
+            raise OrtmuxError.from_rpc_error(error) from None

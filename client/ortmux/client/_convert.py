@@ -1,0 +1,81 @@
+"""Protobuf <-> the client's Python types, shared by the sync and asyncio clients."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from ortmux.client._errors import OrtmuxError
+from ortmux.client._types import AdapterTargetInfo, ModelInfo, ModelStats, TensorInfo
+from ortmux.common import tensors
+from ortmux.v1 import inference_pb2, models_pb2
+
+
+def infer_request(
+    model: str,
+    inputs: Mapping[str, Any],
+    adapter: str | None,
+    output_names: Sequence[str] | None,
+    request_id: str | None = None,
+) -> inference_pb2.InferRequest:
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"inputs must be a mapping of name to array, got {type(inputs).__name__}")
+    request = inference_pb2.InferRequest(
+        model=model, adapter=adapter or "", output_names=list(output_names or ()), request_id=request_id or ""
+    )
+    try:
+        tensors.encode_many({name: np.asarray(value) for name, value in inputs.items()}, request.inputs)
+    except tensors.TensorCodecError as exc:
+        raise OrtmuxError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+    return request
+
+
+def infer_outputs(response: inference_pb2.InferResponse) -> dict[str, np.ndarray]:
+    try:
+        return tensors.decode_many(response.outputs)
+    except tensors.TensorCodecError as exc:
+        raise OrtmuxError(grpc.StatusCode.INTERNAL, f"the worker sent a malformed output: {exc}") from None
+
+
+def _tensor_info(spec: Any) -> TensorInfo:
+    return TensorInfo(
+        name=spec.name,
+        dtype=tensors.dtype_name(spec.dtype),
+        shape=tuple(spec.shape),
+        dim_names=tuple(spec.dim_names),
+    )
+
+
+def model_info(message: models_pb2.ModelInfo) -> ModelInfo:
+    stats = message.stats
+    return ModelInfo(
+        name=message.name,
+        state=models_pb2.ModelState.Name(message.state).removeprefix("MODEL_STATE_").lower(),
+        inputs=tuple(_tensor_info(spec) for spec in message.inputs),
+        outputs=tuple(_tensor_info(spec) for spec in message.outputs),
+        adapter_targets=tuple(
+            AdapterTargetInfo(
+                weight=target.weight,
+                module=target.module,
+                shape=tuple(target.shape),
+                kind=models_pb2.AdapterTargetKind.Name(target.kind)
+                .removeprefix("ADAPTER_TARGET_KIND_")
+                .lower(),
+            )
+            for target in message.adapter_targets
+        ),
+        stats=ModelStats(
+            arena_bytes=stats.arena_bytes,
+            cache_bytes=stats.cache_bytes,
+            sessions=stats.sessions,
+            load_seconds=stats.load_seconds,
+            cache_hit=stats.cache_hit,
+            adapters=stats.adapters,
+            resident_adapters=stats.resident_adapters,
+        ),
+        sha256=message.sha256,
+        providers=tuple(message.providers),
+    )

@@ -1,0 +1,43 @@
+"""Shared fixtures: a real worker on port 0 serving the demo model, and real clients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ortmux.client import Client
+from ortmux.worker.api.server import Worker, start_worker
+from ortmux.worker.settings import Settings
+
+
+def worker_settings(data_dir: Path, *extra: str) -> Settings:
+    return Settings.load(
+        ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--data-dir", str(data_dir), *extra],
+        environ={},
+    )
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ortmux-data")
+
+
+@pytest.fixture(scope="session")
+def worker(data_dir: Path) -> Iterator[Worker]:
+    running = start_worker(worker_settings(data_dir))
+    yield running
+    running.stop(0)
+
+
+@pytest.fixture()
+def client(worker: Worker) -> Iterator[Client]:
+    with Client(worker.address, timeout=30) as connected:
+        yield connected
+
+
+@pytest.fixture()
+def token_ids() -> np.ndarray:
+    return np.random.default_rng(7).integers(0, 1000, size=(2, 8), dtype=np.int64)

@@ -1,0 +1,103 @@
+"""The ortmux command, run as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ortmux.worker.api.server import Worker
+
+ORTMUX = [sys.executable, "-m", "ortmux.worker.cli"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*ORTMUX, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_models_lists_demo_with_inputs_and_outputs(worker: Worker) -> None:
+    result = _run("models", "--target", worker.address)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "demo",
+        "  input  input_ids: int64[-1, -1]",
+        "  output logits: float32[-1, -1, 1000]",
+    ]
+
+
+def test_infer_prints_output_shapes_and_saves_them(worker: Worker, tmp_path: Path) -> None:
+    ids = np.arange(12, dtype=np.int64).reshape(2, 6)
+    np.save(tmp_path / "ids.npy", ids)
+    out_dir = tmp_path / "out"
+    result = _run(
+        "infer",
+        "--target",
+        worker.address,
+        "--model",
+        "demo",
+        "--input",
+        f"input_ids={tmp_path / 'ids.npy'}",
+        "--output-dir",
+        str(out_dir),
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"logits: float32\[2, 6, 1000\] min=\S+ max=\S+ mean=\S+\n", result.stdout)
+    assert np.load(out_dir / "logits.npy").shape == (2, 6, 1000)
+
+
+def test_infer_reports_server_errors_with_their_code(worker: Worker, tmp_path: Path) -> None:
+    np.save(tmp_path / "ids.npy", np.zeros((1, 3), np.float32))
+    result = _run(
+        "infer", "--target", worker.address, "--model", "demo", "--input", f"input_ids={tmp_path / 'ids.npy'}"
+    )
+    assert result.returncode == 1
+    assert (
+        "INVALID_ARGUMENT: input 'input_ids' has dtype float32, model 'demo' expects int64" in result.stderr
+    )
+
+
+def test_infer_refuses_a_malformed_input_flag(worker: Worker) -> None:
+    result = _run("infer", "--target", worker.address, "--model", "demo", "--input", "input_ids")
+    assert result.returncode == 2
+    assert "is not NAME=FILE.npy" in result.stderr
+
+
+def test_serve_starts_on_the_demo_model_and_drains_on_sigterm(tmp_path: Path) -> None:
+    env = {**os.environ, "ORTMUX_METRICS_PORT": "-1"}
+    process = subprocess.Popen(
+        [*ORTMUX, "serve", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(tmp_path)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        port = None
+        deadline = time.monotonic() + 60
+        assert process.stderr is not None
+        while port is None and time.monotonic() < deadline:
+            line = process.stderr.readline()
+            if not line:
+                break
+            match = re.search(r"serving demo on port (\d+)", line)
+            port = int(match.group(1)) if match else None
+        assert port, "the worker never said it was serving"
+        result = _run("models", "--target", f"127.0.0.1:{port}")
+        assert result.stdout.splitlines()[0] == "demo"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_serve_refuses_a_bad_setting(tmp_path: Path) -> None:
+    result = _run("serve", "--port", "0", "--data-dir", str(tmp_path), "--model", "oops")
+    assert result.returncode == 1
+    assert "model 'oops' is not NAME=PATH" in result.stderr

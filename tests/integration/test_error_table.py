@@ -1,0 +1,88 @@
+"""Every row of the error table, through a real server with the real interceptor and client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+
+from ortmux.client import OrtmuxError
+from ortmux.worker import errors
+from ortmux.worker.api.errors import STATUS_BY_CODE
+from ortmux.worker.api.interceptors import ErrorInterceptor
+
+ERROR_CLASSES = {cls.code: cls for cls in errors.OrtmuxError.__subclasses__()}
+SERVICE = "ortmux.test.Raiser"
+
+
+def _raise(request: bytes, context: grpc.ServicerContext) -> bytes:
+    code = request.decode()
+    if code == "crash":
+        raise RuntimeError("secret internals")
+    raise ERROR_CLASSES[errors.ErrorCode(code)](
+        f"failed with {code}", field="some.field", retry_after=1.5, metadata={"k": "v"}
+    )
+
+
+def _raise_streaming(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    yield b"first"
+    _raise(request, context)
+
+
+@pytest.fixture(scope="module")
+def raiser() -> Iterator[grpc.Channel]:
+    server = grpc.server(futures.ThreadPoolExecutor(4), interceptors=[ErrorInterceptor()])
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(_raise),
+        "Stream": grpc.unary_stream_rpc_method_handler(_raise_streaming),
+    }
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield channel
+    server.stop(0)
+
+
+def test_the_table_covers_every_error_code_and_class() -> None:
+    assert set(STATUS_BY_CODE) == set(errors.ErrorCode)
+    assert set(ERROR_CLASSES) == set(errors.ErrorCode)
+    for code, status in STATUS_BY_CODE.items():
+        assert status.name == code.name
+
+
+@pytest.mark.parametrize("code", list(errors.ErrorCode), ids=lambda c: c.name)
+def test_each_error_becomes_its_status_with_details(raiser: grpc.Channel, code: errors.ErrorCode) -> None:
+    unary = raiser.unary_unary(f"/{SERVICE}/Unary")
+    with pytest.raises(grpc.RpcError) as caught:
+        unary(code.value.encode(), timeout=10)
+    error = OrtmuxError.from_rpc_error(caught.value)
+    assert error.code == STATUS_BY_CODE[code]
+    assert error.message == f"failed with {code.value}"
+    assert error.reason == code.name
+    assert [(v.field, v.description) for v in error.field_violations] == [("some.field", error.message)]
+    assert error.retry_after == 1.5
+
+
+@pytest.mark.parametrize("code", [errors.ErrorCode.NOT_FOUND, errors.ErrorCode.RESOURCE_EXHAUSTED])
+def test_error_in_a_streaming_handler_ends_the_stream_with_its_status(
+    raiser: grpc.Channel, code: errors.ErrorCode
+) -> None:
+    stream = raiser.unary_stream(f"/{SERVICE}/Stream")
+    received = []
+    with pytest.raises(grpc.RpcError) as caught:
+        for item in stream(code.value.encode(), timeout=10):
+            received.append(item)
+    assert received == [b"first"]
+    assert caught.value.code() == STATUS_BY_CODE[code]
+
+
+def test_unexpected_exception_is_internal_without_internals(raiser: grpc.Channel) -> None:
+    unary = raiser.unary_unary(f"/{SERVICE}/Unary")
+    with pytest.raises(grpc.RpcError) as caught:
+        unary(b"crash", timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in caught.value.details()
+    assert caught.value.details() == "the worker hit an unexpected error; it is logged on the worker"

@@ -1,0 +1,31 @@
+"""The README's client example runs as written, and its settings table lists every field."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+from ortmux.worker.api.server import Worker
+from ortmux.worker.settings import Settings
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def test_readme_client_example_prints_what_readme_says(worker: Worker) -> None:
+    code = re.search(r"```python\n(.*?)```", README, re.S)
+    assert code, "README has no python example"
+    source = code.group(1).replace("localhost:50051", worker.address)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(source, "README.md", "exec"), {})
+    expected = re.search(r"it prints\n\n((?:    .*\n)+)", README)
+    assert expected
+    assert printed.getvalue() == "".join(line[4:] + "\n" for line in expected.group(1).splitlines())
+
+
+def test_readme_settings_table_lists_every_field() -> None:
+    for field in Settings.fields():
+        assert f"| `{field.name}` |" in README, field.name
+        assert f"`ORTMUX_{field.name.upper()}`" in README, field.name

@@ -1,0 +1,1 @@
+"""The gRPC surface: servicers (protobuf <-> core types), the error table, the server."""

@@ -1,0 +1,138 @@
+"""Server interceptors: ortmux errors -> gRPC statuses (applied once, here), and RPC metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from grpc_status import rpc_status
+
+from ortmux.worker.api.errors import to_rpc_status
+from ortmux.worker.errors import InternalError, OrtmuxError
+from ortmux.worker.observability.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
+
+
+def _abort(context: grpc.ServicerContext, method: str, exc: Exception) -> None:
+    if not isinstance(exc, OrtmuxError):
+        if context.is_active():
+            log.exception("unexpected error in %s", method, exc_info=exc)
+        exc = InternalError("the worker hit an unexpected error; it is logged on the worker")
+    context.abort_with_status(rpc_status.to_status(to_rpc_status(exc)))
+
+
+def _wrap_handler(
+    handler: grpc.RpcMethodHandler, method: str, wrap_unary: Callable, wrap_stream: Callable
+) -> grpc.RpcMethodHandler:
+    """A copy of ``handler`` whose behavior is wrapped; ``wrap_stream`` for streamed responses."""
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            wrap_unary(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            wrap_unary(handler.stream_unary, method),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            wrap_stream(handler.unary_stream, method),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        wrap_stream(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer
+    )
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Turns every exception leaving a servicer into a status with google.rpc details.
+
+    OrtmuxError keeps its code and message; anything else is logged with its traceback and
+    answered INTERNAL without internals.
+    """
+
+    def intercept_service(
+        self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        return _wrap_handler(handler, handler_call_details.method, self._unary, self._stream)
+
+    @staticmethod
+    def _unary(behavior: Behavior, method: str) -> Behavior:
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return behavior(request, context)
+            except Exception as exc:
+                _abort(context, method, exc)
+
+        return guarded
+
+    @staticmethod
+    def _stream(behavior: Behavior, method: str) -> Behavior:
+        def guarded(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from behavior(request, context)
+            except Exception as exc:
+                _abort(context, method, exc)
+
+        return guarded
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts calls by method and final status code, and times them. Outermost interceptor."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def intercept_service(
+        self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        return _wrap_handler(handler, handler_call_details.method, self._unary, self._stream)
+
+    def _finish(self, method: str, context: grpc.ServicerContext, started: float, failed: bool) -> None:
+        code = context.code() if hasattr(context, "code") else None
+        if code is None:
+            code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+        self._metrics.rpcs.labels(method, code.name).inc()
+        self._metrics.rpc_seconds.labels(method).observe(time.perf_counter() - started)
+        self._metrics.rpcs_in_flight.labels(method).dec()
+
+    def _unary(self, behavior: Behavior, method: str) -> Behavior:
+        def timed(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            self._metrics.rpcs_in_flight.labels(method).inc()
+            failed = True
+            try:
+                response = behavior(request, context)
+                failed = False
+                return response
+            finally:
+                self._finish(method, context, started, failed)
+
+        return timed
+
+    def _stream(self, behavior: Behavior, method: str) -> Behavior:
+        def timed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            started = time.perf_counter()
+            self._metrics.rpcs_in_flight.labels(method).inc()
+            failed = True
+            try:
+                yield from behavior(request, context)
+                failed = False
+            finally:
+                self._finish(method, context, started, failed)
+
+        return timed

@@ -1,0 +1,135 @@
+"""Building and running the gRPC server: services, interceptors, health, reflection, drain."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from ortmux.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
+from ortmux.worker.api.interceptors import ErrorInterceptor, MetricsInterceptor
+from ortmux.worker.api.servicers import AdapterServicer, InferenceServicer, ModelServicer
+from ortmux.worker.dataplane import DataPlane
+from ortmux.worker.demo import DEMO_NAME, ensure_demo_model
+from ortmux.worker.engine.base_model import RuntimeOptions
+from ortmux.worker.engine.providers import resolve_providers
+from ortmux.worker.engine.registry import ModelRegistry
+from ortmux.worker.observability.metrics import Metrics
+from ortmux.worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+    adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name,
+    inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+)
+OVERALL_HEALTH = ""
+
+
+@dataclasses.dataclass
+class Worker:
+    """A running worker: the gRPC server and everything it serves."""
+
+    settings: Settings
+    server: grpc.Server
+    port: int
+    dataplane: DataPlane
+    metrics: Metrics
+    health: health.HealthServicer
+    metrics_port: int | None = None
+    _stopped: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    @property
+    def address(self) -> str:
+        host = "127.0.0.1" if self.settings.host in {"0.0.0.0", "[::]", ""} else self.settings.host
+        return f"{host}:{self.port}"
+
+    def load_models(self) -> None:
+        """Load the configured base models (the demo model when none is), then report SERVING."""
+        paths = self.settings.model_paths() or {DEMO_NAME: ensure_demo_model(self.settings.data_dir)}
+        self.dataplane.models.load_all(paths)
+        self.metrics.models_loaded.set(len(self.dataplane.list_models()))
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, let in-flight calls finish within ``grace`` seconds, then stop."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        grace = self.settings.drain_grace_seconds if grace is None else grace
+        self.server.stop(grace).wait()
+        self.metrics.close()
+        log.info("worker stopped")
+
+    def _set_health(self, status: int) -> None:
+        for service in (OVERALL_HEALTH, *SERVICE_NAMES):
+            self.health.set(service, status)
+
+
+def create_server(
+    settings: Settings, metrics_registry: CollectorRegistry | None = None
+) -> tuple[grpc.Server, int, Worker]:
+    """Bind the server (port 0: any free port) with every service registered; not started yet.
+
+    Health answers NOT_SERVING until :meth:`Worker.load_models` has loaded the base models.
+    """
+    metrics = Metrics(metrics_registry)
+    runtime = RuntimeOptions(
+        providers=tuple(resolve_providers(settings.providers)), intra_op_threads=settings.intra_op_threads
+    )
+    dataplane = DataPlane(ModelRegistry(runtime), metrics)
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="ortmux-grpc"),
+        interceptors=[MetricsInterceptor(metrics), ErrorInterceptor()],
+        options=options,
+    )
+    models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(dataplane), server)
+    adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(), server)
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {settings.host}:{settings.port}")
+    worker = Worker(settings, server, port, dataplane, metrics, health_servicer)
+    worker._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    return server, port, worker
+
+
+def start_worker(settings: Settings, metrics_registry: CollectorRegistry | None = None) -> Worker:
+    """Create, start and load a worker; metrics served when ``settings.metrics_port`` >= 0."""
+    _server, port, worker = create_server(settings, metrics_registry)
+    worker.server.start()
+    log.info("gRPC on %s:%d", settings.host, port)
+    if settings.metrics_port >= 0:
+        worker.metrics_port = worker.metrics.serve(settings.host, settings.metrics_port)
+    try:
+        worker.load_models()
+    except BaseException:
+        worker.stop(0)
+        raise
+    return worker

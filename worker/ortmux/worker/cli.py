@@ -1,0 +1,161 @@
+"""The ``ortmux`` command: ``serve`` runs a worker; ``models`` and ``infer`` talk to one.
+
+The client commands need only the thin client; ``serve`` needs the ``worker`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "serve":
+        args.rest = rest  # the serve flags come from the settings fields
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return int(args.handler(args, parser) or 0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ortmux", description="Serve many adapters of one ONNX base model.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help="run a worker (ortmux serve --help for its flags)", add_help=False
+    )
+    serve.set_defaults(handler=_serve)
+
+    models = commands.add_parser("models", help="list the models a worker serves, with inputs and outputs")
+    models.set_defaults(handler=_models)
+    _add_target(models)
+
+    infer = commands.add_parser("infer", help="run one request and summarise its outputs")
+    infer.set_defaults(handler=_infer)
+    _add_target(infer)
+    infer.add_argument("--model", required=True, help="base model name")
+    infer.add_argument("--adapter", default=None, help="adapter id (default: the base model)")
+    infer.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        default=[],
+        metavar="NAME=FILE.npy",
+        help="an input; repeatable",
+    )
+    infer.add_argument("--output-dir", type=Path, default=None, help="save each output as NAME.npy here")
+    return parser
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=DEFAULT_TARGET, help=f"worker address (default {DEFAULT_TARGET})")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        from ortmux.worker.api.server import start_worker
+        from ortmux.worker.errors import OrtmuxError
+        from ortmux.worker.settings import Settings, add_arguments
+    except ImportError as exc:
+        print(f"ortmux serve needs the worker extra (pip install 'ortmux[worker]'): {exc}", file=sys.stderr)
+        return 2
+    serve_parser = argparse.ArgumentParser(prog="ortmux serve", description="Run an ortmux worker.")
+    add_arguments(serve_parser)
+    serve_parser.parse_args(args.rest)  # --help and unknown flags are answered here
+    try:
+        settings = Settings.load(args.rest)
+    except OrtmuxError as exc:
+        print(f"ortmux serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        worker = start_worker(settings)
+    except OrtmuxError as exc:
+        logging.getLogger("ortmux").error("cannot start: %s", exc)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logging.getLogger("ortmux").info("%s: draining", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    names = ", ".join(model.name for model in worker.dataplane.list_models())
+    logging.getLogger("ortmux").info("serving %s on port %d", names, worker.port)
+    stop.wait()
+    worker.stop()
+    return 0
+
+
+def _models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ortmux.client import Client, OrtmuxError
+
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            for summary in client.list_models():
+                info = client.model_info(summary.name)
+                print(info.name)
+                for label, specs in (("input ", info.inputs), ("output", info.outputs)):
+                    for spec in specs:
+                        print(f"  {label} {spec.name}: {spec.dtype}{list(spec.shape)}")
+    except OrtmuxError as exc:
+        print(f"ortmux models: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _infer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ortmux.client import Client, OrtmuxError
+
+    inputs: dict[str, np.ndarray] = {}
+    for entry in args.inputs:
+        name, sep, file = entry.partition("=")
+        if not sep or not name or not file:
+            parser.error(f"--input {entry!r} is not NAME=FILE.npy")
+        try:
+            inputs[name] = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--input {name}: cannot read {file}: {exc}")
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            outputs = client.infer(args.model, inputs, adapter=args.adapter)
+    except OrtmuxError as exc:
+        print(f"ortmux infer: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 1
+    for name, array in outputs.items():
+        print(f"{name}: {array.dtype.name}{list(array.shape)} {_summary(array)}")
+        if args.output_dir is not None:
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+            np.save(args.output_dir / f"{name}.npy", array)
+    return 0
+
+
+def _summary(array: np.ndarray) -> str:
+    if array.size == 0:
+        return "(empty)"
+    if array.dtype.kind in "fiu":
+        values = array.astype(np.float64)
+        return f"min={values.min():.4g} max={values.max():.4g} mean={values.mean():.4g}"
+    return f"true={int(np.count_nonzero(array))}/{array.size}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

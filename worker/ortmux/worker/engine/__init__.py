@@ -1,0 +1,1 @@
+"""Base models on ONNX Runtime: providers, sessions, validation and the model registry."""

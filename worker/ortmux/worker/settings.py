@@ -1,0 +1,156 @@
+"""One typed settings object for the worker.
+
+Every field has a default, a flag (``--data-dir``), an environment variable (``ORTMUX_DATA_DIR``)
+and a key in the optional TOML config file (``data_dir = "..."``). Later sources win:
+defaults < config file < environment < flags. List fields take a comma-separated environment
+value and a repeatable flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ortmux.worker.errors import InvalidArgument
+
+ENV_PREFIX = "ORTMUX_"
+CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
+
+
+def _field(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclasses.dataclass
+class Settings:
+    host: str = _field("0.0.0.0", "Address the gRPC server binds.")
+    port: int = _field(50051, "gRPC port; 0 picks a free port (logged at start).")
+    metrics_port: int = _field(9095, "Prometheus /metrics port; 0 picks a free port, -1 turns metrics off.")
+    data_dir: Path = _field(Path("ortmux-data"), "Directory for the demo model, caches and adapters.")
+    models: list[str] = _field(
+        [], "Base model to serve, as NAME=PATH to an .onnx file; repeatable. None: the demo model."
+    )
+    providers: list[str] = _field(
+        [], "ONNX Runtime execution providers in priority order; empty: CUDA when it works, else CPU."
+    )
+    intra_op_threads: int = _field(0, "Threads ONNX Runtime uses inside one operator; 0: one per core.")
+    grpc_workers: int = _field(32, "Threads serving gRPC calls.")
+    max_message_bytes: int = _field(64 * 1024 * 1024, "Largest gRPC message accepted or sent, in bytes.")
+    drain_grace_seconds: float = _field(
+        20.0, "On SIGTERM, seconds in-flight work may take to finish before the server stops."
+    )
+    log_level: str = _field("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
+
+    def model_paths(self) -> dict[str, Path]:
+        """``models`` parsed into name -> path, checked for form and duplicates."""
+        parsed: dict[str, Path] = {}
+        for entry in self.models:
+            name, sep, path = entry.partition("=")
+            name, path = name.strip(), path.strip()
+            if not sep or not name or not path:
+                raise InvalidArgument(f"model '{entry}' is not NAME=PATH", field="models")
+            if name in parsed:
+                raise InvalidArgument(f"model name '{name}' is given twice", field="models")
+            parsed[name] = Path(path)
+        return parsed
+
+    @classmethod
+    def fields(cls) -> tuple[dataclasses.Field, ...]:
+        return dataclasses.fields(cls)
+
+    @classmethod
+    def load(
+        cls,
+        argv: Sequence[str] | None = None,
+        environ: Mapping[str, str] | None = None,
+        config_file: Path | None = None,
+    ) -> Settings:
+        """Settings from a config file, the environment and command-line flags, in that order."""
+        environ = os.environ if environ is None else environ
+        parser = argparse.ArgumentParser(add_help=False)
+        add_arguments(parser)
+        flags = vars(parser.parse_args(list(argv or [])))
+        config_path = flags.pop("config", None) or config_file or environ.get(CONFIG_ENV)
+        values: dict[str, Any] = {}
+        if config_path:
+            values.update(_read_config(Path(config_path)))
+        values.update(_read_environ(environ))
+        values.update({name: value for name, value in flags.items() if value is not None})
+        return cls(**{name: _coerce(name, value) for name, value in values.items()})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per settings field (all defaulting to None, so unset flags do not override)."""
+    parser.add_argument("--config", type=Path, help=f"TOML config file (env {CONFIG_ENV}).")
+    for field in Settings.fields():
+        flag = "--" + field.name.replace("_", "-")
+        env = ENV_PREFIX + field.name.upper()
+        help_text = f"{field.metadata['help']} (env {env})"
+        if _is_list(field.name):
+            option = flag[:-1] if flag.endswith("s") else flag
+            parser.add_argument(option, flag, dest=field.name, action="append", help=help_text)
+        else:
+            parser.add_argument(flag, dest=field.name, help=help_text)
+
+
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(Settings)
+
+
+def _is_list(name: str) -> bool:
+    return typing.get_origin(_hints()[name]) is list
+
+
+def _coerce(name: str, value: Any) -> Any:
+    hint = _hints().get(name)
+    if hint is None:
+        raise InvalidArgument(f"unknown setting '{name}'", field=name)
+    try:
+        if typing.get_origin(hint) is list:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [str(item).strip() for item in items if str(item).strip()]
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            lowered = str(value).strip().lower()
+            if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(value)
+            return lowered in {"1", "true", "yes", "on"}
+        if hint is int and isinstance(value, float):
+            raise ValueError(value)
+        return hint(value)
+    except (TypeError, ValueError):
+        raise InvalidArgument(
+            f"setting '{name}' must be {getattr(hint, '__name__', hint)}, got {value!r}", field=name
+        ) from None
+
+
+def _read_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        field.name: environ[ENV_PREFIX + field.name.upper()]
+        for field in Settings.fields()
+        if ENV_PREFIX + field.name.upper() in environ
+    }
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            values = tomllib.load(handle)
+    except OSError as exc:
+        raise InvalidArgument(f"config file {path}: {exc.strerror}", field="config") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"config file {path} is not valid TOML: {exc}", field="config") from None
+    known = {field.name for field in Settings.fields()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InvalidArgument(f"config file {path}: unknown settings {', '.join(unknown)}", field="config")
+    return values
