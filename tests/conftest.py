@@ -6,11 +6,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from ortmux.client import Client
 from ortmux.worker.api.server import Worker, start_worker
+from ortmux.worker.engine.runtime import configure_process
 from ortmux.worker.settings import Settings
+
+configure_process(0)  # as a worker does, before any session of the test process
+
+
+def plain_session(path: Path) -> ort.InferenceSession:
+    """A reference session outside ortmux (on the process's global pool, as ONNX Runtime requires)."""
+    options = ort.SessionOptions()
+    options.use_per_session_threads = False
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def worker_settings(data_dir: Path, *extra: str) -> Settings:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 from ortmux.client import Client, OrtmuxError
 from ortmux.v1 import inference_pb2, inference_pb2_grpc, tensor_pb2
 from ortmux.worker.api.server import Worker
+
+from ..conftest import plain_session
 
 
 def test_list_models_and_model_info(client: Client) -> None:
@@ -27,7 +28,7 @@ def test_list_models_and_model_info(client: Client) -> None:
 def test_infer_equals_onnxruntime_in_process(client: Client, worker: Worker, token_ids: np.ndarray) -> None:
     outputs = client.infer("demo", {"input_ids": token_ids})
     model = worker.dataplane.get_model("demo")
-    reference = ort.InferenceSession(str(model.path), providers=["CPUExecutionProvider"])
+    reference = plain_session(model.path)
     (expected,) = reference.run(None, {"input_ids": token_ids})
     assert list(outputs) == ["logits"]
     assert outputs["logits"].dtype == np.float32

@@ -43,6 +43,9 @@ class DataPlane:
     def list_models(self) -> list[BaseModel]:
         return self.models.all()
 
+    def loading_models(self) -> list[str]:
+        return self.models.loading()
+
     def get_model(self, name: str) -> BaseModel:
         return self.models.get(name)
 

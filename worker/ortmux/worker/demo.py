@@ -8,6 +8,7 @@ adapters can name the modules they target. About 2.6 MB of float32 weights.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +19,30 @@ from ortmux.worker.files import write_atomically
 
 DEMO_NAME = "demo"
 DEMO_VERSION = 1
-VOCAB = 1000
-D_MODEL = 128
-HEADS = 4
-D_FF = 512
-LAYERS = 2
 OPSET = 20
 IR_VERSION = 9  # what ONNX Runtime 1.2x+ loads; newer onnx releases default higher
-SEED = 20261124
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerShape:
+    """Sizes of a generated transformer-like model; the seed fixes its weights."""
+
+    vocab: int
+    d_model: int
+    heads: int
+    d_ff: int
+    layers: int
+    seed: int = 20261124
+
+    @property
+    def parameters(self) -> int:
+        per_layer = (
+            4 * self.d_model * self.d_model + 2 * self.d_model * self.d_ff + self.d_ff + 5 * self.d_model
+        )
+        return 2 * self.vocab * self.d_model + self.layers * per_layer + 2 * self.d_model
+
+
+DEMO_SHAPE = TransformerShape(vocab=1000, d_model=128, heads=4, d_ff=512, layers=2)
 
 
 class _GraphBuilder:
@@ -57,28 +74,34 @@ class _GraphBuilder:
             y = self.node("Add", [y, b], f"{module}.add_bias")
         return y
 
-    def layer_norm(self, x: str, module: str) -> str:
-        scale = self.constant(f"{module}.weight", np.ones(D_MODEL, dtype=np.float32))
-        bias = self.constant(f"{module}.bias", np.zeros(D_MODEL, dtype=np.float32))
+    def layer_norm(self, x: str, module: str, width: int) -> str:
+        scale = self.constant(f"{module}.weight", np.ones(width, dtype=np.float32))
+        bias = self.constant(f"{module}.bias", np.zeros(width, dtype=np.float32))
         return self.node("LayerNormalization", [x, scale, bias], f"{module}.out", axis=-1, epsilon=1e-5)
 
 
 def build_demo_model() -> onnx.ModelProto:
     """The demo model, identical bytes on every call."""
-    g = _GraphBuilder(np.random.default_rng(SEED))
-    head_dim = D_MODEL // HEADS
-    heads_shape = g.constant("shape.heads", np.array([0, 0, HEADS, head_dim], dtype=np.int64))
-    merged_shape = g.constant("shape.merged", np.array([0, 0, D_MODEL], dtype=np.int64))
+    return build_transformer(DEMO_SHAPE)
+
+
+def build_transformer(shape: TransformerShape) -> onnx.ModelProto:
+    """A transformer-like model of the given sizes, identical bytes for the same sizes and seed."""
+    g = _GraphBuilder(np.random.default_rng(shape.seed))
+    d_model, heads, d_ff, vocab = shape.d_model, shape.heads, shape.d_ff, shape.vocab
+    head_dim = d_model // heads
+    heads_shape = g.constant("shape.heads", np.array([0, 0, heads, head_dim], dtype=np.int64))
+    merged_shape = g.constant("shape.merged", np.array([0, 0, d_model], dtype=np.int64))
     attn_scale = g.constant("attn.scale", np.array(1.0 / np.sqrt(head_dim), dtype=np.float32))
 
-    embed = g.weight("embed_tokens.weight", (VOCAB, D_MODEL), scale=0.02)
+    embed = g.weight("embed_tokens.weight", (vocab, d_model), scale=0.02)
     x = g.node("Gather", [embed, "input_ids"], "embed_tokens.out", axis=0)
-    for i in range(LAYERS):
+    for i in range(shape.layers):
         prefix = f"layers.{i}"
-        h = g.layer_norm(x, f"{prefix}.input_layernorm")
-        q = g.linear(h, f"{prefix}.self_attn.q_proj", D_MODEL, D_MODEL)
-        k = g.linear(h, f"{prefix}.self_attn.k_proj", D_MODEL, D_MODEL)
-        v = g.linear(h, f"{prefix}.self_attn.v_proj", D_MODEL, D_MODEL)
+        h = g.layer_norm(x, f"{prefix}.input_layernorm", d_model)
+        q = g.linear(h, f"{prefix}.self_attn.q_proj", d_model, d_model)
+        k = g.linear(h, f"{prefix}.self_attn.k_proj", d_model, d_model)
+        v = g.linear(h, f"{prefix}.self_attn.v_proj", d_model, d_model)
         q = g.node("Reshape", [q, heads_shape], f"{prefix}.self_attn.q_heads")
         k = g.node("Reshape", [k, heads_shape], f"{prefix}.self_attn.k_heads")
         v = g.node("Reshape", [v, heads_shape], f"{prefix}.self_attn.v_heads")
@@ -91,22 +114,22 @@ def build_demo_model() -> onnx.ModelProto:
         ctx = g.node("MatMul", [probs, v], f"{prefix}.self_attn.context")
         ctx = g.node("Transpose", [ctx], f"{prefix}.self_attn.context_bshd", perm=[0, 2, 1, 3])
         ctx = g.node("Reshape", [ctx, merged_shape], f"{prefix}.self_attn.context_merged")
-        attn = g.linear(ctx, f"{prefix}.self_attn.o_proj", D_MODEL, D_MODEL)
+        attn = g.linear(ctx, f"{prefix}.self_attn.o_proj", d_model, d_model)
         x = g.node("Add", [x, attn], f"{prefix}.attn_residual")
-        h = g.layer_norm(x, f"{prefix}.post_attention_layernorm")
-        up = g.linear(h, f"{prefix}.mlp.up_proj", D_MODEL, D_FF, bias=True)
+        h = g.layer_norm(x, f"{prefix}.post_attention_layernorm", d_model)
+        up = g.linear(h, f"{prefix}.mlp.up_proj", d_model, d_ff, bias=True)
         act = g.node("Gelu", [up], f"{prefix}.mlp.gelu")
-        down = g.linear(act, f"{prefix}.mlp.down_proj", D_FF, D_MODEL, bias=True)
+        down = g.linear(act, f"{prefix}.mlp.down_proj", d_ff, d_model, bias=True)
         x = g.node("Add", [x, down], f"{prefix}.mlp_residual")
-    x = g.layer_norm(x, "norm")
-    logits = g.linear(x, "lm_head", D_MODEL, VOCAB)
+    x = g.layer_norm(x, "norm", d_model)
+    logits = g.linear(x, "lm_head", d_model, vocab)
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
 
     graph = helper.make_graph(
         g.nodes,
         "ortmux_demo",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", VOCAB])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", vocab])],
         initializer=g.initializers,
     )
     model = helper.make_model(

@@ -41,13 +41,31 @@ class Settings:
     providers: list[str] = _field(
         [], "ONNX Runtime execution providers in priority order; empty: CUDA when it works, else CPU."
     )
-    intra_op_threads: int = _field(0, "Threads ONNX Runtime uses inside one operator; 0: one per core.")
+    cache_dir: str = _field(
+        "",
+        "Directory of optimized, prepacked models, shared by the workers of a node; empty: <data-dir>/cache.",
+    )
+    optimization_level: str = _field(
+        "all",
+        "ONNX Runtime graph optimization applied once when a model enters the cache: disable, basic, "
+        "extended or all.",
+    )
+    overridable: list[str] = _field(
+        [],
+        "Glob over initializer names kept overridable (not folded or prepacked), for override adapters.",
+    )
+    intra_op_threads: int = _field(
+        0, "Threads of the process-wide ONNX Runtime pool that every session shares; 0: one per core."
+    )
     grpc_workers: int = _field(32, "Threads serving gRPC calls.")
     max_message_bytes: int = _field(64 * 1024 * 1024, "Largest gRPC message accepted or sent, in bytes.")
     drain_grace_seconds: float = _field(
         20.0, "On SIGTERM, seconds in-flight work may take to finish before the server stops."
     )
     log_level: str = _field("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
+
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else self.data_dir / "cache"
 
     def model_paths(self) -> dict[str, Path]:
         """``models`` parsed into name -> path, checked for form and duplicates."""
@@ -84,7 +102,23 @@ class Settings:
             values.update(_read_config(Path(config_path)))
         values.update(_read_environ(environ))
         values.update({name: value for name, value in flags.items() if value is not None})
-        return cls(**{name: _coerce(name, value) for name, value in values.items()})
+        settings = cls(**{name: _coerce(name, value) for name, value in values.items()})
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Refuse values that no code path could serve, naming the setting."""
+        levels = ("disable", "basic", "extended", "all")
+        if self.optimization_level not in levels:
+            raise InvalidArgument(
+                f"setting 'optimization_level' must be one of {', '.join(levels)}, "
+                f"got '{self.optimization_level}'",
+                field="optimization_level",
+            )
+        if self.intra_op_threads < 0:
+            raise InvalidArgument("setting 'intra_op_threads' must be 0 or more", field="intra_op_threads")
+        if self.grpc_workers < 1:
+            raise InvalidArgument("setting 'grpc_workers' must be 1 or more", field="grpc_workers")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

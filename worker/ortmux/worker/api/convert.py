@@ -25,10 +25,20 @@ def model_to_proto(model: BaseModel) -> models_pb2.ModelInfo:
         state=models_pb2.MODEL_STATE_READY,
         inputs=[spec_to_proto(spec) for spec in model.inputs],
         outputs=[spec_to_proto(spec) for spec in model.outputs],
-        stats=models_pb2.ModelStats(sessions=model.sessions, load_seconds=model.load_seconds),
+        stats=models_pb2.ModelStats(
+            arena_bytes=model.arena.total_bytes,
+            cache_bytes=model.entry.total_bytes,
+            sessions=model.sessions,
+            load_seconds=model.load_seconds,
+            cache_hit=model.cache_hit,
+        ),
         sha256=model.sha256,
         providers=model.providers,
     )
+
+
+def loading_model_to_proto(name: str) -> models_pb2.ModelInfo:
+    return models_pb2.ModelInfo(name=name, state=models_pb2.MODEL_STATE_LOADING)
 
 
 def request_from_proto(message: inference_pb2.InferRequest) -> InferenceRequest:

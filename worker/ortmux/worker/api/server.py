@@ -24,9 +24,10 @@ from ortmux.worker.api.interceptors import ErrorInterceptor, MetricsInterceptor
 from ortmux.worker.api.servicers import AdapterServicer, InferenceServicer, ModelServicer
 from ortmux.worker.dataplane import DataPlane
 from ortmux.worker.demo import DEMO_NAME, ensure_demo_model
-from ortmux.worker.engine.base_model import RuntimeOptions
+from ortmux.worker.engine.cache import ModelCache
 from ortmux.worker.engine.providers import resolve_providers
 from ortmux.worker.engine.registry import ModelRegistry
+from ortmux.worker.engine.runtime import RuntimeOptions, configure_process
 from ortmux.worker.observability.metrics import Metrics
 from ortmux.worker.settings import Settings
 
@@ -89,10 +90,14 @@ def create_server(
     Health answers NOT_SERVING until :meth:`Worker.load_models` has loaded the base models.
     """
     metrics = Metrics(metrics_registry)
+    configure_process(settings.intra_op_threads)  # before any session, the provider probe's included
     runtime = RuntimeOptions(
-        providers=tuple(resolve_providers(settings.providers)), intra_op_threads=settings.intra_op_threads
+        providers=tuple(resolve_providers(settings.providers)),
+        intra_op_threads=settings.intra_op_threads,
+        optimization_level=settings.optimization_level,
     )
-    dataplane = DataPlane(ModelRegistry(runtime), metrics)
+    models = ModelRegistry(runtime, ModelCache(settings.cache_path()), settings.overridable)
+    dataplane = DataPlane(models, metrics)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -31,9 +31,9 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
     def ListModels(
         self, request: models_pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> models_pb2.ListModelsResponse:
-        return models_pb2.ListModelsResponse(
-            models=[convert.model_to_proto(model) for model in self._dataplane.list_models()]
-        )
+        ready = [convert.model_to_proto(model) for model in self._dataplane.list_models()]
+        loading = [convert.loading_model_to_proto(name) for name in self._dataplane.loading_models()]
+        return models_pb2.ListModelsResponse(models=sorted(ready + loading, key=lambda info: info.name))
 
     def GetModel(
         self, request: models_pb2.GetModelRequest, context: grpc.ServicerContext

@@ -1,18 +1,23 @@
-"""A base model: its ONNX Runtime session, its specs, and running validated inputs through it."""
+"""A base model: cached optimized graph, shared arena, sessions, and validated runs."""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
+import fnmatch
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
+from ortmux.worker.engine.arena import Arena
+from ortmux.worker.engine.cache import CacheEntry, CacheKey, ModelCache, cpu_signature, optimize_into
+from ortmux.worker.engine.providers import CUDA
+from ortmux.worker.engine.runtime import RuntimeOptions
 from ortmux.worker.engine.specs import TensorSpec, validate_inputs, validate_output_names
 from ortmux.worker.errors import InternalError, InvalidArgument, NotFound
 
@@ -22,73 +27,168 @@ log = logging.getLogger(__name__)
 _CALLER_FAULTS = (ort_state.InvalidArgument, ort_state.InvalidProtobuf)
 
 
-@dataclasses.dataclass(frozen=True)
-class RuntimeOptions:
-    """How sessions are created: providers in priority order and operator threads."""
+class ModelSession:
+    """One ONNX Runtime session on a base model, with the tensors only it uses kept alive."""
 
-    providers: tuple[str, ...]
-    intra_op_threads: int = 0
+    def __init__(
+        self, owner: BaseModel, session: ort.InferenceSession, own_arrays: Mapping[str, np.ndarray]
+    ) -> None:
+        self._owner = owner
+        self.session = session
+        self._own_arrays = dict(own_arrays)  # the session reads these buffers in place
+        self.own_bytes = sum(array.nbytes for array in self._own_arrays.values())
+        self._closed = False
 
-    def session_options(self) -> ort.SessionOptions:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.intra_op_threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        return options
+    def run(self, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(list(names), dict(feeds), self._owner.run_options)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._owner._session_closed()
 
 
-def file_sha256(path: Path) -> str:
-    """Lower-case hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def select_overridable(model_path: Path, patterns: Sequence[str]) -> tuple[str, ...]:
+    """Initializer names matching any glob pattern; each pattern must match something."""
+    if not patterns:
+        return ()
+    names = [tensor.name for tensor in onnx.load(str(model_path), load_external_data=False).graph.initializer]
+    selected: set[str] = set()
+    for pattern in patterns:
+        matched = fnmatch.filter(names, pattern)
+        if not matched:
+            raise InvalidArgument(f"overridable pattern '{pattern}' matches no initializer of {model_path}")
+        selected.update(matched)
+    return tuple(sorted(selected))
 
 
 class BaseModel:
     """One served base model. ``run`` is safe to call from many threads at once."""
 
-    def __init__(self, name: str, path: Path, runtime: RuntimeOptions) -> None:
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        runtime: RuntimeOptions,
+        cache: ModelCache,
+        overridable_patterns: Sequence[str] = (),
+    ) -> None:
         if not path.is_file():
             raise NotFound(f"model '{name}': no file at {path}", field="path")
         started = time.perf_counter()
         self.name = name
         self.path = path
-        self.sha256 = file_sha256(path)
+        self.runtime = runtime
+        self._cache = cache
+        self._lock = threading.Lock()
+        self.sessions = 0
         try:
-            self._session = ort.InferenceSession(
-                str(path), runtime.session_options(), providers=list(runtime.providers)
-            )
-        except Exception as exc:
-            raise InvalidArgument(f"model '{name}' at {path} does not load: {exc}", field="path") from None
-        self.providers: tuple[str, ...] = tuple(self._session.get_providers())
-        self.inputs: tuple[TensorSpec, ...] = tuple(
-            TensorSpec.from_ort(a) for a in self._session.get_inputs()
+            self.sha256 = cache.content_sha256(path)
+            self.overridable = select_overridable(path, overridable_patterns)
+        except Exception as exc:  # unreadable file, not protobuf, broken external data, ...
+            raise InvalidArgument(f"model '{name}' at {path} cannot be read: {exc}", field="path") from None
+        self.key = CacheKey(
+            model_sha256=self.sha256,
+            onnxruntime_version=ort.__version__,
+            providers=runtime.providers,
+            optimization_level=runtime.optimization_level,
+            cpu=cpu_signature(),
+            overridable=self.overridable,
         )
-        self.outputs: tuple[TensorSpec, ...] = tuple(
-            TensorSpec.from_ort(a) for a in self._session.get_outputs()
-        )
-        self._run_options = ort.RunOptions()
-        self._run_options.log_severity_level = 4  # failures are raised to the caller and logged here
+        self.run_options = ort.RunOptions()
+        self.run_options.log_severity_level = 4  # failures are raised to the caller and logged here
+        self.entry, self._base = self._open()
+        self.providers: tuple[str, ...] = tuple(self._base.session.get_providers())
+        self.inputs = tuple(TensorSpec.from_ort(arg) for arg in self._base.session.get_inputs())
+        self.outputs = tuple(TensorSpec.from_ort(arg) for arg in self._base.session.get_outputs())
         self.load_seconds = time.perf_counter() - started
-        self.sessions = 1
         log.info(
-            "loaded model '%s' from %s in %.3f s on %s",
+            "model '%s' ready in %.3f s (%s, optimized in %.1f s) on %s; arena %d bytes",
             name,
-            path,
             self.load_seconds,
+            "cache hit" if self.entry.hit else "cache miss",
+            self.entry.build_seconds,
             ", ".join(self.providers),
+            self.arena.total_bytes,
         )
 
+    @property
+    def cache_hit(self) -> bool:
+        return self.entry.hit
+
+    def _open(self) -> tuple[CacheEntry, ModelSession]:
+        """The cache entry and the base session; an entry that fails to load is rebuilt once."""
+        for attempt in (1, 2):
+            entry = self._cache.get_or_build(self.key, self._optimize, label=f"model '{self.name}'")
+            device = "cuda" if self.runtime.providers[0] == CUDA else "cpu"
+            try:
+                self.entry = entry
+                self.arena = Arena(entry, device=device)
+                return entry, self.new_session()
+            except Exception as exc:
+                if attempt == 2 or not entry.hit:
+                    raise InvalidArgument(
+                        f"model '{self.name}' at {self.path} does not load: {exc}"
+                    ) from None
+                log.warning("cached model for '%s' does not load (%s); rebuilding", self.name, exc)
+                self._cache.discard(entry.directory)
+        raise AssertionError("unreachable")
+
+    def _optimize(self, directory: Path) -> None:
+        log.info("optimizing model '%s' from %s (large models take minutes)", self.name, self.path)
+        options = self.runtime.session_options(self.runtime.graph_optimization_level())
+        try:
+            optimize_into(
+                self.path,
+                directory,
+                overridable=self.overridable,
+                options=options,
+                providers=self.runtime.providers,
+            )
+        except Exception as exc:
+            raise InvalidArgument(
+                f"model '{self.name}' at {self.path} does not load: {exc}", field="path"
+            ) from None
+
+    def new_session(self, own_tensors: Mapping[str, np.ndarray] | None = None) -> ModelSession:
+        """A session on the cached model over the shared arena, plus tensors only it replaces.
+
+        ``own_tensors`` must name overridable initializers; the session reads them in place.
+        """
+        options = self.runtime.session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        self.arena.attach(options)
+        own_arrays = {}
+        own_values = []  # OrtValues must outlive session creation; the arrays outlive the session
+        for name, array in (own_tensors or {}).items():
+            if name not in self.overridable:
+                raise InvalidArgument(
+                    f"'{name}' is not an overridable tensor of model '{self.name}'", field=name
+                )
+            own_arrays[name] = np.ascontiguousarray(array)
+            own_values.append(ort.OrtValue.ortvalue_from_numpy(own_arrays[name]))
+            options.add_initializer(name, own_values[-1])
+        session = ort.InferenceSession(
+            str(self.entry.model_path), options, providers=list(self.runtime.providers)
+        )
+        with self._lock:
+            self.sessions += 1
+        return ModelSession(self, session, own_arrays)
+
+    def _session_closed(self) -> None:
+        with self._lock:
+            self.sessions -= 1
+
     def run(
-        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] = ()
+        self,
+        inputs: Mapping[str, np.ndarray],
+        output_names: Sequence[str] = (),
+        session: ModelSession | None = None,
     ) -> dict[str, np.ndarray]:
         """Validate ``inputs`` against the model's specs and run them; outputs by name."""
         validate_inputs(self.name, self.inputs, inputs)
         names = validate_output_names(self.name, self.outputs, output_names)
         try:
-            results = self._session.run(names, dict(inputs), self._run_options)
+            results = (session or self._base).run(names, inputs)
         except _CALLER_FAULTS as exc:
             raise InvalidArgument(f"model '{self.name}' refused the inputs: {_ort_message(exc)}") from None
         except Exception as exc:

@@ -36,6 +36,7 @@ def cuda_works() -> bool:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     options = ort.SessionOptions()
+    options.use_per_session_threads = False  # the process uses the global pool (runtime.configure_process)
     options.log_severity_level = 4
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=[CUDA, CPU])

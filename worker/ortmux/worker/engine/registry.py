@@ -1,36 +1,48 @@
-"""The base models a worker serves, by name."""
+"""The base models a worker serves, by name, including those still loading."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ortmux.worker.engine.base_model import BaseModel, RuntimeOptions
-from ortmux.worker.errors import AlreadyExists, InvalidArgument, NotFound
+from ortmux.worker.engine.base_model import BaseModel
+from ortmux.worker.engine.cache import ModelCache
+from ortmux.worker.engine.runtime import RuntimeOptions
+from ortmux.worker.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 
 
 class ModelRegistry:
-    def __init__(self, runtime: RuntimeOptions) -> None:
+    def __init__(self, runtime: RuntimeOptions, cache: ModelCache, overridable: Sequence[str] = ()) -> None:
         self.runtime = runtime
+        self.cache = cache
+        self.overridable = tuple(overridable)
         self._models: dict[str, BaseModel] = {}
+        self._loading: set[str] = set()
         self._lock = threading.Lock()
 
     def load(self, name: str, path: Path) -> BaseModel:
         if not name:
             raise InvalidArgument("model name is empty", field="name")
         with self._lock:
-            if name in self._models:
+            if name in self._models or name in self._loading:
                 raise AlreadyExists(f"model '{name}' is already served", field="name")
-        model = BaseModel(name, path, self.runtime)
-        with self._lock:
-            if name in self._models:
-                raise AlreadyExists(f"model '{name}' is already served", field="name")
-            self._models[name] = model
-        return model
+            self._loading.add(name)
+        try:
+            model = BaseModel(name, path, self.runtime, self.cache, self.overridable)
+            with self._lock:
+                self._models[name] = model
+            return model
+        finally:
+            with self._lock:
+                self._loading.discard(name)
 
     def load_all(self, paths: Mapping[str, Path]) -> None:
+        with self._lock:
+            self._loading.update(name for name in paths if name not in self._models)
         for name, path in paths.items():
+            with self._lock:
+                self._loading.discard(name)
             self.load(name, path)
 
     def get(self, name: str) -> BaseModel:
@@ -38,13 +50,20 @@ class ModelRegistry:
             raise InvalidArgument("model name is empty", field="model")
         with self._lock:
             model = self._models.get(name)
+            loading = name in self._loading
             known = sorted(self._models)
-        if model is None:
-            raise NotFound(
-                f"model '{name}' is not served here; served: {', '.join(known) or 'none'}", field="model"
-            )
-        return model
+        if model is not None:
+            return model
+        if loading:
+            raise Unavailable(f"model '{name}' is loading; retry shortly", field="model", retry_after=1.0)
+        raise NotFound(
+            f"model '{name}' is not served here; served: {', '.join(known) or 'none'}", field="model"
+        )
 
     def all(self) -> list[BaseModel]:
         with self._lock:
             return [self._models[name] for name in sorted(self._models)]
+
+    def loading(self) -> list[str]:
+        with self._lock:
+            return sorted(self._loading)

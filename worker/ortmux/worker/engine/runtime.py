@@ -1,0 +1,71 @@
+"""Process-wide ONNX Runtime setup: one global thread pool and one shared CPU allocator.
+
+ONNX Runtime creates its environment on the first session; both settings must be in place before
+that, and hold for the life of the process. Every ortmux session then uses the global pool
+(``use_per_session_threads = False``) and the shared allocator (``session.use_env_allocators``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+_lock = threading.Lock()
+_configured: tuple[int, int] | None = None
+
+
+def configure_process(intra_op_threads: int, inter_op_threads: int = 1) -> tuple[int, int]:
+    """Set the global pool sizes and register the shared CPU allocator, once per process.
+
+    Later calls keep the first sizes (ONNX Runtime cannot change them) and log a warning when
+    they ask for others. Returns the sizes in force.
+    """
+    global _configured
+    with _lock:
+        wanted = (intra_op_threads, inter_op_threads)
+        if _configured is None:
+            ort.set_global_thread_pool_sizes(intra_op_threads, inter_op_threads)
+            cpu = ort.OrtMemoryInfo(
+                "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+            )
+            ort.create_and_register_allocator(cpu, ort.OrtArenaCfg(0, -1, -1, -1))
+            _configured = wanted
+            log.info("ONNX Runtime global thread pool: %d intra-op, %d inter-op threads", *wanted)
+        elif wanted != _configured:
+            log.warning("thread pool sizes %s asked for, but %s are already in force", wanted, _configured)
+        return _configured
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """How sessions are created: providers in priority order and the global pool's size."""
+
+    providers: tuple[str, ...]
+    intra_op_threads: int = 0
+    optimization_level: str = "all"
+
+    def graph_optimization_level(self) -> ort.GraphOptimizationLevel:
+        """The level the cache optimizes at (sessions on cached models run at ORT_DISABLE_ALL)."""
+        return OPTIMIZATION_LEVELS[self.optimization_level]
+
+    def session_options(self, optimization: ort.GraphOptimizationLevel) -> ort.SessionOptions:
+        """Options for a session on the shared pool and allocator, at the given optimization level."""
+        configure_process(self.intra_op_threads)
+        options = ort.SessionOptions()
+        options.use_per_session_threads = False
+        options.add_session_config_entry("session.use_env_allocators", "1")
+        options.graph_optimization_level = optimization
+        options.log_severity_level = 3
+        return options
