@@ -31,6 +31,18 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[worker,bench]'
+	touch $(BENCH_STAMP)
+
+# Each script prints a table; figures in README come from these commands.
+bench: $(BENCH_STAMP)
+	$(PY) bench/session_creation.py
+	$(PY) bench/memory.py
+	$(PY) bench/latency.py
+
 protos: $(STAMP)
 	$(PY) protos/generate.py
 

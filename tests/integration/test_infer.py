@@ -161,3 +161,13 @@ def test_concurrent_requests_from_threads(client: Client) -> None:
     expected = [client.infer("demo", {"input_ids": ids})["logits"] for ids in batches]
     for got, want in zip(results, expected, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_model_info_reports_engine_accounting(client: Client, worker: Worker) -> None:
+    stats = client.model_info("demo").stats
+    model = worker.dataplane.get_model("demo")
+    assert stats.arena_bytes == model.arena.total_bytes > 2_000_000  # the mapped optimized weights
+    assert stats.cache_bytes == model.entry.total_bytes >= stats.arena_bytes
+    assert stats.sessions == 1
+    assert stats.cache_hit is False  # the session's data dir starts empty
+    assert 0 < stats.load_seconds < 60

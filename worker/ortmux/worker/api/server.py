@@ -63,6 +63,8 @@ class Worker:
         """Load the configured base models (the demo model when none is), then report SERVING."""
         paths = self.settings.model_paths() or {DEMO_NAME: ensure_demo_model(self.settings.data_dir)}
         self.dataplane.models.load_all(paths)
+        for model in self.dataplane.list_models():
+            self.metrics.model_loads.labels(model.name, "hit" if model.cache_hit else "miss").inc()
         self.metrics.models_loaded.set(len(self.dataplane.list_models()))
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
@@ -98,6 +100,7 @@ def create_server(
     )
     models = ModelRegistry(runtime, ModelCache(settings.cache_path()), settings.overridable)
     dataplane = DataPlane(models, metrics)
+    metrics.watch_models(dataplane.list_models)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

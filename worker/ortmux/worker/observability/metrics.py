@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +55,17 @@ class Metrics:
         self.models_loaded = Gauge(
             "ortmux_models_loaded", "Base models being served.", registry=self.registry
         )
+        self.model_loads = Counter(
+            "ortmux_model_loads",
+            "Base model loads, by model and cache result (hit: optimized model reused; miss: optimized now).",
+            ["model", "cache"],
+            registry=self.registry,
+        )
         self._http_server: object | None = None
+
+    def watch_models(self, models: Callable[[], Sequence[Any]]) -> None:
+        """Report per-model accounting and process PSS at every scrape, read from ``models()``."""
+        self.registry.register(_ModelCollector(models))
 
     def observe_inference(self, model: str, seconds: float, rows: int) -> None:
         self.inference_seconds.labels(model).observe(seconds)
@@ -70,3 +85,47 @@ class Metrics:
             self._http_server.shutdown()  # type: ignore[attr-defined]
             self._http_server.server_close()  # type: ignore[attr-defined]
             self._http_server = None
+
+
+class _ModelCollector(Collector):
+    def __init__(self, models: Callable[[], Sequence[Any]]) -> None:
+        self._models = models
+
+    def collect(self) -> Iterator[Metric]:
+        families = {
+            "arena": GaugeMetricFamily(
+                "ortmux_model_arena_bytes",
+                "Base weights shared by all sessions of a model.",
+                labels=["model"],
+            ),
+            "cache": GaugeMetricFamily(
+                "ortmux_model_cache_bytes", "Optimized, prepacked model files in the cache.", labels=["model"]
+            ),
+            "sessions": GaugeMetricFamily(
+                "ortmux_model_sessions", "ONNX Runtime sessions open.", labels=["model"]
+            ),
+            "load": GaugeMetricFamily(
+                "ortmux_model_load_seconds", "Seconds the last load took.", labels=["model"]
+            ),
+        }
+        for model in self._models():
+            families["arena"].add_metric([model.name], model.arena.total_bytes)
+            families["cache"].add_metric([model.name], model.entry.total_bytes)
+            families["sessions"].add_metric([model.name], model.sessions)
+            families["load"].add_metric([model.name], model.load_seconds)
+        yield from families.values()
+        pss = _process_pss_bytes()
+        if pss is not None:
+            yield GaugeMetricFamily(
+                "ortmux_process_pss_bytes", "Proportional set size of the worker process.", value=pss
+            )
+
+
+def _process_pss_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
