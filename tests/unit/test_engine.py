@@ -64,7 +64,10 @@ def test_cached_graph_is_optimized_and_carries_prepacked_weights(demo_path: Path
     model = _load(demo_path, tmp_path)
     source_nodes = len(onnx.load(str(demo_path)).graph.node)
     optimized = onnx.load(str(model.entry.model_path), load_external_data=False)
-    assert len(optimized.graph.node) < source_nodes  # transposes folded, fusions applied
+    rewritten_nodes = source_nodes + 3 * len(model.lora_inputs)  # each LoRA branch: two MatMuls, one Add
+    assert len(optimized.graph.node) < rewritten_nodes  # weight transposes folded, fusions applied
+    initializers = {tensor.name for tensor in optimized.graph.initializer}
+    assert not [n for n in optimized.graph.node if n.op_type == "Transpose" and n.input[0] in initializers]
     assert model.entry.data_path.stat().st_size > demo_path.stat().st_size  # weights plus prepacked blobs
 
 

@@ -14,8 +14,18 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
+from ortmux.worker.adapters.lora_feeds import RowSpan, build_feeds
+from ortmux.worker.adapters.lora_graph import REWRITE_VERSION, LoraInput, rewrite
+from ortmux.worker.adapters.targets import LoraSite
 from ortmux.worker.engine.arena import Arena
-from ortmux.worker.engine.cache import CacheEntry, CacheKey, ModelCache, cpu_signature, optimize_into
+from ortmux.worker.engine.cache import (
+    CacheEntry,
+    CacheKey,
+    ModelCache,
+    cpu_signature,
+    mark_overridable,
+    optimize_into,
+)
 from ortmux.worker.engine.providers import CUDA
 from ortmux.worker.engine.runtime import RuntimeOptions
 from ortmux.worker.engine.specs import TensorSpec, validate_inputs, validate_output_names
@@ -48,16 +58,14 @@ class ModelSession:
             self._owner._session_closed()
 
 
-def select_overridable(model_path: Path, patterns: Sequence[str]) -> tuple[str, ...]:
+def select_overridable(model: onnx.ModelProto, patterns: Sequence[str], source: Path) -> tuple[str, ...]:
     """Initializer names matching any glob pattern; each pattern must match something."""
-    if not patterns:
-        return ()
-    names = [tensor.name for tensor in onnx.load(str(model_path), load_external_data=False).graph.initializer]
+    names = [tensor.name for tensor in model.graph.initializer]
     selected: set[str] = set()
     for pattern in patterns:
         matched = fnmatch.filter(names, pattern)
         if not matched:
-            raise InvalidArgument(f"overridable pattern '{pattern}' matches no initializer of {model_path}")
+            raise InvalidArgument(f"overridable pattern '{pattern}' matches no initializer of {source}")
         selected.update(matched)
     return tuple(sorted(selected))
 
@@ -84,9 +92,12 @@ class BaseModel:
         self.sessions = 0
         try:
             self.sha256 = cache.content_sha256(path)
-            self.overridable = select_overridable(path, overridable_patterns)
+            graph = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # unreadable file, not protobuf, broken external data, ...
             raise InvalidArgument(f"model '{name}' at {path} cannot be read: {exc}", field="path") from None
+        self.overridable = select_overridable(graph, overridable_patterns, path)
+        self._graph: onnx.ModelProto | None
+        self._graph, self.lora_inputs = self._prepare(graph)
         self.key = CacheKey(
             model_sha256=self.sha256,
             onnxruntime_version=ort.__version__,
@@ -94,12 +105,17 @@ class BaseModel:
             optimization_level=runtime.optimization_level,
             cpu=cpu_signature(),
             overridable=self.overridable,
+            rewrite=f"lora-{REWRITE_VERSION}" if self.lora_inputs else "",
         )
         self.run_options = ort.RunOptions()
         self.run_options.log_severity_level = 4  # failures are raised to the caller and logged here
         self.entry, self._base = self._open()
         self.providers: tuple[str, ...] = tuple(self._base.session.get_providers())
-        self.inputs = tuple(TensorSpec.from_ort(arg) for arg in self._base.session.get_inputs())
+        lora_names = {name for lora in self.lora_inputs for name in (lora.a, lora.b)}
+        self.inputs = tuple(
+            TensorSpec.from_ort(arg) for arg in self._base.session.get_inputs() if arg.name not in lora_names
+        )
+        self._graph = None  # only needed to optimize; the cached model serves from here on
         self.outputs = tuple(TensorSpec.from_ort(arg) for arg in self._base.session.get_outputs())
         self.load_seconds = time.perf_counter() - started
         log.info(
@@ -115,6 +131,19 @@ class BaseModel:
     @property
     def cache_hit(self) -> bool:
         return self.entry.hit
+
+    @property
+    def lora_sites(self) -> list[LoraSite]:
+        return [lora.site for lora in self.lora_inputs]
+
+    def _prepare(self, graph: onnx.ModelProto) -> tuple[onnx.ModelProto, list[LoraInput]]:
+        """Overridable tensors become inputs; every adaptable projection gets a LoRA branch."""
+        mark_overridable(graph, self.overridable)
+        try:
+            return rewrite(graph)
+        except Exception as exc:  # a graph the rewrite cannot handle is served without LoRA
+            log.warning("model '%s' is served without LoRA adapters: %s", self.name, exc)
+            return graph, []
 
     def _open(self) -> tuple[CacheEntry, ModelSession]:
         """The cache entry and the base session; an entry that fails to load is rebuilt once."""
@@ -137,13 +166,10 @@ class BaseModel:
     def _optimize(self, directory: Path) -> None:
         log.info("optimizing model '%s' from %s (large models take minutes)", self.name, self.path)
         options = self.runtime.session_options(self.runtime.graph_optimization_level())
+        assert self._graph is not None, "the graph is kept until the first successful load"
         try:
             optimize_into(
-                self.path,
-                directory,
-                overridable=self.overridable,
-                options=options,
-                providers=self.runtime.providers,
+                self._graph, self.path.parent, directory, options=options, providers=self.runtime.providers
             )
         except Exception as exc:
             raise InvalidArgument(
@@ -174,6 +200,11 @@ class BaseModel:
             self.sessions += 1
         return ModelSession(self, session, own_arrays)
 
+    def batch_size(self, inputs: Mapping[str, np.ndarray]) -> int:
+        """Rows in a request: the shared leading dimension of its inputs."""
+        first = next(iter(inputs.values()), None)
+        return int(first.shape[0]) if first is not None and first.ndim else 1
+
     def _session_closed(self) -> None:
         with self._lock:
             self.sessions -= 1
@@ -183,12 +214,23 @@ class BaseModel:
         inputs: Mapping[str, np.ndarray],
         output_names: Sequence[str] = (),
         session: ModelSession | None = None,
+        lora_spans: Sequence[RowSpan] = (),
+        extra_feeds: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Validate ``inputs`` against the model's specs and run them; outputs by name."""
+        """Validate ``inputs`` against the model's specs and run them; outputs by name.
+
+        ``lora_spans`` gives rows of the batch their LoRA factors (rows not covered get none);
+        ``extra_feeds`` adds tensors beyond the model's inputs (an ORT adapter's parameters).
+        """
         validate_inputs(self.name, self.inputs, inputs)
         names = validate_output_names(self.name, self.outputs, output_names)
+        feeds = dict(inputs)
+        if self.lora_inputs:
+            feeds.update(build_feeds(self.lora_inputs, self.batch_size(inputs), lora_spans))
+        if extra_feeds:
+            feeds.update(extra_feeds)
         try:
-            results = (session or self._base).run(names, inputs)
+            results = (session or self._base).run(names, feeds)
         except _CALLER_FAULTS as exc:
             raise InvalidArgument(f"model '{self.name}' refused the inputs: {_ort_message(exc)}") from None
         except Exception as exc:

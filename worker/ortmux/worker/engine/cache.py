@@ -55,6 +55,7 @@ class CacheKey:
     optimization_level: str
     cpu: str
     overridable: tuple[str, ...]
+    rewrite: str = ""  # graph rewrite applied before optimizing, with its version ("lora-1")
     format: int = CACHE_FORMAT
 
     def as_dict(self) -> dict[str, object]:
@@ -279,38 +280,31 @@ def _heartbeat(label: str) -> Iterator[None]:
 
 
 def optimize_into(
-    source: Path,
+    model: onnx.ModelProto,
+    external_data_dir: Path,
     directory: Path,
     *,
-    overridable: Sequence[str],
     options: ort.SessionOptions,
     providers: Sequence[str],
 ) -> None:
-    """Run ONNX Runtime's graph optimization on ``source`` and save the result with its weights
-    and prepacked blobs as external data in ``directory``.
-
-    Tensors named in ``overridable`` become graph inputs first, so no optimizer folds or prepacks
-    them and their names survive into the saved graph.
-    """
+    """Run ONNX Runtime's graph optimization on ``model`` (its external data read from
+    ``external_data_dir``) and save the result, with its weights and prepacked blobs as external
+    data, in ``directory``."""
     options.optimized_model_filepath = str(directory / MODEL_FILE)
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA_FILE)
     options.add_session_config_entry(
         "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
     )
     options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
-    if not overridable:
-        ort.InferenceSession(str(source), options, providers=list(providers))
-        return
-    model = onnx.load(str(source), load_external_data=False)
-    mark_overridable(model, overridable)
     options.add_session_config_entry(
-        "session.model_external_initializers_file_folder_path", str(source.parent)
+        "session.model_external_initializers_file_folder_path", str(external_data_dir)
     )
     ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
 
 
 def mark_overridable(model: onnx.ModelProto, names: Sequence[str]) -> None:
-    """List the named initializers as graph inputs too (ONNX's way to make them overridable)."""
+    """List the named initializers as graph inputs too (ONNX's way to make them overridable), so
+    no optimizer folds or prepacks them and their names survive optimization."""
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
     already = {value.name for value in model.graph.input}
     for name in names:

@@ -1,0 +1,1 @@
+"""Adapters: formats, mapping to base weights, the LoRA graph rewrite, storage, residency."""
