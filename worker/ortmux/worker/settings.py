@@ -57,6 +57,11 @@ class Settings:
     intra_op_threads: int = _field(
         0, "Threads of the process-wide ONNX Runtime pool that every session shares; 0: one per core."
     )
+    max_adapter_bytes: int = _field(1 << 30, "Largest adapter upload (or archive, unpacked) in bytes.")
+    max_upload_chunks: int = _field(1 << 20, "Most chunk messages one adapter upload may send.")
+    adapter_memory_bytes: int = _field(
+        2 << 30, "Memory budget of resident adapters; least recently used unpinned ones are evicted past it."
+    )
     grpc_workers: int = _field(32, "Threads serving gRPC calls.")
     max_message_bytes: int = _field(64 * 1024 * 1024, "Largest gRPC message accepted or sent, in bytes.")
     drain_grace_seconds: float = _field(
@@ -117,6 +122,9 @@ class Settings:
             )
         if self.intra_op_threads < 0:
             raise InvalidArgument("setting 'intra_op_threads' must be 0 or more", field="intra_op_threads")
+        for name in ("max_adapter_bytes", "max_upload_chunks", "adapter_memory_bytes"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"setting '{name}' must be 1 or more", field=name)
         if self.grpc_workers < 1:
             raise InvalidArgument("setting 'grpc_workers' must be 1 or more", field="grpc_workers")
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+from google.protobuf import timestamp_pb2
+
 from ortmux.common import tensors
-from ortmux.v1 import inference_pb2, models_pb2, tensor_pb2
+from ortmux.v1 import adapters_pb2, inference_pb2, models_pb2, tensor_pb2
+from ortmux.worker.adapters import formats
+from ortmux.worker.adapters.manager import AdapterInfo, UploadHeader
 from ortmux.worker.dataplane import InferenceRequest, InferenceResult
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.specs import TensorSpec
@@ -19,8 +25,28 @@ def spec_to_proto(spec: TensorSpec) -> tensor_pb2.TensorSpec:
     )
 
 
-def model_to_proto(model: BaseModel) -> models_pb2.ModelInfo:
+def model_to_proto(model: BaseModel, adapters: int = 0, resident_adapters: int = 0) -> models_pb2.ModelInfo:
+    targets = [
+        models_pb2.AdapterTarget(
+            weight=site.weight,
+            module=site.module,
+            shape=[site.in_features, site.out_features],
+            kind=models_pb2.ADAPTER_TARGET_KIND_LORA,
+            in_features=site.in_features,
+            out_features=site.out_features,
+        )
+        for site in model.lora_sites
+    ]
+    specs = model.feedable_specs()
+    targets += [
+        models_pb2.AdapterTarget(
+            weight=name, shape=specs[name][1], kind=models_pb2.ADAPTER_TARGET_KIND_OVERRIDE
+        )
+        for name in model.overridable
+        if name in specs
+    ]
     return models_pb2.ModelInfo(
+        adapter_targets=targets,
         name=model.name,
         state=models_pb2.MODEL_STATE_READY,
         inputs=[spec_to_proto(spec) for spec in model.inputs],
@@ -31,6 +57,8 @@ def model_to_proto(model: BaseModel) -> models_pb2.ModelInfo:
             sessions=model.sessions,
             load_seconds=model.load_seconds,
             cache_hit=model.cache_hit,
+            adapters=adapters,
+            resident_adapters=resident_adapters,
         ),
         sha256=model.sha256,
         providers=model.providers,
@@ -70,3 +98,82 @@ def result_to_proto(result: InferenceResult) -> inference_pb2.InferResponse:
     )
     tensors.encode_many(result.outputs, response.outputs)
     return response
+
+
+FORMAT_TO_PROTO = {
+    formats.PEFT_LORA: adapters_pb2.ADAPTER_FORMAT_PEFT_LORA,
+    formats.ORT_ADAPTER: adapters_pb2.ADAPTER_FORMAT_ORT_ADAPTER,
+    formats.WEIGHT_OVERRIDE: adapters_pb2.ADAPTER_FORMAT_WEIGHT_OVERRIDE,
+}
+FORMAT_FROM_PROTO = {code: name for name, code in FORMAT_TO_PROTO.items()}
+
+
+def _format_from_proto(code: int) -> str:
+    if code == adapters_pb2.ADAPTER_FORMAT_UNSPECIFIED:
+        return ""
+    if code not in FORMAT_FROM_PROTO:
+        raise InvalidArgument(f"unknown adapter format code {code}", field="format")
+    return FORMAT_FROM_PROTO[code]
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def adapter_to_proto(info: AdapterInfo) -> adapters_pb2.AdapterInfo:
+    return adapters_pb2.AdapterInfo(
+        model=info.model,
+        adapter_id=info.adapter_id,
+        format=FORMAT_TO_PROTO[info.format],
+        rank=info.rank,
+        targets=info.targets,
+        size_bytes=info.size_bytes,
+        resident=info.resident,
+        resident_bytes=info.resident_bytes,
+        pinned=info.pinned,
+        created_at=_timestamp(info.created_at),
+        last_used_at=_timestamp(info.last_used_at),
+        sha256=info.sha256,
+    )
+
+
+def upload_from_proto(
+    messages: Iterator[adapters_pb2.RegisterAdapterRequest],
+) -> tuple[UploadHeader, Iterator[bytes]]:
+    """The header (first message) and the chunks (every later one) of an upload stream."""
+    first = next(messages, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise InvalidArgument("an adapter upload must start with a header message", field="header")
+    header = first.header
+    upload = UploadHeader(
+        model=header.model,
+        adapter_id=header.adapter_id,
+        format=_format_from_proto(header.format),
+        total_bytes=header.total_bytes,
+        sha256=header.sha256,
+        files=tuple((f.name, f.size_bytes) for f in header.files),
+        pinned=header.pinned,
+        replace=header.replace,
+        module_mapping_json=header.module_mapping_json,
+    )
+
+    def chunks() -> Iterator[bytes]:
+        for message in messages:
+            if message.WhichOneof("part") != "chunk":
+                raise InvalidArgument("only the first message of an upload may be a header", field="header")
+            yield message.chunk
+
+    return upload, chunks()
+
+
+def path_upload_from_proto(request: adapters_pb2.RegisterAdapterFromPathRequest) -> UploadHeader:
+    return UploadHeader(
+        model=request.model,
+        adapter_id=request.adapter_id,
+        format=_format_from_proto(request.format),
+        pinned=request.pinned,
+        replace=request.replace,
+        module_mapping_json=request.module_mapping_json,
+    )

@@ -20,6 +20,8 @@ from ortmux.v1 import (
     models_pb2,
     models_pb2_grpc,
 )
+from ortmux.worker.adapters.manager import AdapterLimits, AdapterManager
+from ortmux.worker.adapters.store import AdapterStore
 from ortmux.worker.api.interceptors import ErrorInterceptor, MetricsInterceptor
 from ortmux.worker.api.servicers import AdapterServicer, InferenceServicer, ModelServicer
 from ortmux.worker.dataplane import DataPlane
@@ -99,7 +101,13 @@ def create_server(
         optimization_level=settings.optimization_level,
     )
     models = ModelRegistry(runtime, ModelCache(settings.cache_path()), settings.overridable)
-    dataplane = DataPlane(models, metrics)
+    limits = AdapterLimits(
+        max_adapter_bytes=settings.max_adapter_bytes,
+        max_upload_chunks=settings.max_upload_chunks,
+        memory_budget_bytes=settings.adapter_memory_bytes,
+    )
+    adapters = AdapterManager(AdapterStore(settings.data_dir / "adapters"), models.get, limits)
+    dataplane = DataPlane(models, adapters, metrics)
     metrics.watch_models(dataplane.list_models)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -112,7 +120,7 @@ def create_server(
         options=options,
     )
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(dataplane), server)
-    adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(), server)
+    adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(dataplane), server)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -6,6 +6,7 @@ Errors are raised as ortmux errors and turned into statuses by the interceptor.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 
@@ -18,10 +19,10 @@ from ortmux.v1 import (
     models_pb2_grpc,
 )
 from ortmux.worker.api import convert
+from ortmux.worker.api.pages import paginate
 from ortmux.worker.dataplane import DataPlane
+from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.errors import Unimplemented
-
-_NO_ADAPTERS = "adapter management is not available in this worker version"
 
 
 class ModelServicer(models_pb2_grpc.ModelServiceServicer):
@@ -31,14 +32,18 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
     def ListModels(
         self, request: models_pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> models_pb2.ListModelsResponse:
-        ready = [convert.model_to_proto(model) for model in self._dataplane.list_models()]
+        ready = [self._model_info(model) for model in self._dataplane.list_models()]
         loading = [convert.loading_model_to_proto(name) for name in self._dataplane.loading_models()]
         return models_pb2.ListModelsResponse(models=sorted(ready + loading, key=lambda info: info.name))
 
     def GetModel(
         self, request: models_pb2.GetModelRequest, context: grpc.ServicerContext
     ) -> models_pb2.ModelInfo:
-        return convert.model_to_proto(self._dataplane.get_model(request.name))
+        return self._model_info(self._dataplane.get_model(request.name))
+
+    def _model_info(self, model: BaseModel) -> models_pb2.ModelInfo:
+        adapters = self._dataplane.list_adapters(model.name)
+        return convert.model_to_proto(model, len(adapters), sum(1 for info in adapters if info.resident))
 
     def LoadModel(
         self, request: models_pb2.LoadModelRequest, context: grpc.ServicerContext
@@ -54,30 +59,43 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
 
 
 class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._dataplane = dataplane
+
     def RegisterAdapter(
         self, request_iterator: Iterator[adapters_pb2.RegisterAdapterRequest], context: grpc.ServicerContext
     ) -> adapters_pb2.AdapterInfo:
-        raise Unimplemented(_NO_ADAPTERS)
+        header, chunks = convert.upload_from_proto(request_iterator)
+        return convert.adapter_to_proto(self._dataplane.register_adapter(header, chunks))
 
     def RegisterAdapterFromPath(
         self, request: adapters_pb2.RegisterAdapterFromPathRequest, context: grpc.ServicerContext
     ) -> adapters_pb2.AdapterInfo:
-        raise Unimplemented(_NO_ADAPTERS)
+        header = convert.path_upload_from_proto(request)
+        return convert.adapter_to_proto(
+            self._dataplane.register_adapter_from_path(header, Path(request.path))
+        )
 
     def GetAdapter(
         self, request: adapters_pb2.GetAdapterRequest, context: grpc.ServicerContext
     ) -> adapters_pb2.AdapterInfo:
-        raise Unimplemented(_NO_ADAPTERS)
+        return convert.adapter_to_proto(self._dataplane.get_adapter(request.model, request.adapter_id))
 
     def ListAdapters(
         self, request: adapters_pb2.ListAdaptersRequest, context: grpc.ServicerContext
     ) -> adapters_pb2.ListAdaptersResponse:
-        raise Unimplemented(_NO_ADAPTERS)
+        page, next_token = paginate(
+            self._dataplane.list_adapters(request.model), request.page_size, request.page_token
+        )
+        return adapters_pb2.ListAdaptersResponse(
+            adapters=[convert.adapter_to_proto(info) for info in page], next_page_token=next_token
+        )
 
     def DeleteAdapter(
         self, request: adapters_pb2.DeleteAdapterRequest, context: grpc.ServicerContext
     ) -> adapters_pb2.DeleteAdapterResponse:
-        raise Unimplemented(_NO_ADAPTERS)
+        self._dataplane.delete_adapter(request.model, request.adapter_id)
+        return adapters_pb2.DeleteAdapterResponse()
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):

@@ -92,12 +92,13 @@ class BaseModel:
         self.sessions = 0
         try:
             self.sha256 = cache.content_sha256(path)
-            graph = onnx.load(str(path), load_external_data=False)
+            source_model = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # unreadable file, not protobuf, broken external data, ...
             raise InvalidArgument(f"model '{name}' at {path} cannot be read: {exc}", field="path") from None
-        self.overridable = select_overridable(graph, overridable_patterns, path)
+        self.overridable = select_overridable(source_model, overridable_patterns, path)
+        self.initializer_names = frozenset(tensor.name for tensor in source_model.graph.initializer)
         self._graph: onnx.ModelProto | None
-        self._graph, self.lora_inputs = self._prepare(graph)
+        self._graph, self.lora_inputs = self._prepare(source_model)
         self.key = CacheKey(
             model_sha256=self.sha256,
             onnxruntime_version=ort.__version__,
@@ -116,6 +117,12 @@ class BaseModel:
             TensorSpec.from_ort(arg) for arg in self._base.session.get_inputs() if arg.name not in lora_names
         )
         self._graph = None  # only needed to optimize; the cached model serves from here on
+        session = self._base.session
+        feedable = [
+            *self.inputs,
+            *(TensorSpec.from_ort(arg) for arg in session.get_overridable_initializers()),
+        ]
+        self._feedable = {spec.name: (spec.dtype, spec.shape) for spec in feedable}
         self.outputs = tuple(TensorSpec.from_ort(arg) for arg in self._base.session.get_outputs())
         self.load_seconds = time.perf_counter() - started
         log.info(
@@ -131,6 +138,10 @@ class BaseModel:
     @property
     def cache_hit(self) -> bool:
         return self.entry.hit
+
+    def feedable_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Tensors a run may feed, by name: the inputs and the overridable weights (dtype, shape)."""
+        return dict(self._feedable)
 
     @property
     def lora_sites(self) -> list[LoraSite]:

@@ -1,0 +1,514 @@
+"""Registered adapters: validation against their base, persistence, residency and use.
+
+Registering parses and checks the payload against the base model, writes it atomically, and
+makes it resident; the next request can use it. Resident adapters live within a memory budget:
+the least recently used unpinned ones leave memory and come back from disk on demand. A request
+holds its adapter while it runs; deleting waits for those requests to finish.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from ortmux.worker.adapters import formats
+from ortmux.worker.adapters.lora_feeds import LoraWeights
+from ortmux.worker.adapters.store import AdapterMeta, AdapterStore
+from ortmux.worker.adapters.targets import map_modules
+from ortmux.worker.engine.base_model import BaseModel, ModelSession
+from ortmux.worker.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+DELETE_WAIT_SECONDS = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterLimits:
+    max_adapter_bytes: int = 1 << 30
+    max_upload_chunks: int = 1 << 20
+    memory_budget_bytes: int = 2 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class UploadHeader:
+    model: str
+    adapter_id: str
+    format: str = ""  # "" detects the format
+    total_bytes: int = 0
+    sha256: str = ""
+    files: tuple[tuple[str, int], ...] = ()  # named files back to back; () = one file or archive
+    pinned: bool = False
+    replace: bool = False
+    module_mapping_json: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    model: str
+    adapter_id: str
+    format: str
+    rank: int
+    targets: tuple[str, ...]
+    size_bytes: int
+    resident: bool
+    resident_bytes: int
+    pinned: bool
+    created_at: float
+    last_used_at: float
+    sha256: str
+
+
+@dataclasses.dataclass
+class Resident:
+    """An adapter in memory, in the form a run uses."""
+
+    lora: dict[str, LoraWeights] = dataclasses.field(default_factory=dict)
+    feeds: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    session: ModelSession | None = None
+    nbytes: int = 0
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+
+
+@dataclasses.dataclass
+class _Record:
+    meta: AdapterMeta
+    resident: Resident | None = None
+    last_used_at: float = 0.0
+    in_use: int = 0
+    deleting: bool = False
+    evicted: bool = False
+
+
+@dataclasses.dataclass
+class AdapterCounters:
+    registrations: int = 0
+    evictions: int = 0
+    reloads: int = 0
+    load_seconds_total: float = 0.0
+
+
+def validate_adapter_id(adapter_id: str) -> None:
+    if not ADAPTER_ID.match(adapter_id or ""):
+        raise InvalidArgument(
+            f"adapter id {adapter_id!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit",
+            field="adapter_id",
+        )
+
+
+class AdapterManager:
+    def __init__(
+        self, store: AdapterStore, models: Callable[[str], BaseModel], limits: AdapterLimits
+    ) -> None:
+        self.store = store
+        self._model = models
+        self.limits = limits
+        self.counters = AdapterCounters()
+        self._records: dict[tuple[str, str], _Record] = {}
+        self._lru: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self._resident_bytes = 0
+        self._pending: set[tuple[str, str]] = set()
+        self._lock = threading.Condition()
+        for meta in store.scan():
+            self._records[(meta.model, meta.adapter_id)] = _Record(meta, last_used_at=meta.created_at)
+        if self._records:
+            log.info("%d adapters on disk; they load on first use", len(self._records))
+
+    # -- registration ------------------------------------------------------------------------------
+
+    def receive(self, header: UploadHeader, chunks: Iterable[bytes]) -> bytes:
+        """The payload of an upload, checked against its header's size and checksum.
+
+        Streams to a file under the store's ``.incoming`` (memory stays at one chunk) and refuses
+        an upload as soon as it passes its declared or allowed size.
+        """
+        limit = self.limits.max_adapter_bytes
+        if header.total_bytes <= 0:
+            raise InvalidArgument("header.total_bytes must be positive", field="header.total_bytes")
+        if header.total_bytes > limit:
+            raise ResourceExhausted(
+                f"adapter of {header.total_bytes} bytes exceeds the limit of {limit} bytes",
+                field="header.total_bytes",
+            )
+        if not _SHA256.match(header.sha256):
+            raise InvalidArgument("header.sha256 must be 64 lower-case hex digits", field="header.sha256")
+        if header.files and sum(size for _name, size in header.files) != header.total_bytes:
+            raise InvalidArgument(
+                "the sizes in header.files do not add up to total_bytes", field="header.files"
+            )
+        digest = hashlib.sha256()
+        received = 0
+        path = self.store.new_incoming_path()
+        try:
+            with path.open("wb") as handle:
+                for count, chunk in enumerate(chunks, start=1):
+                    if count > self.limits.max_upload_chunks:
+                        raise ResourceExhausted(
+                            f"upload has more than {self.limits.max_upload_chunks} chunks", field="chunk"
+                        )
+                    received += len(chunk)
+                    if received > header.total_bytes:
+                        raise InvalidArgument(
+                            f"upload sent more than the {header.total_bytes} bytes its header declares",
+                            field="chunk",
+                        )
+                    digest.update(chunk)
+                    handle.write(chunk)
+            if received != header.total_bytes:
+                raise InvalidArgument(
+                    f"upload ended after {received} of {header.total_bytes} bytes", field="chunk"
+                )
+            if digest.hexdigest() != header.sha256:
+                raise InvalidArgument(
+                    f"checksum mismatch: header says {header.sha256}, "
+                    f"the payload hashes to {digest.hexdigest()}",
+                    field="header.sha256",
+                )
+            return path.read_bytes()
+        finally:
+            path.unlink(missing_ok=True)
+
+    def register(self, header: UploadHeader, payload: bytes) -> AdapterInfo:
+        """Parse, check against the base, persist and make resident an uploaded adapter."""
+        named = None
+        if header.files:
+            named, offset = {}, 0
+            for name, size in header.files:
+                if not name or "/" in name or name.startswith("."):
+                    raise InvalidArgument(f"file name {name!r} is invalid", field="header.files")
+                named[name] = payload[offset : offset + size]
+                offset += size
+        files = formats.unpack(payload, named, self.limits.max_adapter_bytes)
+        return self._register_files(header, files, hashlib.sha256(payload).hexdigest(), len(payload))
+
+    def register_from_path(self, header: UploadHeader, path: Path) -> AdapterInfo:
+        """Register an adapter from a file, archive or directory on the worker's filesystem."""
+        if not path.exists():
+            raise NotFound(f"no file or directory at {path}", field="path")
+        if path.is_dir():
+            files = {
+                p.name: p.read_bytes()
+                for p in sorted(path.iterdir())
+                if p.is_file() and p.name != "README.md"
+            }
+        else:
+            if path.stat().st_size > self.limits.max_adapter_bytes:
+                raise ResourceExhausted(f"{path} exceeds the limit of {self.limits.max_adapter_bytes} bytes")
+            files = formats.unpack(path.read_bytes(), None, self.limits.max_adapter_bytes)
+        size = sum(len(data) for data in files.values())
+        if size > self.limits.max_adapter_bytes:
+            raise ResourceExhausted(f"{path} exceeds the limit of {self.limits.max_adapter_bytes} bytes")
+        digest = hashlib.sha256(b"".join(files[name] for name in sorted(files))).hexdigest()
+        return self._register_files(header, files, digest, size)
+
+    def _register_files(
+        self, header: UploadHeader, files: dict[str, bytes], sha256: str, size: int
+    ) -> AdapterInfo:
+        model = self._model(header.model)
+        validate_adapter_id(header.adapter_id)
+        key = (model.name, header.adapter_id)
+        with self._lock:
+            if key in self._pending:
+                raise Unavailable(
+                    f"adapter '{header.adapter_id}' is being registered or deleted right now", retry_after=1.0
+                )
+            if key in self._records and not header.replace:
+                raise AlreadyExists(
+                    f"adapter '{header.adapter_id}' already exists on model '{model.name}'; "
+                    "set replace to overwrite it",
+                    field="adapter_id",
+                )
+            self._pending.add(key)
+        try:
+            started = time.perf_counter()
+            mapping = _parse_mapping(header.module_mapping_json)
+            fmt = header.format or formats.detect(files)
+            parsed = formats.parse(fmt, files, mapping)
+            resident, rank, targets = self._materialize(model, parsed)
+            meta = AdapterMeta(
+                model=model.name,
+                adapter_id=header.adapter_id,
+                format=fmt,
+                rank=rank,
+                targets=targets,
+                size_bytes=size,
+                sha256=sha256,
+                pinned=header.pinned,
+                created_at=time.time(),
+            )
+            try:
+                self.store.save(meta, parsed.files)
+            except BaseException:
+                resident.close()
+                raise
+            with self._lock:
+                old = self._records.get(key)
+                if old is not None:
+                    self._drop_resident(key, old)
+                record = _Record(meta, last_used_at=meta.created_at)
+                self._records[key] = record
+                self._make_resident(key, record, resident)
+                self.counters.registrations += 1
+                self.counters.load_seconds_total += time.perf_counter() - started
+                return self._info(record)
+        finally:
+            with self._lock:
+                self._pending.discard(key)
+
+    def _materialize(
+        self, model: BaseModel, parsed: formats.ParsedAdapter
+    ) -> tuple[Resident, int, list[str]]:
+        """The resident form of a parsed adapter on ``model``, with its rank and target weights."""
+        if parsed.format == formats.PEFT_LORA:
+            if not model.lora_inputs:
+                raise FailedPrecondition(
+                    f"model '{model.name}' takes no LoRA adapters "
+                    "(it has no projection with a batch dimension)"
+                )
+            sites = map_modules(
+                model.lora_sites, [m.module for m in parsed.peft_modules], parsed.module_mapping
+            )
+            lora = {}
+            for module in parsed.peft_modules:
+                site = sites[module.module]
+                if module.a.shape[1] != site.in_features or module.b.shape[0] != site.out_features:
+                    raise InvalidArgument(
+                        f"module '{module.module}' has lora_A {list(module.a.shape)} and lora_B "
+                        f"{list(module.b.shape)}, but weight '{site.weight}' is {site.in_features} -> "
+                        f"{site.out_features}",
+                        field="adapter_model.safetensors",
+                    )
+                if site.weight in lora:
+                    raise InvalidArgument(
+                        f"two modules map to weight '{site.weight}'", field="target_modules"
+                    )
+                dtype = np.float32
+                lora[site.weight] = LoraWeights(
+                    a=np.ascontiguousarray(module.a.T, dtype=dtype),
+                    b=np.ascontiguousarray(module.b.T * module.scale, dtype=dtype),
+                )
+            nbytes = sum(weights.nbytes for weights in lora.values())
+            rank = max(weights.rank for weights in lora.values())
+            return Resident(lora=lora, nbytes=nbytes), rank, sorted(lora)
+        if parsed.format == formats.ORT_ADAPTER:
+            specs = model.feedable_specs()
+            for name, array in parsed.tensors.items():
+                _check_tensor(model, name, array, specs)
+            nbytes = sum(array.nbytes for array in parsed.tensors.values())
+            return Resident(feeds=dict(parsed.tensors), nbytes=nbytes), 0, sorted(parsed.tensors)
+        specs = model.feedable_specs()
+        for name, array in parsed.tensors.items():
+            if name not in model.overridable:
+                known = name in model.initializer_names
+                raise (FailedPrecondition if known else InvalidArgument)(
+                    f"weight '{name}' is not overridable on model '{model.name}'"
+                    + (
+                        "; start the worker with --overridable to keep it replaceable"
+                        if known
+                        else ": no such weight"
+                    ),
+                    field="tensors",
+                )
+            _check_tensor(model, name, array, specs)
+        session = model.new_session(parsed.tensors)
+        return Resident(session=session, nbytes=session.own_bytes), 0, sorted(parsed.tensors)
+
+    # -- use ---------------------------------------------------------------------------------------
+
+    @contextmanager
+    def use(self, model: str, adapter_id: str) -> Iterator[Resident]:
+        """Hold an adapter for one run: loaded if it was evicted, and never deleted meanwhile."""
+        key = (model, adapter_id)
+        with self._lock:
+            record = self._records.get(key)
+            if record is None or record.deleting:
+                raise NotFound(
+                    f"adapter '{adapter_id}' is not registered on model '{model}'", field="adapter"
+                )
+            record.in_use += 1
+            record.last_used_at = time.time()
+        try:
+            yield self._ensure_resident(key, record)
+        finally:
+            with self._lock:
+                record.in_use -= 1
+                self._lock.notify_all()
+
+    def _ensure_resident(self, key: tuple[str, str], record: _Record) -> Resident:
+        with self._lock:
+            if record.resident is not None:
+                self._lru.move_to_end(key)
+                return record.resident
+        started = time.perf_counter()
+        files = self.store.read_files(*key)
+        mapping = json.loads(files[formats.MAPPING_FILE]) if formats.MAPPING_FILE in files else None
+        parsed = formats.parse(record.meta.format, files, mapping)
+        resident, _rank, _targets = self._materialize(self._model(key[0]), parsed)
+        with self._lock:
+            if record.resident is not None:  # another request loaded it meanwhile
+                resident.close()
+                return record.resident
+            if record.evicted:
+                self.counters.reloads += 1
+            self.counters.load_seconds_total += time.perf_counter() - started
+            self._make_resident(key, record, resident)
+            return resident
+
+    def _make_resident(self, key: tuple[str, str], record: _Record, resident: Resident) -> None:
+        record.resident = resident
+        self._resident_bytes += resident.nbytes
+        self._lru[key] = None
+        self._lru.move_to_end(key)
+        self._evict_over_budget(keep=key)
+
+    def _evict_over_budget(self, keep: tuple[str, str]) -> None:
+        for key in list(self._lru):
+            if self._resident_bytes <= self.limits.memory_budget_bytes:
+                return
+            record = self._records[key]
+            if key == keep or record.meta.pinned or record.in_use:
+                continue
+            self._drop_resident(key, record)
+            record.evicted = True
+            self.counters.evictions += 1
+
+    def _drop_resident(self, key: tuple[str, str], record: _Record) -> None:
+        if record.resident is not None:
+            self._resident_bytes -= record.resident.nbytes
+            record.resident.close()
+            record.resident = None
+        self._lru.pop(key, None)
+
+    # -- queries and deletion ----------------------------------------------------------------------
+
+    def get(self, model: str, adapter_id: str) -> AdapterInfo:
+        self._model(model)
+        with self._lock:
+            record = self._records.get((model, adapter_id))
+            if record is None or record.deleting:
+                raise NotFound(
+                    f"adapter '{adapter_id}' is not registered on model '{model}'", field="adapter_id"
+                )
+            return self._info(record)
+
+    def list(self, model: str = "") -> list[AdapterInfo]:
+        if model:
+            self._model(model)
+        with self._lock:
+            return [
+                self._info(record)
+                for key, record in sorted(self._records.items())
+                if not record.deleting and (not model or key[0] == model)
+            ]
+
+    def delete(self, model: str, adapter_id: str) -> None:
+        self._model(model)
+        key = (model, adapter_id)
+        with self._lock:
+            record = self._records.get(key)
+            if record is None or record.deleting:
+                raise NotFound(
+                    f"adapter '{adapter_id}' is not registered on model '{model}'", field="adapter_id"
+                )
+            record.deleting = True
+            self._pending.add(key)
+            finished = self._lock.wait_for(lambda: record.in_use == 0, timeout=DELETE_WAIT_SECONDS)
+            if not finished:
+                record.deleting = False
+                self._pending.discard(key)
+                raise Unavailable(
+                    f"adapter '{adapter_id}' is still in use; retry the delete", retry_after=5.0
+                )
+        try:
+            self.store.remove(model, adapter_id)
+        finally:
+            with self._lock:
+                self._drop_resident(key, record)
+                self._records.pop(key, None)
+                self._pending.discard(key)
+
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return self._resident_bytes
+
+    def counts(self) -> tuple[int, int]:
+        """(registered, resident) adapters."""
+        with self._lock:
+            return len(self._records), sum(1 for r in self._records.values() if r.resident is not None)
+
+    def _info(self, record: _Record) -> AdapterInfo:
+        meta = record.meta
+        return AdapterInfo(
+            model=meta.model,
+            adapter_id=meta.adapter_id,
+            format=meta.format,
+            rank=meta.rank,
+            targets=tuple(meta.targets),
+            size_bytes=meta.size_bytes,
+            resident=record.resident is not None,
+            resident_bytes=record.resident.nbytes if record.resident else 0,
+            pinned=meta.pinned,
+            created_at=meta.created_at,
+            last_used_at=record.last_used_at,
+            sha256=meta.sha256,
+        )
+
+
+def _parse_mapping(text: str) -> dict[str, str] | None:
+    if not text:
+        return None
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(
+            f"module mapping is not valid JSON: {exc}", field="module_mapping_json"
+        ) from None
+    if not isinstance(mapping, dict):
+        raise InvalidArgument("module mapping must be a JSON object", field="module_mapping_json")
+    return mapping
+
+
+def _check_tensor(
+    model: BaseModel, name: str, array: np.ndarray, specs: dict[str, tuple[str, tuple[int, ...]]]
+) -> None:
+    spec = specs.get(name)
+    if spec is None:
+        raise InvalidArgument(
+            f"adapter tensor '{name}' is neither an input nor an overridable weight of model '{model.name}'",
+            field="tensors",
+        )
+    dtype, shape = spec
+    if (
+        array.dtype.name != dtype
+        or len(array.shape) != len(shape)
+        or any(want >= 0 and got != want for got, want in zip(array.shape, shape, strict=True))
+    ):
+        raise InvalidArgument(
+            f"adapter tensor '{name}' is {array.dtype.name}{list(array.shape)}, model '{model.name}' expects "
+            f"{dtype}{list(shape)}",
+            field="tensors",
+        )
