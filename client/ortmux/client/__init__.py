@@ -11,9 +11,10 @@ Needs only grpcio, protobuf and numpy; no ONNX Runtime.
 from ortmux.client._aio import AsyncClient
 from ortmux.client._client import Client
 from ortmux.client._errors import FieldViolation, OrtmuxError
-from ortmux.client._types import AdapterTargetInfo, ModelInfo, ModelStats, TensorInfo
+from ortmux.client._types import AdapterInfo, AdapterTargetInfo, ModelInfo, ModelStats, TensorInfo
 
 __all__ = [
+    "AdapterInfo",
     "AdapterTargetInfo",
     "AsyncClient",
     "Client",

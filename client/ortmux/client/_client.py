@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -10,8 +11,9 @@ import numpy as np
 from ortmux.client import _convert
 from ortmux.client._channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from ortmux.client._errors import OrtmuxError
-from ortmux.client._types import ModelInfo
-from ortmux.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc
+from ortmux.client._types import AdapterInfo, ModelInfo
+from ortmux.client._uploads import DEFAULT_CHUNK_BYTES, Progress, upload_requests
+from ortmux.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2_grpc, models_pb2, models_pb2_grpc
 
 T = TypeVar("T")
 
@@ -41,6 +43,7 @@ class Client:
         self.timeout = timeout
         self._models = models_pb2_grpc.ModelServiceStub(self._channel)
         self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
+        self._adapters = adapters_pb2_grpc.AdapterServiceStub(self._channel)
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Every base model the worker serves."""
@@ -65,6 +68,60 @@ class Client:
         """Run ``inputs`` (name -> array) through ``model``, optionally with an adapter."""
         request = _convert.infer_request(model, inputs, adapter, output_names)
         return _convert.infer_outputs(self._call(self._inference.Infer, request, timeout))
+
+    def register_adapter(
+        self,
+        model: str,
+        adapter_id: str,
+        path_or_dir: str | Path,
+        *,
+        format: str | None = None,
+        pinned: bool = False,
+        replace: bool = False,
+        module_mapping: Mapping[str, str] | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        progress: Progress | None = None,
+        timeout: float | None = None,
+    ) -> AdapterInfo:
+        """Upload an adapter: a PEFT directory (adapter_config.json + adapter_model.safetensors),
+        an archive of one, an .onnx_adapter, or a .safetensors/.npz of replacement weights.
+
+        ``format`` ("peft_lora", "ort_adapter", "weight_override") skips detection;
+        ``progress(sent_bytes, total_bytes)`` is called after every chunk. Never retried.
+        """
+        requests = upload_requests(
+            model,
+            adapter_id,
+            path_or_dir,
+            format=format,
+            pinned=pinned,
+            replace=replace,
+            module_mapping=module_mapping,
+            chunk_bytes=chunk_bytes,
+            progress=progress,
+        )
+        return _convert.adapter_info(self._call(self._adapters.RegisterAdapter, requests, timeout))
+
+    def get_adapter(self, model: str, adapter_id: str, *, timeout: float | None = None) -> AdapterInfo:
+        request = adapters_pb2.GetAdapterRequest(model=model, adapter_id=adapter_id)
+        return _convert.adapter_info(self._call(self._adapters.GetAdapter, request, timeout))
+
+    def list_adapters(self, model: str | None = None, *, timeout: float | None = None) -> list[AdapterInfo]:
+        """Every adapter of ``model`` (all models when None), across pages."""
+        adapters: list[AdapterInfo] = []
+        token = ""
+        while True:
+            request = adapters_pb2.ListAdaptersRequest(model=model or "", page_token=token)
+            response = self._call(self._adapters.ListAdapters, request, timeout)
+            adapters += [_convert.adapter_info(info) for info in response.adapters]
+            token = response.next_page_token
+            if not token:
+                return adapters
+
+    def delete_adapter(self, model: str, adapter_id: str, *, timeout: float | None = None) -> None:
+        """Delete an adapter; requests already running on it finish first."""
+        request = adapters_pb2.DeleteAdapterRequest(model=model, adapter_id=adapter_id)
+        self._call(self._adapters.DeleteAdapter, request, timeout)
 
     def close(self) -> None:
         self._channel.close()

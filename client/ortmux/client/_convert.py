@@ -9,9 +9,9 @@ import grpc
 import numpy as np
 
 from ortmux.client._errors import OrtmuxError
-from ortmux.client._types import AdapterTargetInfo, ModelInfo, ModelStats, TensorInfo
+from ortmux.client._types import AdapterInfo, AdapterTargetInfo, ModelInfo, ModelStats, TensorInfo
 from ortmux.common import tensors
-from ortmux.v1 import inference_pb2, models_pb2
+from ortmux.v1 import adapters_pb2, inference_pb2, models_pb2
 
 
 def infer_request(
@@ -78,4 +78,21 @@ def model_info(message: models_pb2.ModelInfo) -> ModelInfo:
         ),
         sha256=message.sha256,
         providers=tuple(message.providers),
+    )
+
+
+def adapter_info(message: adapters_pb2.AdapterInfo) -> AdapterInfo:
+    return AdapterInfo(
+        model=message.model,
+        adapter_id=message.adapter_id,
+        format=adapters_pb2.AdapterFormat.Name(message.format).removeprefix("ADAPTER_FORMAT_").lower(),
+        rank=message.rank,
+        targets=tuple(message.targets),
+        size_bytes=message.size_bytes,
+        resident=message.resident,
+        resident_bytes=message.resident_bytes,
+        pinned=message.pinned,
+        created_at=message.created_at.ToNanoseconds() / 1e9,
+        last_used_at=message.last_used_at.ToNanoseconds() / 1e9,
+        sha256=message.sha256,
     )

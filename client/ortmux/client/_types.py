@@ -46,3 +46,21 @@ class ModelInfo:
     stats: ModelStats
     sha256: str
     providers: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    """A registered adapter. Times are seconds since the epoch."""
+
+    model: str
+    adapter_id: str
+    format: str
+    rank: int
+    targets: tuple[str, ...]
+    size_bytes: int
+    resident: bool
+    resident_bytes: int
+    pinned: bool
+    created_at: float
+    last_used_at: float
+    sha256: str
