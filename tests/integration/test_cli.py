@@ -101,3 +101,25 @@ def test_serve_refuses_a_bad_setting(tmp_path: Path) -> None:
     result = _run("serve", "--port", "0", "--data-dir", str(tmp_path), "--model", "oops")
     assert result.returncode == 1
     assert "model 'oops' is not NAME=PATH" in result.stderr
+
+
+def test_adapters_register_list_delete(worker: Worker, tmp_path: Path) -> None:
+    from ..demo_adapters import write_peft
+
+    peft = write_peft(tmp_path / "peft")
+    result = _run(
+        "adapters", "register", "--target", worker.address, "--model", "demo", "--id", "cli-a", str(peft)
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "registered demo/cli-a: peft_lora, rank 4, 3 targets\n"
+    listed = _run("adapters", "list", "--target", worker.address, "--model", "demo")
+    assert listed.returncode == 0
+    assert re.search(r"^demo\s+cli-a\s+peft_lora\s+4\s+\d+ yes$", listed.stdout, re.M)
+    again = _run(
+        "adapters", "register", "--target", worker.address, "--model", "demo", "--id", "cli-a", str(peft)
+    )
+    assert again.returncode == 1
+    assert "ALREADY_EXISTS: adapter 'cli-a' already exists on model 'demo'" in again.stderr
+    deleted = _run("adapters", "delete", "--target", worker.address, "--model", "demo", "--id", "cli-a")
+    assert (deleted.returncode, deleted.stdout) == (0, "deleted demo/cli-a\n")
+    assert "cli-a" not in _run("adapters", "list", "--target", worker.address).stdout

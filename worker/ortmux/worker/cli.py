@@ -58,6 +58,34 @@ def _parser() -> argparse.ArgumentParser:
         help="an input; repeatable",
     )
     infer.add_argument("--output-dir", type=Path, default=None, help="save each output as NAME.npy here")
+
+    adapters = commands.add_parser("adapters", help="register, list and delete adapters")
+    adapter_commands = adapters.add_subparsers(dest="adapter_command", metavar="ACTION", required=True)
+    register = adapter_commands.add_parser(
+        "register", help="upload an adapter (a PEFT directory, archive or file)"
+    )
+    register.set_defaults(handler=_adapters_register)
+    _add_target(register)
+    register.add_argument("--model", required=True)
+    register.add_argument("--id", dest="adapter_id", required=True)
+    register.add_argument(
+        "path", type=Path, help="PEFT directory, .tar/.zip of one, .onnx_adapter, .safetensors or .npz"
+    )
+    register.add_argument("--format", choices=["peft_lora", "ort_adapter", "weight_override"], default=None)
+    register.add_argument("--pinned", action="store_true", help="keep it in memory whatever the budget")
+    register.add_argument("--replace", action="store_true", help="overwrite an adapter of the same id")
+    register.add_argument(
+        "--mapping", type=Path, default=None, help="JSON file mapping module names to weights"
+    )
+    listing = adapter_commands.add_parser("list", help="list adapters")
+    listing.set_defaults(handler=_adapters_list)
+    _add_target(listing)
+    listing.add_argument("--model", default=None)
+    delete = adapter_commands.add_parser("delete", help="delete an adapter")
+    delete.set_defaults(handler=_adapters_delete)
+    _add_target(delete)
+    delete.add_argument("--model", required=True)
+    delete.add_argument("--id", dest="adapter_id", required=True)
     return parser
 
 
@@ -145,6 +173,84 @@ def _infer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.output_dir is not None:
             args.output_dir.mkdir(parents=True, exist_ok=True)
             np.save(args.output_dir / f"{name}.npy", array)
+    return 0
+
+
+_PROGRESS_FROM_BYTES = 4 << 20
+
+
+def _progress_bar(sent: int, total: int) -> None:
+    if total < _PROGRESS_FROM_BYTES:
+        return
+    width = 30
+    done = width * sent // total
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {sent >> 20}/{total >> 20} MiB")
+    if sent == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _adapters_register(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+
+    from ortmux.client import Client, OrtmuxError
+
+    mapping = None
+    if args.mapping is not None:
+        try:
+            mapping = json.loads(args.mapping.read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"--mapping {args.mapping}: {exc}")
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            info = client.register_adapter(
+                args.model,
+                args.adapter_id,
+                args.path,
+                format=args.format,
+                pinned=args.pinned,
+                replace=args.replace,
+                module_mapping=mapping,
+                progress=_progress_bar,
+            )
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    except OrtmuxError as exc:
+        print(f"ortmux adapters register: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 1
+    targets = len(info.targets)
+    print(f"registered {info.model}/{info.adapter_id}: {info.format}, rank {info.rank}, {targets} targets")
+    return 0
+
+
+def _adapters_list(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ortmux.client import Client, OrtmuxError
+
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            adapters = client.list_adapters(args.model)
+    except OrtmuxError as exc:
+        print(f"ortmux adapters list: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"{'MODEL':<16} {'ADAPTER':<32} {'FORMAT':<16} {'RANK':>4} {'BYTES':>10} RESIDENT")
+    for info in adapters:
+        print(
+            f"{info.model:<16} {info.adapter_id:<32} {info.format:<16} {info.rank:>4} {info.size_bytes:>10} "
+            f"{'yes' if info.resident else 'no'}{' (pinned)' if info.pinned else ''}"
+        )
+    return 0
+
+
+def _adapters_delete(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ortmux.client import Client, OrtmuxError
+
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            client.delete_adapter(args.model, args.adapter_id)
+    except OrtmuxError as exc:
+        print(f"ortmux adapters delete: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"deleted {args.model}/{args.adapter_id}")
     return 0
 
 
