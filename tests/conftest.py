@@ -52,3 +52,18 @@ def client(worker: Worker) -> Iterator[Client]:
 @pytest.fixture()
 def token_ids() -> np.ndarray:
     return np.random.default_rng(7).integers(0, 1000, size=(2, 8), dtype=np.int64)
+
+
+def scrape(worker: Worker) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The worker's /metrics as {(sample name, sorted labels): value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

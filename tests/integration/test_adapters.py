@@ -17,7 +17,7 @@ from ortmux.v1 import adapters_pb2, adapters_pb2_grpc
 from ortmux.worker.adapters import safetensors
 from ortmux.worker.api.server import Worker, start_worker
 
-from ..conftest import worker_settings
+from ..conftest import scrape, worker_settings
 from ..demo_adapters import demo_weight, merged_reference, write_peft
 
 DOWN = "layers.1.mlp.down_proj.weight"
@@ -185,6 +185,12 @@ def test_least_recently_used_adapters_leave_memory_and_come_back(tmp_path: Path)
             )
             assert running.dataplane.adapters.counters.reloads == 1
             assert running.dataplane.adapters.resident_bytes() <= 9000
+            samples = scrape(running)
+            assert samples[("ortmux_adapter_evictions_total", ())] == 3  # reloading x evicted z
+            assert samples[("ortmux_adapter_reloads_total", ())] == 1
+            assert samples[("ortmux_adapter_registrations_total", ())] == 4
+            assert samples[("ortmux_adapters_registered", ())] == 4
+            assert samples[("ortmux_adapters_resident", ())] == 2
     finally:
         running.stop(0)
 
@@ -325,3 +331,53 @@ def test_unknown_model_and_adapter(client: Client, tmp_path: Path) -> None:
     )
     code, message = _code(lambda: client.infer("demo", {"input_ids": IDS}, adapter="ghost"))
     assert (code, message) == (grpc.StatusCode.NOT_FOUND, "adapter 'ghost' is not registered on model 'demo'")
+
+
+def test_register_from_a_path_on_the_worker(adapter_worker: Worker, tmp_path: Path) -> None:
+    peft = write_peft(tmp_path / "server-side")
+    with grpc.insecure_channel(adapter_worker.address) as channel:
+        stub = adapters_pb2_grpc.AdapterServiceStub(channel)
+        info = stub.RegisterAdapterFromPath(
+            adapters_pb2.RegisterAdapterFromPathRequest(model="demo", adapter_id="ops", path=str(peft)),
+            timeout=10,
+        )
+        assert (info.adapter_id, info.format) == ("ops", adapters_pb2.ADAPTER_FORMAT_PEFT_LORA)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.RegisterAdapterFromPath(
+                adapters_pb2.RegisterAdapterFromPathRequest(
+                    model="demo", adapter_id="x", path=str(tmp_path / "no")
+                ),
+                timeout=10,
+            )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("archive", ["tar.gz", "zip"])
+def test_archived_peft_directory_uploads(client: Client, tmp_path: Path, archive: str) -> None:
+    import shutil
+
+    peft = write_peft(tmp_path / "peft")
+    packed = shutil.make_archive(str(tmp_path / "packed"), "gztar" if archive == "tar.gz" else "zip", peft)
+    client.register_adapter("demo", "packed", packed)
+    adapted = client.infer("demo", {"input_ids": IDS}, adapter="packed")["logits"]
+    assert relative_error(adapted, merged_reference(peft, IDS)) <= 1e-4
+
+
+def test_delete_waits_for_requests_running_on_the_adapter(
+    adapter_worker: Worker, client: Client, tmp_path: Path
+) -> None:
+    import threading
+
+    client.register_adapter("demo", "busy", write_peft(tmp_path / "peft"))
+    manager = adapter_worker.dataplane.adapters
+    deleted = threading.Event()
+    with manager.use("demo", "busy"):
+        deleter = threading.Thread(target=lambda: (client.delete_adapter("demo", "busy"), deleted.set()))
+        deleter.start()
+        assert not deleted.wait(0.5)  # the delete waits while a request holds the adapter
+        with pytest.raises(OrtmuxError) as caught:  # and new requests no longer find it
+            client.infer("demo", {"input_ids": IDS}, adapter="busy")
+        assert caught.value.code == grpc.StatusCode.NOT_FOUND
+    assert deleted.wait(10)
+    deleter.join()
+    assert client.list_adapters() == []

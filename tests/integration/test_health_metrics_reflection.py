@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from ortmux.client import Client, OrtmuxError
 from ortmux.worker.api.server import SERVICE_NAMES, Worker, create_server
 
-from ..conftest import worker_settings
+from ..conftest import scrape, worker_settings
 
 
 def _health(address: str, service: str = "") -> int:
@@ -72,18 +71,8 @@ def test_metrics_count_failed_calls_by_their_code(
     assert 'ortmux_rpcs_total{code="NOT_FOUND",method="/ortmux.v1.InferenceService/Infer"}' in text
 
 
-def _samples(worker: Worker) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 def test_metrics_report_model_accounting(worker: Worker) -> None:
-    samples = _samples(worker)
+    samples = scrape(worker)
     model = worker.dataplane.get_model("demo")
     demo = (("model", "demo"),)
     assert samples[("ortmux_model_arena_bytes", demo)] == model.arena.total_bytes

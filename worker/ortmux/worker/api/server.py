@@ -109,6 +109,7 @@ def create_server(
     adapters = AdapterManager(AdapterStore(settings.data_dir / "adapters"), models.get, limits)
     dataplane = DataPlane(models, adapters, metrics)
     metrics.watch_models(dataplane.list_models)
+    metrics.watch_adapters(adapters)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

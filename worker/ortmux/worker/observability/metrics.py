@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,10 @@ class Metrics:
         """Report per-model accounting and process PSS at every scrape, read from ``models()``."""
         self.registry.register(_ModelCollector(models))
 
+    def watch_adapters(self, adapters: Any) -> None:
+        """Report adapter counts, resident bytes, registrations, evictions and reloads at every scrape."""
+        self.registry.register(_AdapterCollector(adapters))
+
     def observe_inference(self, model: str, seconds: float, rows: int) -> None:
         self.inference_seconds.labels(model).observe(seconds)
         self.inference_rows.labels(model).observe(rows)
@@ -119,6 +123,40 @@ class _ModelCollector(Collector):
             yield GaugeMetricFamily(
                 "ortmux_process_pss_bytes", "Proportional set size of the worker process.", value=pss
             )
+
+
+class _AdapterCollector(Collector):
+    def __init__(self, adapters: Any) -> None:
+        self._adapters = adapters
+
+    def collect(self) -> Iterator[Metric]:
+        registered, resident = self._adapters.counts()
+        counters = self._adapters.counters
+        yield GaugeMetricFamily(
+            "ortmux_adapters_registered", "Adapters registered (on disk).", value=registered
+        )
+        yield GaugeMetricFamily("ortmux_adapters_resident", "Adapters in memory.", value=resident)
+        yield GaugeMetricFamily(
+            "ortmux_adapters_resident_bytes",
+            "Bytes of adapter tensors in memory.",
+            value=self._adapters.resident_bytes(),
+        )
+        yield CounterMetricFamily(
+            "ortmux_adapter_registrations", "Adapters registered since start.", value=counters.registrations
+        )
+        yield CounterMetricFamily(
+            "ortmux_adapter_evictions",
+            "Adapters evicted from memory by the memory budget.",
+            value=counters.evictions,
+        )
+        yield CounterMetricFamily(
+            "ortmux_adapter_reloads", "Evicted adapters loaded again from disk.", value=counters.reloads
+        )
+        yield CounterMetricFamily(
+            "ortmux_adapter_load_seconds",
+            "Seconds spent parsing and checking adapters (registrations and reloads).",
+            value=counters.load_seconds_total,
+        )
 
 
 def _process_pss_bytes() -> int | None:
