@@ -49,6 +49,55 @@ def pss_mib() -> float:
     raise RuntimeError("no Pss in /proc/self/smaps_rollup")
 
 
+def pss_of(pid: int) -> float:
+    """PSS of another process, in MiB."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no Pss for process {pid}")
+
+
+class WorkerProcess:
+    """``ortmux serve`` in its own process, as in production; stopped with SIGTERM."""
+
+    def __init__(self, *flags: str) -> None:
+        import re
+
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ortmux.worker.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--metrics-port",
+                "-1",
+                *flags,
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            match = re.search(r"serving .* on port (\d+)", line)
+            if match:
+                self.address = f"127.0.0.1:{match.group(1)}"
+                break
+        else:
+            raise RuntimeError(f"worker exited with {self.process.wait()}")
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
 def child(script: str, *args: str) -> dict:
     """Run ``script --child args`` in a fresh interpreter and return the JSON it prints last."""
     result = subprocess.run(

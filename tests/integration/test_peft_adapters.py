@@ -55,8 +55,10 @@ def test_adapter_outputs_equal_peft(peft_worker: Worker, adapter: str) -> None:
     with Client(peft_worker.address) as client:
         outputs = client.infer(base, {"input_ids": EXPECTED["input_ids"]}, adapter=adapter)
         info = client.get_adapter(base, adapter)
+        one_row = client.infer(base, {"input_ids": EXPECTED["input_ids"][:1]}, adapter=adapter)
     reference = EXPECTED[adapter]
     assert relative_error(outputs[OUTPUT[base]], reference) <= 1e-4
+    assert relative_error(one_row[OUTPUT[base]], reference[:1]) <= 1e-4
     # and the adapter really changes the output
     assert relative_error(EXPECTED[f"{base}/base"], reference) > 1e-3
     assert info.format == "peft_lora"

@@ -10,6 +10,7 @@ from pathlib import Path
 from ortmux.v1 import adapters_pb2
 
 DEFAULT_CHUNK_BYTES = 1 << 20
+IN_MEMORY_BYTES = 64 << 20
 
 FORMATS = {
     None: adapters_pb2.ADAPTER_FORMAT_UNSPECIFIED,
@@ -50,13 +51,18 @@ def upload_requests(
     if format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(f for f in FORMATS if f)} or None, got {format!r}")
     files = upload_files(path)
+    sizes = [file.stat().st_size for file in files]
+    total = sum(sizes)
+    # Small uploads are read once and kept; large ones are read twice (hash, then send).
+    contents = [file.read_bytes() for file in files] if total <= IN_MEMORY_BYTES else None
     digest = hashlib.sha256()
-    for file in files:
+    for index, file in enumerate(files):
+        if contents is not None:
+            digest.update(contents[index])
+            continue
         with file.open("rb") as handle:
             for block in iter(lambda h=handle: h.read(chunk_bytes), b""):
                 digest.update(block)
-    sizes = [file.stat().st_size for file in files]
-    total = sum(sizes)
     header = adapters_pb2.AdapterUploadHeader(
         model=model,
         adapter_id=adapter_id,
@@ -75,12 +81,21 @@ def upload_requests(
     def requests() -> Iterator[adapters_pb2.RegisterAdapterRequest]:
         yield adapters_pb2.RegisterAdapterRequest(header=header)
         sent = 0
-        for file in files:
-            with file.open("rb") as handle:
-                for block in iter(lambda h=handle: h.read(chunk_bytes), b""):
-                    sent += len(block)
-                    yield adapters_pb2.RegisterAdapterRequest(chunk=block)
-                    if progress is not None:
-                        progress(sent, total)
+        for index, file in enumerate(files):
+            for block in _blocks(file, contents[index] if contents is not None else None, chunk_bytes):
+                sent += len(block)
+                yield adapters_pb2.RegisterAdapterRequest(chunk=block)
+                if progress is not None:
+                    progress(sent, total)
 
     return requests()
+
+
+def _blocks(file: Path, content: bytes | None, chunk_bytes: int) -> Iterator[bytes]:
+    if content is not None:
+        view = memoryview(content)
+        for start in range(0, len(content), chunk_bytes):
+            yield bytes(view[start : start + chunk_bytes])
+        return
+    with file.open("rb") as handle:
+        yield from iter(lambda: handle.read(chunk_bytes), b"")

@@ -63,10 +63,12 @@ class ParsedAdapter:
     module_mapping: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def unpack(payload: bytes, files: Mapping[str, bytes] | None, max_bytes: int) -> dict[str, bytes]:
+def unpack(
+    payload: bytes, files: Mapping[str, bytes | memoryview] | None, max_bytes: int
+) -> dict[str, bytes]:
     """The files of an upload: named files as given, or a single file/archive opened here."""
     if files:
-        return {Path(name).name: data for name, data in files.items()}
+        return {Path(name).name: data for name, data in files.items()}  # type: ignore[misc]
     if payload[:4] == b"PK\x03\x04":
         return _unzip(payload, max_bytes)
     if payload[:2] == b"\x1f\x8b" or _looks_like_tar(payload):
@@ -195,7 +197,7 @@ def _parse_peft(files: Mapping[str, bytes]) -> ParsedAdapter:
     if PEFT_WEIGHTS not in files:
         raise InvalidArgument(f"PEFT adapter has {PEFT_CONFIG} but no {PEFT_WEIGHTS}", field="files")
     try:
-        config = json.loads(files[PEFT_CONFIG])
+        config = json.loads(bytes(files[PEFT_CONFIG]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidArgument(f"{PEFT_CONFIG} is not valid JSON: {exc}", field=PEFT_CONFIG) from None
     if not isinstance(config, dict):
@@ -262,7 +264,9 @@ def _parse_peft(files: Mapping[str, bytes]) -> ParsedAdapter:
             )
         module_alpha = _pattern_value(module, alpha_pattern, float(alpha))
         scale = module_alpha / math.sqrt(rank) if use_rslora else module_alpha / rank
-        modules.append(PeftModule(module, a.astype(np.float32), b.astype(np.float32), scale))
+        modules.append(
+            PeftModule(module, a.astype(np.float32, copy=False), b.astype(np.float32, copy=False), scale)
+        )
     stored = {PEFT_CONFIG: files[PEFT_CONFIG], PEFT_WEIGHTS: files[PEFT_WEIGHTS]}
     return ParsedAdapter(PEFT_LORA, stored, peft_modules=modules)
 
@@ -300,8 +304,10 @@ def _parse_override(files: Mapping[str, bytes]) -> ParsedAdapter:
                 tensors = {name: np.array(npz[name]) for name in npz.files}
         except (ValueError, OSError, zipfile.BadZipFile) as exc:
             raise InvalidArgument(f"override .npz does not load: {exc}", field="format") from None
+        stored = safetensors.dump(tensors)  # stored as safetensors: no pickle-capable format on disk
     else:
-        tensors = {name: np.array(array) for name, array in safetensors.load(data, "override").items()}
+        tensors = safetensors.load(data, "override")
+        stored = data
     if not tensors:
         raise InvalidArgument("override holds no tensors", field="format")
-    return ParsedAdapter(WEIGHT_OVERRIDE, {OVERRIDE_FILE: safetensors.dump(tensors)}, tensors=tensors)
+    return ParsedAdapter(WEIGHT_OVERRIDE, {OVERRIDE_FILE: stored}, tensors=tensors)

@@ -1,9 +1,9 @@
 """Adapters on disk: ``<root>/<model>/<adapter_id>/`` with ``meta.json`` and the adapter's files.
 
 Every write is atomic: files are written and fsynced in a staging directory, which is renamed into
-place; a replaced adapter is renamed aside before its successor takes its place. Uploads stream
-into ``.incoming``. Leftovers of a crash (staging, incoming, trash) are removed at start, so a
-crash never leaves half an adapter where a worker would load it.
+place; a replaced adapter is renamed aside before its successor takes its place. Leftovers of a
+crash (staging, trash) are removed at start, so a crash never leaves half an adapter where a
+worker would load it.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from ortmux.worker.files import fsync_dir, write_atomically
+from ortmux.worker.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
-_WORK_DIRS = (".incoming", ".staging", ".trash")
+_WORK_DIRS = (".staging", ".trash")
 
 
 @dataclasses.dataclass
@@ -54,13 +54,6 @@ class AdapterStore:
             shutil.rmtree(root / name, ignore_errors=True)
             (root / name).mkdir(parents=True, exist_ok=True)
 
-    @property
-    def incoming(self) -> Path:
-        return self.root / ".incoming"
-
-    def new_incoming_path(self) -> Path:
-        return self.incoming / f"{uuid.uuid4().hex}.part"
-
     def directory(self, model: str, adapter_id: str) -> Path:
         return self.root / model / adapter_id
 
@@ -69,9 +62,13 @@ class AdapterStore:
         staging = self.root / ".staging" / uuid.uuid4().hex
         staging.mkdir()
         try:
-            for name, data in files.items():
-                write_atomically(staging / name, data)
-            write_atomically(staging / META_FILE, meta.to_json())
+            # The staging directory is the atomic unit: files need fsync, not renames of their own.
+            for name, data in [*files.items(), (META_FILE, meta.to_json())]:
+                with open(staging / name, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            fsync_dir(staging)
             target = self.directory(meta.model, meta.adapter_id)
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.exists():
