@@ -261,7 +261,8 @@ class AdapterManager:
                 resident.close()
                 raise
             log.info(
-                "adapter %s/%s registered: %s, rank %d, %d targets, %d bytes (checked in %.1f ms, stored in %.1f ms)",
+                "adapter %s/%s registered: %s, rank %d, %d targets, %d bytes "
+                "(checked in %.1f ms, stored in %.1f ms)",
                 model.name,
                 header.adapter_id,
                 fmt,
