@@ -53,16 +53,18 @@ def upload_requests(
     files = upload_files(path)
     sizes = [file.stat().st_size for file in files]
     total = sum(sizes)
-    # Small uploads are read once and kept; large ones are read twice (hash, then send).
-    contents = [file.read_bytes() for file in files] if total <= IN_MEMORY_BYTES else None
+    # Small uploads are read once, in chunks, and kept; large ones are read twice (hash, then send).
     digest = hashlib.sha256()
-    for index, file in enumerate(files):
-        if contents is not None:
-            digest.update(contents[index])
-            continue
+    kept: list[list[bytes]] | None = [] if total <= IN_MEMORY_BYTES else None
+    for file in files:
+        blocks = []
         with file.open("rb") as handle:
             for block in iter(lambda h=handle: h.read(chunk_bytes), b""):
                 digest.update(block)
+                if kept is not None:
+                    blocks.append(block)
+        if kept is not None:
+            kept.append(blocks)
     header = adapters_pb2.AdapterUploadHeader(
         model=model,
         adapter_id=adapter_id,
@@ -82,7 +84,7 @@ def upload_requests(
         yield adapters_pb2.RegisterAdapterRequest(header=header)
         sent = 0
         for index, file in enumerate(files):
-            for block in _blocks(file, contents[index] if contents is not None else None, chunk_bytes):
+            for block in kept[index] if kept is not None else _blocks(file, chunk_bytes):
                 sent += len(block)
                 yield adapters_pb2.RegisterAdapterRequest(chunk=block)
                 if progress is not None:
@@ -91,11 +93,6 @@ def upload_requests(
     return requests()
 
 
-def _blocks(file: Path, content: bytes | None, chunk_bytes: int) -> Iterator[bytes]:
-    if content is not None:
-        view = memoryview(content)
-        for start in range(0, len(content), chunk_bytes):
-            yield bytes(view[start : start + chunk_bytes])
-        return
+def _blocks(file: Path, chunk_bytes: int) -> Iterator[bytes]:
     with file.open("rb") as handle:
         yield from iter(lambda: handle.read(chunk_bytes), b"")

@@ -80,8 +80,8 @@ class DataPlane:
         )
 
     def register_adapter(self, header: UploadHeader, chunks: Iterable[bytes]) -> AdapterInfo:
-        payload = self.adapters.receive(header, chunks)
-        return self.adapters.register(header, payload)
+        payload, pending = self.adapters.receive(header, chunks)
+        return self.adapters.register(header, payload, pending)
 
     def register_adapter_from_path(self, header: UploadHeader, path: Path) -> AdapterInfo:
         return self.adapters.register_from_path(header, path)

@@ -30,7 +30,6 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 ORT_ADAPTER_FILE = "adapter.onnx_adapter"
 OVERRIDE_FILE = "override.safetensors"
-MAPPING_FILE = "module_mapping.json"
 
 _PEFT_KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
@@ -57,7 +56,6 @@ class ParsedAdapter:
     """What a payload holds, before it is mapped onto a base model."""
 
     format: str
-    files: dict[str, bytes]  # the normalized files that are stored on disk
     peft_modules: list[PeftModule] = dataclasses.field(default_factory=list)
     tensors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # ORT params or overrides
     module_mapping: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -161,7 +159,6 @@ def parse(
                 "module mapping must map module names to weight names", field="module_mapping"
             )
         parsed.module_mapping = dict(module_mapping)
-        parsed.files[MAPPING_FILE] = json.dumps(parsed.module_mapping, sort_keys=True).encode()
     return parsed
 
 
@@ -267,8 +264,7 @@ def _parse_peft(files: Mapping[str, bytes]) -> ParsedAdapter:
         modules.append(
             PeftModule(module, a.astype(np.float32, copy=False), b.astype(np.float32, copy=False), scale)
         )
-    stored = {PEFT_CONFIG: files[PEFT_CONFIG], PEFT_WEIGHTS: files[PEFT_WEIGHTS]}
-    return ParsedAdapter(PEFT_LORA, stored, peft_modules=modules)
+    return ParsedAdapter(PEFT_LORA, peft_modules=modules)
 
 
 # -- ORT adapter -----------------------------------------------------------------------------------
@@ -290,7 +286,7 @@ def _parse_ort_adapter(files: Mapping[str, bytes]) -> ParsedAdapter:
             raise InvalidArgument(f"the .onnx_adapter file does not load: {exc}", field="format") from None
     if not tensors:
         raise InvalidArgument("the .onnx_adapter file holds no parameters", field="format")
-    return ParsedAdapter(ORT_ADAPTER, {ORT_ADAPTER_FILE: data}, tensors=tensors)
+    return ParsedAdapter(ORT_ADAPTER, tensors=tensors)
 
 
 # -- weight override -------------------------------------------------------------------------------
@@ -304,10 +300,8 @@ def _parse_override(files: Mapping[str, bytes]) -> ParsedAdapter:
                 tensors = {name: np.array(npz[name]) for name in npz.files}
         except (ValueError, OSError, zipfile.BadZipFile) as exc:
             raise InvalidArgument(f"override .npz does not load: {exc}", field="format") from None
-        stored = safetensors.dump(tensors)  # stored as safetensors: no pickle-capable format on disk
     else:
         tensors = safetensors.load(data, "override")
-        stored = data
     if not tensors:
         raise InvalidArgument("override holds no tensors", field="format")
-    return ParsedAdapter(WEIGHT_OVERRIDE, {OVERRIDE_FILE: stored}, tensors=tensors)
+    return ParsedAdapter(WEIGHT_OVERRIDE, tensors=tensors)

@@ -24,7 +24,7 @@ import numpy as np
 
 from ortmux.worker.adapters import formats
 from ortmux.worker.adapters.lora_feeds import LoraWeights
-from ortmux.worker.adapters.store import AdapterMeta, AdapterStore
+from ortmux.worker.adapters.store import AdapterMeta, AdapterStore, PendingAdapter
 from ortmux.worker.adapters.targets import map_modules
 from ortmux.worker.engine.base_model import BaseModel, ModelSession
 from ortmux.worker.errors import (
@@ -140,11 +140,12 @@ class AdapterManager:
 
     # -- registration ------------------------------------------------------------------------------
 
-    def receive(self, header: UploadHeader, chunks: Iterable[bytes]) -> bytes:
-        """The payload of an upload, checked against its header's size and checksum.
+    def receive(self, header: UploadHeader, chunks: Iterable[bytes]) -> tuple[bytes, PendingAdapter]:
+        """The payload of an upload, checked against its header's size and checksum, and written
+        to a staging directory as it arrives.
 
-        Refuses an upload as soon as it passes its declared or allowed size, so memory never
-        holds more than ``max_adapter_bytes``.
+        Refuses an upload as soon as it passes its declared or allowed size, so neither memory nor
+        disk ever holds more than ``max_adapter_bytes`` of it.
         """
         limit = self.limits.max_adapter_bytes
         if header.total_bytes <= 0:
@@ -156,71 +157,76 @@ class AdapterManager:
             )
         if not _SHA256.match(header.sha256):
             raise InvalidArgument("header.sha256 must be 64 lower-case hex digits", field="header.sha256")
-        if header.files and sum(size for _name, size in header.files) != header.total_bytes:
-            raise InvalidArgument(
-                "the sizes in header.files do not add up to total_bytes", field="header.files"
-            )
+        _check_file_list(header.files, header.total_bytes)
         digest = hashlib.sha256()
         parts: list[bytes] = []
         received = 0
-        for count, chunk in enumerate(chunks, start=1):
-            if count > self.limits.max_upload_chunks:
-                raise ResourceExhausted(
-                    f"upload has more than {self.limits.max_upload_chunks} chunks", field="chunk"
-                )
-            received += len(chunk)
-            if received > header.total_bytes:
+        pending = self.store.begin()
+        try:
+            for count, chunk in enumerate(chunks, start=1):
+                if count > self.limits.max_upload_chunks:
+                    raise ResourceExhausted(
+                        f"upload has more than {self.limits.max_upload_chunks} chunks", field="chunk"
+                    )
+                received += len(chunk)
+                if received > header.total_bytes:
+                    raise InvalidArgument(
+                        f"upload sent more than the {header.total_bytes} bytes its header declares",
+                        field="chunk",
+                    )
+                digest.update(chunk)
+                pending.write(chunk)
+                parts.append(chunk)
+            if received != header.total_bytes:
                 raise InvalidArgument(
-                    f"upload sent more than the {header.total_bytes} bytes its header declares", field="chunk"
+                    f"upload ended after {received} of {header.total_bytes} bytes", field="chunk"
                 )
-            digest.update(chunk)
-            parts.append(chunk)
-        if received != header.total_bytes:
-            raise InvalidArgument(
-                f"upload ended after {received} of {header.total_bytes} bytes", field="chunk"
-            )
-        if digest.hexdigest() != header.sha256:
-            raise InvalidArgument(
-                f"checksum mismatch: header says {header.sha256}, the payload hashes to {digest.hexdigest()}",
-                field="header.sha256",
-            )
-        return b"".join(parts)
+            if digest.hexdigest() != header.sha256:
+                raise InvalidArgument(
+                    f"checksum mismatch: header says {header.sha256}, "
+                    f"the payload hashes to {digest.hexdigest()}",
+                    field="header.sha256",
+                )
+            pending.finish()
+        except BaseException:
+            pending.abort()
+            raise
+        return b"".join(parts), pending
 
-    def register(self, header: UploadHeader, payload: bytes) -> AdapterInfo:
-        """Parse, check against the base, persist and make resident a payload ``receive`` checked."""
-        named = None
-        if header.files:
-            named, offset, view = {}, 0, memoryview(payload)
-            for name, size in header.files:
-                if not name or "/" in name or name.startswith("."):
-                    raise InvalidArgument(f"file name {name!r} is invalid", field="header.files")
-                named[name] = view[offset : offset + size]
-                offset += size
-        files = formats.unpack(payload, named, self.limits.max_adapter_bytes)
-        return self._register_files(header, files, header.sha256, len(payload))
+    def register(self, header: UploadHeader, payload: bytes, pending: PendingAdapter) -> AdapterInfo:
+        """Check a received payload against its base, then commit and make it resident."""
+        try:
+            return self._register(header, payload, header.sha256, pending)
+        finally:
+            pending.abort()  # no-op once committed (the directory has moved)
 
     def register_from_path(self, header: UploadHeader, path: Path) -> AdapterInfo:
         """Register an adapter from a file, archive or directory on the worker's filesystem."""
         if not path.exists():
             raise NotFound(f"no file or directory at {path}", field="path")
-        if path.is_dir():
-            files = {
-                p.name: p.read_bytes()
-                for p in sorted(path.iterdir())
-                if p.is_file() and p.name != "README.md"
-            }
-        else:
-            if path.stat().st_size > self.limits.max_adapter_bytes:
-                raise ResourceExhausted(f"{path} exceeds the limit of {self.limits.max_adapter_bytes} bytes")
-            files = formats.unpack(path.read_bytes(), None, self.limits.max_adapter_bytes)
-        size = sum(len(data) for data in files.values())
+        sources = (
+            sorted(p for p in path.iterdir() if p.is_file() and p.name != "README.md")
+            if path.is_dir()
+            else [path]
+        )
+        size = sum(p.stat().st_size for p in sources)
         if size > self.limits.max_adapter_bytes:
-            raise ResourceExhausted(f"{path} exceeds the limit of {self.limits.max_adapter_bytes} bytes")
-        digest = hashlib.sha256(b"".join(files[name] for name in sorted(files))).hexdigest()
-        return self._register_files(header, files, digest, size)
+            raise ResourceExhausted(
+                f"{path} exceeds the limit of {self.limits.max_adapter_bytes} bytes", field="path"
+            )
+        payload = b"".join(p.read_bytes() for p in sources)
+        if path.is_dir():
+            header = dataclasses.replace(header, files=tuple((p.name, p.stat().st_size) for p in sources))
+        pending = self.store.begin()
+        try:
+            pending.write(payload)
+            pending.finish()
+            return self._register(header, payload, hashlib.sha256(payload).hexdigest(), pending)
+        finally:
+            pending.abort()
 
-    def _register_files(
-        self, header: UploadHeader, files: dict[str, bytes], sha256: str, size: int
+    def _register(
+        self, header: UploadHeader, payload: bytes, sha256: str, pending: PendingAdapter
     ) -> AdapterInfo:
         model = self._model(header.model)
         validate_adapter_id(header.adapter_id)
@@ -239,36 +245,35 @@ class AdapterManager:
             self._pending.add(key)
         try:
             started = time.perf_counter()
-            mapping = _parse_mapping(header.module_mapping_json)
-            fmt = header.format or formats.detect(files)
-            parsed = formats.parse(fmt, files, mapping)
-            resident, rank, targets = self._materialize(model, parsed)
-            checked = time.perf_counter()
             meta = AdapterMeta(
                 model=model.name,
                 adapter_id=header.adapter_id,
-                format=fmt,
-                rank=rank,
-                targets=targets,
-                size_bytes=size,
+                format=header.format,
+                rank=0,
+                targets=[],
+                size_bytes=len(payload),
                 sha256=sha256,
                 pinned=header.pinned,
                 created_at=time.time(),
+                files=list(header.files),
+                module_mapping_json=header.module_mapping_json,
             )
+            resident, meta.format, meta.rank, meta.targets = self._load(model, meta, payload)
+            checked = time.perf_counter()
             try:
-                self.store.save(meta, parsed.files)
+                pending.commit(meta)
             except BaseException:
                 resident.close()
                 raise
             log.info(
                 "adapter %s/%s registered: %s, rank %d, %d targets, %d bytes "
-                "(checked in %.1f ms, stored in %.1f ms)",
+                "(checked in %.1f ms, committed in %.1f ms)",
                 model.name,
                 header.adapter_id,
-                fmt,
-                rank,
-                len(targets),
-                size,
+                meta.format,
+                meta.rank,
+                len(meta.targets),
+                meta.size_bytes,
                 (checked - started) * 1000,
                 (time.perf_counter() - checked) * 1000,
             )
@@ -280,11 +285,27 @@ class AdapterManager:
                 self._records[key] = record
                 self._make_resident(key, record, resident)
                 self.counters.registrations += 1
-                self.counters.load_seconds_total += time.perf_counter() - started
+                self.counters.load_seconds_total += checked - started
                 return self._info(record)
         finally:
             with self._lock:
                 self._pending.discard(key)
+
+    def _load(
+        self, model: BaseModel, meta: AdapterMeta, payload: bytes
+    ) -> tuple[Resident, str, int, list[str]]:
+        """Payload -> resident form on ``model``, with the detected format, rank and targets."""
+        named = None
+        if meta.files:
+            named, offset, view = {}, 0, memoryview(payload)
+            for name, size in meta.files:
+                named[name] = view[offset : offset + size]
+                offset += size
+        files = formats.unpack(payload, named, self.limits.max_adapter_bytes)
+        fmt = meta.format or formats.detect(files)
+        parsed = formats.parse(fmt, files, _parse_mapping(meta.module_mapping_json))
+        resident, rank, targets = self._materialize(model, parsed)
+        return resident, fmt, rank, targets
 
     def _materialize(
         self, model: BaseModel, parsed: formats.ParsedAdapter
@@ -374,10 +395,7 @@ class AdapterManager:
                 self._lru.move_to_end(key)
                 return record.resident
         started = time.perf_counter()
-        files = self.store.read_files(*key)
-        mapping = json.loads(files[formats.MAPPING_FILE]) if formats.MAPPING_FILE in files else None
-        parsed = formats.parse(record.meta.format, files, mapping)
-        resident, _rank, _targets = self._materialize(self._model(key[0]), parsed)
+        resident, *_ = self._load(self._model(key[0]), record.meta, self.store.read_payload(*key))
         with self._lock:
             if record.resident is not None:  # another request loaded it meanwhile
                 resident.close()
@@ -486,6 +504,14 @@ class AdapterManager:
             last_used_at=record.last_used_at,
             sha256=meta.sha256,
         )
+
+
+def _check_file_list(files: tuple[tuple[str, int], ...], total: int) -> None:
+    for name, _size in files:
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise InvalidArgument(f"file name {name!r} is invalid", field="header.files")
+    if files and sum(size for _name, size in files) != total:
+        raise InvalidArgument("the sizes in header.files do not add up to total_bytes", field="header.files")
 
 
 def _parse_mapping(text: str) -> dict[str, str] | None:

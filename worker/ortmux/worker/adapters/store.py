@@ -1,9 +1,11 @@
-"""Adapters on disk: ``<root>/<model>/<adapter_id>/`` with ``meta.json`` and the adapter's files.
+"""Adapters on disk: ``<root>/<model>/<adapter_id>/`` holding ``payload`` (the bytes exactly as
+uploaded) and ``meta.json``.
 
-Every write is atomic: files are written and fsynced in a staging directory, which is renamed into
-place; a replaced adapter is renamed aside before its successor takes its place. Leftovers of a
-crash (staging, trash) are removed at start, so a crash never leaves half an adapter where a
-worker would load it.
+An upload streams into a staging directory while it arrives, so the payload is written once and
+in the shadow of the network transfer. Once the adapter is checked, its meta is written, both
+files and the directory are fsynced, and the directory is renamed into place; an adapter it
+replaces is renamed aside first. Leftovers of a crash (staging, trash) are removed at start, so
+a crash never leaves half an adapter where a worker would load it.
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ import json
 import logging
 import os
 import shutil
-import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 from ortmux.worker.files import fsync_dir
@@ -23,6 +24,7 @@ from ortmux.worker.files import fsync_dir
 log = logging.getLogger(__name__)
 
 META_FILE = "meta.json"
+PAYLOAD_FILE = "payload"
 _WORK_DIRS = (".staging", ".trash")
 
 
@@ -37,14 +39,58 @@ class AdapterMeta:
     sha256: str
     pinned: bool
     created_at: float
+    files: list[tuple[str, int]]  # named files back to back in the payload; [] = one file or archive
+    module_mapping_json: str = ""
 
     @classmethod
     def from_json(cls, data: bytes) -> AdapterMeta:
         values = json.loads(data)
-        return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls)})
+        meta = cls(
+            **{field.name: values[field.name] for field in dataclasses.fields(cls) if field.name in values}
+        )
+        meta.files = [(str(name), int(size)) for name, size in meta.files]
+        return meta
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True).encode()
+
+
+class PendingAdapter:
+    """An adapter being written: its payload streams into a staging directory."""
+
+    def __init__(self, store: AdapterStore) -> None:
+        self._store = store
+        self.directory = store.root / ".staging" / uuid.uuid4().hex
+        self.directory.mkdir()
+        self._handle = open(self.directory / PAYLOAD_FILE, "wb")  # noqa: SIM115 (closed in finish/abort)
+
+    def write(self, chunk: bytes) -> None:
+        self._handle.write(chunk)
+
+    def finish(self) -> None:
+        """The payload is complete: flush it to disk."""
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+
+    def commit(self, meta: AdapterMeta) -> None:
+        """Write the meta and move the adapter into place atomically."""
+        with open(self.directory / META_FILE, "wb") as handle:
+            handle.write(meta.to_json())
+            handle.flush()
+            os.fsync(handle.fileno())
+        fsync_dir(self.directory)
+        target = self._store.directory(meta.model, meta.adapter_id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            self._store.trash(target)
+        os.rename(self.directory, target)
+        fsync_dir(target.parent)
+
+    def abort(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 class AdapterStore:
@@ -54,38 +100,19 @@ class AdapterStore:
             shutil.rmtree(root / name, ignore_errors=True)
             (root / name).mkdir(parents=True, exist_ok=True)
 
+    def begin(self) -> PendingAdapter:
+        return PendingAdapter(self)
+
     def directory(self, model: str, adapter_id: str) -> Path:
         return self.root / model / adapter_id
 
-    def save(self, meta: AdapterMeta, files: Mapping[str, bytes]) -> None:
-        """Write an adapter atomically, replacing one of the same id if present."""
-        staging = self.root / ".staging" / uuid.uuid4().hex
-        staging.mkdir()
-        try:
-            # The staging directory is the atomic unit: files need fsync, not renames of their own.
-            for name, data in [*files.items(), (META_FILE, meta.to_json())]:
-                with open(staging / name, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            fsync_dir(staging)
-            target = self.directory(meta.model, meta.adapter_id)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                self._trash(target)
-            os.rename(staging, target)
-            fsync_dir(target.parent)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
-    def read_files(self, model: str, adapter_id: str) -> dict[str, bytes]:
-        directory = self.directory(model, adapter_id)
-        return {path.name: path.read_bytes() for path in directory.iterdir() if path.name != META_FILE}
+    def read_payload(self, model: str, adapter_id: str) -> bytes:
+        return (self.directory(model, adapter_id) / PAYLOAD_FILE).read_bytes()
 
     def remove(self, model: str, adapter_id: str) -> None:
         directory = self.directory(model, adapter_id)
         if directory.exists():
-            self._trash(directory)
+            self.trash(directory)
 
     def scan(self) -> Iterator[AdapterMeta]:
         """Every stored adapter; unreadable entries are logged and skipped."""
@@ -96,12 +123,8 @@ class AdapterStore:
                 except (OSError, ValueError, KeyError, TypeError) as exc:
                     log.error("skipping unreadable adapter at %s: %s", directory, exc)
 
-    def _trash(self, directory: Path) -> None:
+    def trash(self, directory: Path) -> None:
         trash = self.root / ".trash" / f"{directory.name}-{uuid.uuid4().hex[:8]}"
         os.rename(directory, trash)
         fsync_dir(directory.parent)
         shutil.rmtree(trash, ignore_errors=True)
-
-
-def now() -> float:
-    return time.time()
