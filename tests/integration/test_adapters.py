@@ -381,3 +381,79 @@ def test_delete_waits_for_requests_running_on_the_adapter(
     assert deleted.wait(10)
     deleter.join()
     assert client.list_adapters() == []
+
+
+def test_a_crash_mid_upload_leaves_nothing_behind(tmp_path: Path) -> None:
+    """SIGKILL the worker while an upload streams; the restarted worker has no trace of it."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    data_dir = tmp_path / "data"
+
+    def serve() -> tuple[subprocess.Popen, str]:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ortmux.worker.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--metrics-port",
+                "-1",
+                "--data-dir",
+                str(data_dir),
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stderr is not None
+        for line in process.stderr:
+            match = re.search(r"serving demo on port (\d+)", line)
+            if match:
+                return process, f"127.0.0.1:{match.group(1)}"
+        raise AssertionError(f"worker exited with {process.wait()}")
+
+    process, address = serve()
+    half_sent = threading.Event()
+    payload = b"\0" * (4 << 20)
+
+    def messages() -> Iterator[adapters_pb2.RegisterAdapterRequest]:
+        header = adapters_pb2.AdapterUploadHeader(
+            model="demo",
+            adapter_id="doomed",
+            total_bytes=len(payload),
+            sha256=hashlib.sha256(payload).hexdigest(),
+        )
+        yield adapters_pb2.RegisterAdapterRequest(header=header)
+        yield adapters_pb2.RegisterAdapterRequest(chunk=payload[: 2 << 20])
+        half_sent.set()
+        threading.Event().wait(30)  # the worker dies before the rest is sent
+
+    with grpc.insecure_channel(address) as channel:
+        call = adapters_pb2_grpc.AdapterServiceStub(channel).RegisterAdapter.future(messages(), timeout=60)
+        assert half_sent.wait(30)
+        staging = data_dir / "adapters" / ".staging"
+        deadline = time.monotonic() + 30
+        while not any(staging.rglob("payload")):  # the upload is landing on disk
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        with pytest.raises(grpc.RpcError):
+            call.result()
+    process, address = serve()
+    try:
+        with Client(address) as client:
+            assert client.list_adapters() == []
+        assert not [p for p in (data_dir / "adapters").rglob("*") if p.is_file()]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
