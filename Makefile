@@ -42,6 +42,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/session_creation.py
 	$(PY) bench/memory.py
 	$(PY) bench/latency.py
+	$(PY) bench/adapters.py
 
 protos: $(STAMP)
 	$(PY) protos/generate.py

@@ -26,6 +26,10 @@ def _raise(request: bytes, context: grpc.ServicerContext) -> bytes:
     )
 
 
+def _raise_long(request: bytes, context: grpc.ServicerContext) -> bytes:
+    raise errors.InvalidArgument("x" * 50_000, field="f")
+
+
 def _raise_streaming(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
     yield b"first"
     _raise(request, context)
@@ -37,6 +41,7 @@ def raiser() -> Iterator[grpc.Channel]:
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(_raise),
         "Stream": grpc.unary_stream_rpc_method_handler(_raise_streaming),
+        "Long": grpc.unary_unary_rpc_method_handler(_raise_long),
     }
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
     port = server.add_insecure_port("127.0.0.1:0")
@@ -86,3 +91,13 @@ def test_unexpected_exception_is_internal_without_internals(raiser: grpc.Channel
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert "secret" not in caught.value.details()
     assert caught.value.details() == "the worker hit an unexpected error; it is logged on the worker"
+
+
+def test_a_long_message_is_cut_so_the_status_still_arrives(raiser: grpc.Channel) -> None:
+    unary = raiser.unary_unary(f"/{SERVICE}/Long")
+    with pytest.raises(grpc.RpcError) as caught:
+        unary(b"", timeout=10)
+    error = OrtmuxError.from_rpc_error(caught.value)
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.message.startswith("x" * 100)
+    assert error.message.endswith("... (48000 more characters)")

@@ -50,13 +50,15 @@ def build_feeds(inputs: Sequence[LoraInput], batch: int, spans: Sequence[RowSpan
     for lora in inputs:
         site = lora.site
         users = [(span, span.weights[site.weight]) for span in spans if site.weight in span.weights]
-        rank = rank_bucket(max((weights.rank for _span, weights in users), default=0))
+        if not users:
+            continue  # the graph's rank-0 default applies
+        rank = rank_bucket(max(weights.rank for _span, weights in users))
         if batch == 1 and len(users) == 1 and users[0][1].rank == rank:
             weights = users[0][1]  # one row, one adapter, no padding: views, no copies
             feeds[lora.a] = weights.a[np.newaxis]
             feeds[lora.b] = weights.b[np.newaxis]
             continue
-        dtype = users[0][1].a.dtype if users else np.float32
+        dtype = users[0][1].a.dtype
         a_rows = np.zeros((batch, site.in_features, rank), dtype=dtype)
         b_rows = np.zeros((batch, rank, site.out_features), dtype=dtype)
         for span, weights in users:

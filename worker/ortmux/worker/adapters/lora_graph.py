@@ -5,7 +5,9 @@
 ``A_rows`` [batch, in, rank] and ``B_rows`` [batch, rank, out] are graph inputs (the scale is
 folded into B), so one run can give each row of the batch a different adapter, or none (zeros).
 MatMul broadcasts the batch dimension. Rank is a free dimension: a batch pads its adapters to one
-rank with zeros, which is exact, and a batch with no adapter on a site feeds rank 0 there.
+rank with zeros, which is exact. Each input has a default of rank 0 (an overridable initializer
+of shape [1, in, 0]), so a run feeds only the branches its adapters touch and a base-only run
+feeds none.
 W stays a constant, so the optimizer still prepacks it.
 """
 
@@ -18,7 +20,7 @@ from onnx import helper
 
 from ortmux.worker.adapters.targets import LoraSite, find_sites
 
-REWRITE_VERSION = 1
+REWRITE_VERSION = 2
 RANK_DIM = "ortmux_lora_rank"
 BATCH_DIM = "ortmux_batch"
 
@@ -31,6 +33,13 @@ class LoraInput:
     a: str
     b: str
     dtype: int  # onnx TensorProto data type of the weight
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict) -> LoraInput:
+        return cls(site=LoraSite(**values["site"]), a=values["a"], b=values["b"], dtype=int(values["dtype"]))
 
 
 def _activation_ranks(model: onnx.ModelProto) -> dict[str, int]:
@@ -89,6 +98,9 @@ def rewrite(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[LoraInput]]:
         graph.input.append(
             helper.make_tensor_value_info(lora.b, lora.dtype, [BATCH_DIM, RANK_DIM, site.out_features])
         )
+        # Defaults of rank 0 (overridable initializers): a run feeds only the branches it uses.
+        graph.initializer.append(helper.make_tensor(lora.a, lora.dtype, [1, site.in_features, 0], []))
+        graph.initializer.append(helper.make_tensor(lora.b, lora.dtype, [1, 0, site.out_features], []))
         inputs.append(lora)
     graph.node.extend(extra_nodes)
     _topological_sort(graph)

@@ -31,6 +31,16 @@ STATUS_BY_CODE: dict[ErrorCode, grpc.StatusCode] = {
 }
 
 
+# gRPC drops a call whose trailers pass 16 KiB; a message is cut well below that.
+MAX_MESSAGE_CHARS = 2000
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
+
+
 def status_code(error: OrtmuxError) -> grpc.StatusCode:
     return STATUS_BY_CODE[error.code]
 
@@ -44,14 +54,15 @@ def _packed(message: object) -> any_pb2.Any:
 def to_rpc_status(error: OrtmuxError) -> status_pb2.Status:
     """The google.rpc.Status for an error: its code, message and details."""
     grpc_code = status_code(error)
+    message = _bounded(error.message)
     details = [
         _packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata))
     ]
     if error.field is not None:
-        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=message)
         details.append(_packed(error_details_pb2.BadRequest(field_violations=[violation])))
     if error.retry_after is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after * 1e9))
         details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
-    return status_pb2.Status(code=grpc_code.value[0], message=error.message, details=details)
+    return status_pb2.Status(code=grpc_code.value[0], message=message, details=details)

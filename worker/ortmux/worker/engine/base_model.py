@@ -15,7 +15,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from ortmux.worker.adapters.lora_feeds import RowSpan, build_feeds
-from ortmux.worker.adapters.lora_graph import REWRITE_VERSION, LoraInput, rewrite
+from ortmux.worker.adapters.lora_graph import REWRITE_VERSION, LoraInput, has_batch_dimension, rewrite
 from ortmux.worker.adapters.targets import LoraSite
 from ortmux.worker.engine.arena import Arena
 from ortmux.worker.engine.cache import (
@@ -97,8 +97,9 @@ class BaseModel:
             raise InvalidArgument(f"model '{name}' at {path} cannot be read: {exc}", field="path") from None
         self.overridable = select_overridable(source_model, overridable_patterns, path)
         self.initializer_names = frozenset(tensor.name for tensor in source_model.graph.initializer)
-        self._graph: onnx.ModelProto | None
-        self._graph, self.lora_inputs = self._prepare(source_model)
+        mark_overridable(source_model, self.overridable)
+        self._graph: onnx.ModelProto | None = source_model
+        self.lora_inputs: list[LoraInput] = []
         self.key = CacheKey(
             model_sha256=self.sha256,
             onnxruntime_version=ort.__version__,
@@ -106,7 +107,7 @@ class BaseModel:
             optimization_level=runtime.optimization_level,
             cpu=cpu_signature(),
             overridable=self.overridable,
-            rewrite=f"lora-{REWRITE_VERSION}" if self.lora_inputs else "",
+            rewrite=f"lora-{REWRITE_VERSION}" if has_batch_dimension(source_model) else "",
         )
         self.run_options = ort.RunOptions()
         self.run_options.log_severity_level = 4  # failures are raised to the caller and logged here
@@ -147,9 +148,10 @@ class BaseModel:
     def lora_sites(self) -> list[LoraSite]:
         return [lora.site for lora in self.lora_inputs]
 
-    def _prepare(self, graph: onnx.ModelProto) -> tuple[onnx.ModelProto, list[LoraInput]]:
-        """Overridable tensors become inputs; every adaptable projection gets a LoRA branch."""
-        mark_overridable(graph, self.overridable)
+    def _rewrite(self, graph: onnx.ModelProto) -> tuple[onnx.ModelProto, list[LoraInput]]:
+        """Every adaptable projection gets a LoRA branch (done once, when the cache builds)."""
+        if not self.key.rewrite:
+            return graph, []
         try:
             return rewrite(graph)
         except Exception as exc:  # a graph the rewrite cannot handle is served without LoRA
@@ -163,6 +165,7 @@ class BaseModel:
             device = "cuda" if self.runtime.providers[0] == CUDA else "cpu"
             try:
                 self.entry = entry
+                self.lora_inputs = [LoraInput.from_json(v) for v in entry.extra.get("lora_inputs", [])]
                 self.arena = Arena(entry, device=device)
                 return entry, self.new_session()
             except Exception as exc:
@@ -174,18 +177,22 @@ class BaseModel:
                 self._cache.discard(entry.directory)
         raise AssertionError("unreachable")
 
-    def _optimize(self, directory: Path) -> None:
+    def _optimize(self, directory: Path) -> dict:
+        """Build the cache entry: rewrite, optimize, prepack, save. Records the LoRA inputs, so a
+        cache hit needs neither the rewrite nor its shape inference."""
         log.info("optimizing model '%s' from %s (large models take minutes)", self.name, self.path)
         options = self.runtime.session_options(self.runtime.graph_optimization_level())
         assert self._graph is not None, "the graph is kept until the first successful load"
+        graph, lora_inputs = self._rewrite(self._graph)
         try:
             optimize_into(
-                self._graph, self.path.parent, directory, options=options, providers=self.runtime.providers
+                graph, self.path.parent, directory, options=options, providers=self.runtime.providers
             )
         except Exception as exc:
             raise InvalidArgument(
                 f"model '{self.name}' at {self.path} does not load: {exc}", field="path"
             ) from None
+        return {"lora_inputs": [lora.to_json() for lora in lora_inputs]}
 
     def new_session(self, own_tensors: Mapping[str, np.ndarray] | None = None) -> ModelSession:
         """A session on the cached model over the shared arena, plus tensors only it replaces.

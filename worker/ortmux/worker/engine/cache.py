@@ -77,6 +77,7 @@ class CacheEntry:
     directory: Path
     hit: bool
     build_seconds: float
+    extra: dict  # what the builder recorded about the optimized model (kept in the manifest)
 
     @property
     def model_path(self) -> Path:
@@ -177,30 +178,34 @@ class ModelCache:
     def get_or_build(
         self,
         key: CacheKey,
-        build: Callable[[Path], None],
+        build: Callable[[Path], dict],
         *,
         label: str = "",
     ) -> CacheEntry:
-        """The entry for ``key``; on a miss ``build(directory)`` writes MODEL_FILE (and DATA_FILE)."""
+        """The entry for ``key``. On a miss ``build(directory)`` writes MODEL_FILE (and DATA_FILE)
+        and returns a JSON-able dict kept in the manifest and handed back on every hit."""
         directory = self.root / key.digest
         try:
-            self.verify(directory, key)
-            return CacheEntry(key, directory, hit=True, build_seconds=0.0)
+            return CacheEntry(key, directory, hit=True, build_seconds=0.0, extra=self.verify(directory, key))
         except CacheEntryInvalid as problem:
             if directory.exists():
                 log.warning("cache entry %s is unusable (%s); rebuilding", directory, problem)
         with self._lock(key.digest):
             try:  # another process may have built it while this one waited
-                self.verify(directory, key)
-                return CacheEntry(key, directory, hit=True, build_seconds=0.0)
+                return CacheEntry(
+                    key, directory, hit=True, build_seconds=0.0, extra=self.verify(directory, key)
+                )
             except CacheEntryInvalid:
                 self.discard(directory)
             started = time.perf_counter()
-            self._build(directory, key, build, label or key.digest)
-            return CacheEntry(key, directory, hit=False, build_seconds=time.perf_counter() - started)
+            extra = self._build(directory, key, build, label or key.digest)
+            return CacheEntry(
+                key, directory, hit=False, build_seconds=time.perf_counter() - started, extra=extra
+            )
 
-    def verify(self, directory: Path, key: CacheKey) -> None:
-        """Raise CacheEntryInvalid unless ``directory`` is a complete entry built for ``key``."""
+    def verify(self, directory: Path, key: CacheKey) -> dict:
+        """The builder's record if ``directory`` is a complete entry built for ``key``; else
+        CacheEntryInvalid."""
         try:
             manifest = json.loads((directory / MANIFEST_FILE).read_text())
         except FileNotFoundError:
@@ -222,6 +227,10 @@ class ModelCache:
                 )
             if _sampled_digest(path) != expected.get("sampled_sha256"):
                 raise CacheEntryInvalid(f"{name} content differs from the manifest")
+        extra = manifest.get("extra", {})
+        if not isinstance(extra, dict):
+            raise CacheEntryInvalid("manifest extra is not an object")
+        return extra
 
     def discard(self, directory: Path) -> None:
         """Remove an entry: renamed aside first, so no reader ever sees half of one."""
@@ -231,11 +240,11 @@ class ModelCache:
         os.rename(directory, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
-    def _build(self, directory: Path, key: CacheKey, build: Callable[[Path], None], label: str) -> None:
+    def _build(self, directory: Path, key: CacheKey, build: Callable[[Path], dict], label: str) -> dict:
         staging = Path(tempfile.mkdtemp(prefix=f".build-{key.digest}-", dir=self.root))
         try:
             with _heartbeat(label):
-                build(staging)
+                extra = build(staging)
             files = {}
             for path in sorted(staging.iterdir()):
                 with path.open("rb") as handle:
@@ -243,10 +252,11 @@ class ModelCache:
                 files[path.name] = {"size": path.stat().st_size, "sampled_sha256": _sampled_digest(path)}
             if MODEL_FILE not in files:
                 raise RuntimeError(f"optimizing {label} wrote no {MODEL_FILE}")
-            manifest = {"key": key.as_dict(), "files": files, "created_at": time.time()}
+            manifest = {"key": key.as_dict(), "files": files, "created_at": time.time(), "extra": extra}
             write_atomically(staging / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
             os.rename(staging, directory)
             fsync_dir(self.root)
+            return extra
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
