@@ -457,3 +457,17 @@ def test_a_crash_mid_upload_leaves_nothing_behind(tmp_path: Path) -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
+
+
+def test_an_ort_adapter_cannot_feed_the_internal_lora_inputs(client: Client, tmp_path: Path) -> None:
+    adapter = ort.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(1)
+    adapter.set_parameters(
+        {"ortmux.lora.0.a": ort.OrtValue.ortvalue_from_numpy(np.ones((1, 128, 2), np.float32))}
+    )
+    path = tmp_path / "sneaky.onnx_adapter"
+    adapter.export_adapter(str(path))
+    code, message = _code(lambda: client.register_adapter("demo", "sneaky", path))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "adapter tensor 'ortmux.lora.0.a' is neither an input nor an overridable weight" in message

@@ -119,10 +119,8 @@ class BaseModel:
         )
         self._graph = None  # only needed to optimize; the cached model serves from here on
         session = self._base.session
-        feedable = [
-            *self.inputs,
-            *(TensorSpec.from_ort(arg) for arg in session.get_overridable_initializers()),
-        ]
+        overridable = [arg for arg in session.get_overridable_initializers() if arg.name not in lora_names]
+        feedable = [*self.inputs, *(TensorSpec.from_ort(arg) for arg in overridable)]
         self._feedable = {spec.name: (spec.dtype, spec.shape) for spec in feedable}
         self.outputs = tuple(TensorSpec.from_ort(arg) for arg in self._base.session.get_outputs())
         self.load_seconds = time.perf_counter() - started
