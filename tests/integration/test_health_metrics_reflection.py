@@ -77,6 +77,6 @@ def test_metrics_report_model_accounting(worker: Worker) -> None:
     demo = (("model", "demo"),)
     assert samples[("ortmux_model_arena_bytes", demo)] == model.arena.total_bytes
     assert samples[("ortmux_model_cache_bytes", demo)] == model.entry.total_bytes
-    assert samples[("ortmux_model_sessions", demo)] == 1
+    assert samples[("ortmux_model_sessions", demo)] == 2  # the LoRA graph and the base-only graph
     assert samples[("ortmux_model_loads_total", (("cache", "miss"), ("model", "demo")))] == 1
     assert samples[("ortmux_process_pss_bytes", ())] > 10_000_000

@@ -22,7 +22,7 @@ def test_list_models_and_model_info(client: Client) -> None:
     assert info.state == "ready"
     assert info.providers == ("CPUExecutionProvider",)
     assert len(info.sha256) == 64
-    assert info.stats.sessions == 1
+    assert info.stats.sessions == 2  # the LoRA graph and the base-only graph over one arena
 
 
 def test_infer_equals_onnxruntime_in_process(client: Client, worker: Worker, token_ids: np.ndarray) -> None:
@@ -168,6 +168,6 @@ def test_model_info_reports_engine_accounting(client: Client, worker: Worker) ->
     model = worker.dataplane.get_model("demo")
     assert stats.arena_bytes == model.arena.total_bytes > 2_000_000  # the mapped optimized weights
     assert stats.cache_bytes == model.entry.total_bytes >= stats.arena_bytes
-    assert stats.sessions == 1
+    assert stats.sessions == 2
     assert stats.cache_hit is False  # the session's data dir starts empty
     assert 0 < stats.load_seconds < 60

@@ -17,7 +17,7 @@ import pytest
 from ortmux.worker.demo import TransformerShape, build_transformer, ensure_demo_model
 from ortmux.worker.engine.arena import Arena
 from ortmux.worker.engine.base_model import BaseModel
-from ortmux.worker.engine.cache import DATA_FILE, MANIFEST_FILE, MODEL_FILE, ModelCache
+from ortmux.worker.engine.cache import BASE_MODEL_FILE, DATA_FILE, MANIFEST_FILE, MODEL_FILE, ModelCache
 from ortmux.worker.engine.providers import CPU, cuda_works
 from ortmux.worker.engine.runtime import RuntimeOptions
 from ortmux.worker.errors import InvalidArgument
@@ -54,7 +54,12 @@ def test_first_load_misses_then_hits_with_identical_outputs(
     second = _load(demo_path, tmp_path)
     assert (first.cache_hit, second.cache_hit) == (False, True)
     assert first.entry.directory == second.entry.directory
-    assert sorted(p.name for p in first.entry.directory.iterdir()) == [MANIFEST_FILE, MODEL_FILE, DATA_FILE]
+    assert sorted(p.name for p in first.entry.directory.iterdir()) == [
+        MANIFEST_FILE,
+        MODEL_FILE,
+        DATA_FILE,
+        BASE_MODEL_FILE,
+    ]
     for model in (first, second):
         np.testing.assert_allclose(model.run({"input_ids": IDS})["logits"], reference, rtol=1e-4, atol=1e-4)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".build", ".discard"))]
@@ -169,14 +174,14 @@ def test_extra_session_replaces_only_its_own_tensor(
     model = _load(demo_path, tmp_path, overridable_patterns=[Q_PROJ])
     zero_q = np.zeros((128, 128), dtype=np.float32)
     override = model.new_session({Q_PROJ: zero_q})
-    assert model.sessions == 2
+    assert model.sessions == 3
     overridden = model.run({"input_ids": IDS}, session=override)["logits"]
     base = model.run({"input_ids": IDS})["logits"]
     np.testing.assert_allclose(base, reference, rtol=1e-4, atol=1e-4)
     assert not np.allclose(overridden, reference, atol=1e-3)
     assert override.own_bytes == zero_q.nbytes
     override.close()
-    assert model.sessions == 1
+    assert model.sessions == 2
     with pytest.raises(InvalidArgument, match="is not an overridable tensor"):
         model.new_session({"layers.0.self_attn.k_proj.weight": zero_q})
 
@@ -257,3 +262,19 @@ def test_cuda_arena_lives_on_the_device_and_is_shared(
         np.testing.assert_allclose(
             model.run({"input_ids": IDS}, session=session)["logits"], reference, atol=1e-3
         )
+
+
+def test_base_only_graph_has_no_branches_and_the_same_outputs(demo_path: Path, tmp_path: Path) -> None:
+
+    model = _load(demo_path, tmp_path)
+    full = onnx.load(str(model.entry.model_path), load_external_data=False)
+    plain = onnx.load(str(model.entry.directory / BASE_MODEL_FILE), load_external_data=False)
+    assert len(model.lora_inputs) == 13
+    assert not [t for t in plain.graph.initializer if t.name.startswith("ortmux.lora.")]
+    assert len(full.graph.node) - len(plain.graph.node) >= 2 * len(model.lora_inputs)
+    # both graphs read the same data file: one copy of the weights for both sessions
+    locations = {e.value for t in plain.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {model.entry.data_path.name}
+    base_run = model.run({"input_ids": IDS})["logits"]
+    full_run = model._base.run(["logits"], {"input_ids": IDS})[0]
+    np.testing.assert_allclose(base_run, full_run, rtol=1e-6, atol=1e-6)

@@ -125,3 +125,56 @@ def _topological_sort(graph: onnx.GraphProto) -> None:
         pending = still
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+def strip_branches(optimized: onnx.ModelProto, inputs: list[LoraInput]) -> onnx.ModelProto:
+    """The optimized LoRA graph without its branches: what base-only runs execute.
+
+    Works on the optimized graph, so both graphs refer to the same (prepacked) weights in the same
+    data file and their sessions share its pages. Each branch is the MatMul fed by ``a``, the
+    MatMul fed by ``b`` and the Add joining the base output; the Add's consumers read the base
+    output again (an Identity keeps a graph output's name).
+    """
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(optimized)
+    graph = stripped.graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {value.name for value in graph.output}
+    removed: set[int] = set()
+    renamed: dict[str, str] = {}
+    for lora in inputs:
+        (down,) = consumers[lora.a]
+        (up,) = consumers[lora.b]
+        (join,) = consumers[up.output[0]]
+        if join.op_type != "Add" or up.input[0] != down.output[0]:
+            raise ValueError(f"LoRA branch of '{lora.site.weight}' was changed by the optimizer")
+        base_output = next(name for name in join.input if name != up.output[0])
+        removed.update((id(down), id(up)))
+        if join.output[0] in outputs:
+            join.op_type = "Identity"
+            del join.input[:]
+            join.input.append(base_output)
+        else:
+            removed.add(id(join))
+            renamed[join.output[0]] = base_output
+    kept = [node for node in graph.node if id(node) not in removed]
+    for node in kept:
+        for index, name in enumerate(node.input):
+            while name in renamed:
+                name = renamed[name]
+            node.input[index] = name
+    branch_inputs = {name for lora in inputs for name in (lora.a, lora.b)}
+    del graph.node[:]
+    graph.node.extend(kept)
+    _keep_only(graph.initializer, lambda tensor: tensor.name not in branch_inputs)
+    _keep_only(graph.input, lambda value: value.name not in branch_inputs)
+    return stripped
+
+
+def _keep_only(repeated, keep) -> None:
+    kept = [item for item in repeated if keep(item)]
+    del repeated[:]
+    repeated.extend(kept)

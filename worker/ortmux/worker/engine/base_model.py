@@ -15,10 +15,18 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from ortmux.worker.adapters.lora_feeds import RowSpan, build_feeds
-from ortmux.worker.adapters.lora_graph import REWRITE_VERSION, LoraInput, has_batch_dimension, rewrite
+from ortmux.worker.adapters.lora_graph import (
+    REWRITE_VERSION,
+    LoraInput,
+    has_batch_dimension,
+    rewrite,
+    strip_branches,
+)
 from ortmux.worker.adapters.targets import LoraSite
 from ortmux.worker.engine.arena import Arena
 from ortmux.worker.engine.cache import (
+    BASE_MODEL_FILE,
+    MODEL_FILE,
     CacheEntry,
     CacheKey,
     ModelCache,
@@ -112,6 +120,9 @@ class BaseModel:
         self.run_options = ort.RunOptions()
         self.run_options.log_severity_level = 4  # failures are raised to the caller and logged here
         self.entry, self._base = self._open()
+        # Base-only runs use the graph without LoRA branches; both map the same data file.
+        base_graph = self.entry.directory / BASE_MODEL_FILE
+        self._plain = self.new_session(graph=base_graph) if base_graph.is_file() else self._base
         self.providers: tuple[str, ...] = tuple(self._base.session.get_providers())
         lora_names = {name for lora in self.lora_inputs for name in (lora.a, lora.b)}
         self.inputs = tuple(
@@ -190,12 +201,21 @@ class BaseModel:
             raise InvalidArgument(
                 f"model '{self.name}' at {self.path} does not load: {exc}", field="path"
             ) from None
+        if lora_inputs:
+            optimized = onnx.load(str(directory / MODEL_FILE), load_external_data=False)
+            try:
+                onnx.save(strip_branches(optimized, lora_inputs), str(directory / BASE_MODEL_FILE))
+            except ValueError as exc:  # base-only runs then use the full graph, feeding nothing
+                log.warning("model '%s': %s", self.name, exc)
         return {"lora_inputs": [lora.to_json() for lora in lora_inputs]}
 
-    def new_session(self, own_tensors: Mapping[str, np.ndarray] | None = None) -> ModelSession:
+    def new_session(
+        self, own_tensors: Mapping[str, np.ndarray] | None = None, *, graph: Path | None = None
+    ) -> ModelSession:
         """A session on the cached model over the shared arena, plus tensors only it replaces.
 
         ``own_tensors`` must name overridable initializers; the session reads them in place.
+        ``graph`` picks another graph file of the cache entry (default: the full graph).
         """
         options = self.runtime.session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         self.arena.attach(options)
@@ -210,7 +230,7 @@ class BaseModel:
             own_values.append(ort.OrtValue.ortvalue_from_numpy(own_arrays[name]))
             options.add_initializer(name, own_values[-1])
         session = ort.InferenceSession(
-            str(self.entry.model_path), options, providers=list(self.runtime.providers)
+            str(graph or self.entry.model_path), options, providers=list(self.runtime.providers)
         )
         with self._lock:
             self.sessions += 1
@@ -246,7 +266,8 @@ class BaseModel:
         if extra_feeds:
             feeds.update(extra_feeds)
         try:
-            results = (session or self._base).run(names, feeds)
+            chosen = session or (self._base if len(feeds) > len(inputs) else self._plain)
+            results = chosen.run(names, feeds)
         except _CALLER_FAULTS as exc:
             raise InvalidArgument(f"model '{self.name}' refused the inputs: {_ort_message(exc)}") from None
         except Exception as exc:

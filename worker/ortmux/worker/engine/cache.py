@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 MODEL_FILE = "model.onnx"
+BASE_MODEL_FILE = "model_base.onnx"  # the same graph without LoRA branches, when it has them
 DATA_FILE = "model.onnx.data"
 MANIFEST_FILE = "manifest.json"
 _SAMPLES = 32
