@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
-from ortmux.worker.adapters.lora_feeds import RowSpan
 from ortmux.worker.adapters.manager import AdapterInfo, AdapterManager, UploadHeader
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.registry import ModelRegistry
+from ortmux.worker.engine.specs import validate_inputs, validate_output_names
+from ortmux.worker.errors import DeadlineExceeded
 from ortmux.worker.observability.metrics import Metrics
+from ortmux.worker.scheduler.batcher import Batcher, BatchLimits
+from ortmux.worker.scheduler.request import QueuedRequest
+from ortmux.worker.scheduler.runner import batch_runner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +31,9 @@ class InferenceRequest:
     output_names: Sequence[str] = ()
     request_id: str = ""
     priority: int = 0
+    tenant: str = ""
+    deadline: float | None = None  # time.monotonic() value
+    is_active: Callable[[], bool] = lambda: True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +48,50 @@ class InferenceResult:
 
 
 class DataPlane:
-    def __init__(self, models: ModelRegistry, adapters: AdapterManager, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        models: ModelRegistry,
+        adapters: AdapterManager,
+        metrics: Metrics,
+        limits: BatchLimits | None = None,
+        mix_adapters: bool = True,
+    ) -> None:
         self.models = models
         self.adapters = adapters
         self.metrics = metrics
+        self.limits = limits or BatchLimits()
+        self.mix_adapters = mix_adapters
+        self._batchers: dict[str, Batcher] = {}
+        self._lock = threading.Lock()
+
+    def batcher(self, model: BaseModel) -> Batcher:
+        with self._lock:
+            batcher = self._batchers.get(model.name)
+            if batcher is None:
+                batcher = Batcher(
+                    model.name, batch_runner(model), self.limits, self._observe_batch(model.name)
+                )
+                self._batchers[model.name] = batcher
+            return batcher
+
+    def batchers(self) -> list[Batcher]:
+        with self._lock:
+            return list(self._batchers.values())
+
+    def close(self) -> None:
+        """Stop taking requests; queued ones still run."""
+        for batcher in self.batchers():
+            batcher.close()
+
+    def _observe_batch(self, model: str) -> Callable[[Sequence[QueuedRequest], float, float], None]:
+        def observe(requests: Sequence[QueuedRequest], started: float, finished: float) -> None:
+            rows = sum(request.rows for request in requests)
+            adapters = len({id(request.lora) for request in requests if request.lora})
+            self.metrics.observe_batch(model, rows, adapters, finished - started)
+            for request in requests:
+                self.metrics.queue_seconds.labels(model).observe(started - request.enqueued_at)
+
+        return observe
 
     def list_models(self) -> list[BaseModel]:
         return self.models.all()
@@ -53,30 +103,43 @@ class DataPlane:
         return self.models.get(name)
 
     def infer(self, request: InferenceRequest) -> InferenceResult:
+        """Validate, queue in the model's batcher, wait for the batch that carries the request."""
         model = self.models.get(request.model)
-        started = time.perf_counter()
-        if request.adapter:
-            with self.adapters.use(model.name, request.adapter) as adapter:
-                spans = [RowSpan(0, model.batch_size(request.inputs), adapter.lora)] if adapter.lora else []
-                outputs = model.run(
-                    request.inputs,
-                    request.output_names,
-                    session=adapter.session,
-                    lora_spans=spans,
-                    extra_feeds=adapter.feeds,
-                )
-        else:
-            outputs = model.run(request.inputs, request.output_names)
-        compute_seconds = time.perf_counter() - started
-        self.metrics.observe_inference(model.name, compute_seconds, _rows(request.inputs))
+        validate_inputs(model.name, model.inputs, request.inputs)
+        names = tuple(validate_output_names(model.name, model.outputs, request.output_names))
+        with ExitStack() as stack:
+            adapter = (
+                stack.enter_context(self.adapters.use(model.name, request.adapter))
+                if request.adapter
+                else None
+            )
+            queued = QueuedRequest(
+                inputs=request.inputs,
+                output_names=names,
+                lora=adapter.lora if adapter else {},
+                feeds=adapter.feeds if adapter else {},
+                fairness_key=request.tenant or request.adapter,
+                priority=request.priority,
+                deadline=request.deadline,
+                is_active=request.is_active,
+                batchable=model.batchable,
+                group="" if self.mix_adapters else request.adapter,
+            )
+            self.batcher(model).submit(queued)
+            timeout = None if request.deadline is None else max(request.deadline - time.monotonic(), 0) + 1.0
+            try:
+                result = queued.future.result(timeout)
+            except FutureTimeout:
+                raise DeadlineExceeded("the request's deadline passed before its batch ran") from None
+        self.metrics.observe_inference(model.name, result.compute_seconds, queued.rows)
         return InferenceResult(
             model=model.name,
             adapter=request.adapter,
-            outputs=outputs,
+            outputs=result.outputs,
             request_id=request.request_id,
-            queue_seconds=0.0,
-            compute_seconds=compute_seconds,
-            batch_rows=_rows(request.inputs),
+            queue_seconds=result.queue_seconds,
+            compute_seconds=result.compute_seconds,
+            batch_rows=result.batch_rows,
         )
 
     def register_adapter(self, header: UploadHeader, chunks: Iterable[bytes]) -> AdapterInfo:
@@ -94,10 +157,3 @@ class DataPlane:
 
     def delete_adapter(self, model: str, adapter_id: str) -> None:
         self.adapters.delete(model, adapter_id)
-
-
-def _rows(inputs: Mapping[str, np.ndarray]) -> int:
-    """Rows of a request: the leading dimension of its first input (1 for scalars)."""
-    for array in inputs.values():
-        return int(array.shape[0]) if array.ndim else 1
-    return 0

@@ -62,6 +62,16 @@ class Settings:
     adapter_memory_bytes: int = _field(
         2 << 30, "Memory budget of resident adapters; least recently used unpinned ones are evicted past it."
     )
+    max_batch_size: int = _field(32, "Most rows one batched run takes; 1 turns batching off.")
+    max_queue_delay_ms: float = _field(
+        2.0, "How long a batch waits for more requests after its first, in milliseconds."
+    )
+    max_queue_size: int = _field(
+        1024, "Requests a model's queue holds; more are refused at once with RESOURCE_EXHAUSTED."
+    )
+    mix_adapters: bool = _field(
+        True, "Let rows of different LoRA adapters (and base rows) share one run; off: one adapter per run."
+    )
     grpc_workers: int = _field(32, "Threads serving gRPC calls.")
     max_message_bytes: int = _field(64 * 1024 * 1024, "Largest gRPC message accepted or sent, in bytes.")
     drain_grace_seconds: float = _field(
@@ -122,7 +132,17 @@ class Settings:
             )
         if self.intra_op_threads < 0:
             raise InvalidArgument("setting 'intra_op_threads' must be 0 or more", field="intra_op_threads")
-        for name in ("max_adapter_bytes", "max_upload_chunks", "adapter_memory_bytes"):
+        if self.max_queue_delay_ms < 0:
+            raise InvalidArgument(
+                "setting 'max_queue_delay_ms' must be 0 or more", field="max_queue_delay_ms"
+            )
+        for name in (
+            "max_adapter_bytes",
+            "max_upload_chunks",
+            "adapter_memory_bytes",
+            "max_batch_size",
+            "max_queue_size",
+        ):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"setting '{name}' must be 1 or more", field=name)
         if self.grpc_workers < 1:

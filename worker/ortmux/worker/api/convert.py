@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from google.protobuf import timestamp_pb2
 
@@ -69,7 +69,11 @@ def loading_model_to_proto(name: str) -> models_pb2.ModelInfo:
     return models_pb2.ModelInfo(name=name, state=models_pb2.MODEL_STATE_LOADING)
 
 
-def request_from_proto(message: inference_pb2.InferRequest) -> InferenceRequest:
+def request_from_proto(
+    message: inference_pb2.InferRequest,
+    deadline: float | None = None,
+    is_active: Callable[[], bool] = lambda: True,
+) -> InferenceRequest:
     try:
         inputs = tensors.decode_many(message.inputs)
     except tensors.TensorCodecError as exc:
@@ -82,6 +86,8 @@ def request_from_proto(message: inference_pb2.InferRequest) -> InferenceRequest:
         output_names=tuple(message.output_names),
         request_id=message.request_id,
         priority=message.priority,
+        deadline=deadline,
+        is_active=is_active,
     )
 
 

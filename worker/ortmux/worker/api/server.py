@@ -31,6 +31,7 @@ from ortmux.worker.engine.providers import resolve_providers
 from ortmux.worker.engine.registry import ModelRegistry
 from ortmux.worker.engine.runtime import RuntimeOptions, configure_process
 from ortmux.worker.observability.metrics import Metrics
+from ortmux.worker.scheduler.batcher import BatchLimits
 from ortmux.worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Worker:
         self.health.enter_graceful_shutdown()
         grace = self.settings.drain_grace_seconds if grace is None else grace
         self.server.stop(grace).wait()
+        self.dataplane.close()
         self.metrics.close()
         log.info("worker stopped")
 
@@ -107,9 +109,15 @@ def create_server(
         memory_budget_bytes=settings.adapter_memory_bytes,
     )
     adapters = AdapterManager(AdapterStore(settings.data_dir / "adapters"), models.get, limits)
-    dataplane = DataPlane(models, adapters, metrics)
+    batching = BatchLimits(
+        max_batch_rows=settings.max_batch_size,
+        max_delay=settings.max_queue_delay_ms / 1000,
+        max_queue=settings.max_queue_size,
+    )
+    dataplane = DataPlane(models, adapters, metrics, batching, settings.mix_adapters)
     metrics.watch_models(dataplane.list_models)
     metrics.watch_adapters(adapters)
+    metrics.watch_batchers(dataplane.batchers)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

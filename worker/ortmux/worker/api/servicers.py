@@ -5,6 +5,7 @@ Errors are raised as ortmux errors and turned into statuses by the interceptor.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,7 +106,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def Infer(
         self, request: inference_pb2.InferRequest, context: grpc.ServicerContext
     ) -> inference_pb2.InferResponse:
-        result = self._dataplane.infer(convert.request_from_proto(request))
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        result = self._dataplane.infer(convert.request_from_proto(request, deadline, context.is_active))
         return convert.result_to_proto(result)
 
     def InferStream(

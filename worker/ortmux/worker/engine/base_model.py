@@ -149,6 +149,13 @@ class BaseModel:
     def cache_hit(self) -> bool:
         return self.entry.hit
 
+    @property
+    def batchable(self) -> bool:
+        """Requests can share runs: every input and output leads with one dynamic batch dimension."""
+        specs = [*self.inputs, *self.outputs]
+        leading = {spec.dim_names[0] if spec.dim_names else None for spec in specs}
+        return bool(specs) and all(spec.shape and spec.shape[0] < 0 for spec in specs) and len(leading) == 1
+
     def feedable_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Tensors a run may feed, by name: the inputs and the overridable weights (dtype, shape)."""
         return dict(self._feedable)

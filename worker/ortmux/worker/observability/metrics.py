@@ -55,6 +55,34 @@ class Metrics:
         self.models_loaded = Gauge(
             "ortmux_models_loaded", "Base models being served.", registry=self.registry
         )
+        self.batch_rows = Histogram(
+            "ortmux_batch_rows",
+            "Rows per batched run, by base model.",
+            ["model"],
+            buckets=_ROW_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_adapters = Histogram(
+            "ortmux_batch_adapters",
+            "Distinct LoRA adapters per batched run, by base model.",
+            ["model"],
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.batch_seconds = Histogram(
+            "ortmux_batch_compute_seconds",
+            "Time ONNX Runtime spent on a batched run, by base model.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_seconds = Histogram(
+            "ortmux_queue_seconds",
+            "Time requests waited in the queue before their run, by base model.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.model_loads = Counter(
             "ortmux_model_loads",
             "Base model loads, by model and cache result (hit: optimized model reused; miss: optimized now).",
@@ -70,6 +98,15 @@ class Metrics:
     def watch_adapters(self, adapters: Any) -> None:
         """Report adapter counts, resident bytes, registrations, evictions and reloads at every scrape."""
         self.registry.register(_AdapterCollector(adapters))
+
+    def observe_batch(self, model: str, rows: int, adapters: int, seconds: float) -> None:
+        self.batch_rows.labels(model).observe(rows)
+        self.batch_adapters.labels(model).observe(adapters)
+        self.batch_seconds.labels(model).observe(seconds)
+
+    def watch_batchers(self, batchers: Callable[[], Sequence[Any]]) -> None:
+        """Report queue depth and dropped requests of every model's batcher at every scrape."""
+        self.registry.register(_BatcherCollector(batchers))
 
     def observe_inference(self, model: str, seconds: float, rows: int) -> None:
         self.inference_seconds.labels(model).observe(seconds)
@@ -123,6 +160,29 @@ class _ModelCollector(Collector):
             yield GaugeMetricFamily(
                 "ortmux_process_pss_bytes", "Proportional set size of the worker process.", value=pss
             )
+
+
+class _BatcherCollector(Collector):
+    def __init__(self, batchers: Callable[[], Sequence[Any]]) -> None:
+        self._batchers = batchers
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "ortmux_queue_depth", "Requests waiting in a model's queue.", labels=["model"]
+        )
+        dropped = CounterMetricFamily(
+            "ortmux_requests_dropped",
+            "Requests answered without running: queue full, deadline passed, or cancelled while queued.",
+            labels=["model", "reason"],
+        )
+        for batcher in self._batchers():
+            depth.add_metric([batcher.name], batcher.depth)
+            counters = batcher.counters
+            dropped.add_metric([batcher.name, "queue_full"], counters.rejected)
+            dropped.add_metric([batcher.name, "deadline"], counters.expired)
+            dropped.add_metric([batcher.name, "cancelled"], counters.cancelled)
+        yield depth
+        yield dropped
 
 
 class _AdapterCollector(Collector):

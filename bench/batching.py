@@ -1,0 +1,158 @@
+"""Dynamic batching across requests and adapters, on the bench base with 64 rank-16 adapters.
+
+    python bench/batching.py [--seconds 4] [--clients 1 8 32]
+
+For each mode a worker runs in its own process (``ortmux serve``); N client threads each send
+small requests (1 x 8 tokens) back to back, every request with a uniformly random adapter, for
+``--seconds``. Modes: (a) batching off, (b) batches of one adapter only, (c) mixed-adapter
+batches, (d) base-only requests with batching (the ceiling). Then fairness: one tenant floods
+the queue from 16 threads while another sends one request at a time; its p50 against idle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from adapters import write_peft
+from common import OUT, WorkerProcess, bench_model, table
+
+ADAPTERS = 64
+MODES = {
+    "a": ("batching off", ["--max-batch-size", "1"], True),
+    "b": ("same-adapter batches only", ["--mix-adapters", "false"], True),
+    "c": ("mixed-adapter batches", [], True),
+    "d": ("base only, batching (ceiling)", [], False),
+}
+
+
+def load(address: str, clients: int, seconds: float, use_adapters: bool) -> tuple[float, list[float]]:
+    """Requests per second and latencies (ms) of ``clients`` threads sending back to back."""
+    from ortmux.client import Client
+
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+    with Client(address) as client:
+
+        def worker(seed: int) -> None:
+            rng = random.Random(seed)
+            ids = {"input_ids": np.random.default_rng(seed).integers(0, 8000, (1, 8), dtype=np.int64)}
+            mine = []
+            while time.monotonic() < stop:
+                adapter = f"a{rng.randrange(ADAPTERS)}" if use_adapters else None
+                started = time.perf_counter()
+                client.infer("bench", ids, adapter=adapter)
+                mine.append((time.perf_counter() - started) * 1000)
+            with lock:
+                latencies.extend(mine)
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.monotonic() - started
+    return len(latencies) / elapsed, latencies
+
+
+def start(work: Path, flags: list[str]) -> WorkerProcess:
+    from ortmux.client import Client
+
+    worker = WorkerProcess("--data-dir", str(work / "data"), "--model", f"bench={bench_model()}", *flags)
+    with Client(worker.address) as client:
+        registered = {a.adapter_id for a in client.list_adapters("bench")}
+        for index in range(ADAPTERS):
+            if f"a{index}" not in registered:
+                client.register_adapter(
+                    "bench", f"a{index}", write_peft(work / "files" / f"a{index}", seed=index)
+                )
+    return worker
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    args = parser.parse_args()
+    work = OUT / "batching-bench"
+    results: dict[tuple[str, int], tuple[float, float, float]] = {}
+    for mode, (_label, flags, use_adapters) in MODES.items():
+        worker = start(work, flags)
+        try:
+            load(worker.address, 4, 1.0, use_adapters)  # warm up every batch shape a little
+            for clients in args.clients:
+                rate, latencies = load(worker.address, clients, args.seconds, use_adapters)
+                results[(mode, clients)] = (
+                    rate,
+                    float(np.percentile(latencies, 50)),
+                    float(np.percentile(latencies, 99)),
+                )
+        finally:
+            worker.stop()
+    rows = []
+    for clients in args.clients:
+        for mode, (label, _flags, _adapters) in MODES.items():
+            rate, p50, p99 = results[(mode, clients)]
+            rows.append([clients, f"({mode}) {label}", rate, p50, p99, rate / results[("a", clients)][0]])
+    print(
+        "Throughput and latency, bench base, 64 rank-16 adapters, 1x8-token requests, "
+        f"{args.seconds:.0f} s per point"
+    )
+    print(table(["clients", "mode", "requests/s", "p50 ms", "p99 ms", "x (a)"], rows))
+    top = max(args.clients)
+    print(
+        f"\nAt {top} clients: (c) / (a) = {results[('c', top)][0] / results[('a', top)][0]:.2f}, "
+        f"(c) / (d) = {results[('c', top)][0] / results[('d', top)][0]:.2f}"
+    )
+
+    worker = start(work, [])
+    try:
+        _rate, idle = load(worker.address, 1, args.seconds, True)
+        flood_done = threading.Event()
+
+        def flood() -> None:
+            from ortmux.client import Client
+
+            ids = {"input_ids": np.zeros((1, 8), dtype=np.int64)}
+            with Client(worker.address) as client:
+
+                def spam() -> None:
+                    while not flood_done.is_set():
+                        client.infer("bench", ids, adapter="a0")
+
+                threads = [threading.Thread(target=spam) for _ in range(16)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+
+        flooder = threading.Thread(target=flood)
+        flooder.start()
+        time.sleep(1.0)
+        _rate, busy = load(worker.address, 1, args.seconds, True)
+        flood_done.set()
+        flooder.join()
+    finally:
+        worker.stop()
+    idle_p50, busy_p50 = float(np.percentile(idle, 50)), float(np.percentile(busy, 50))
+    print("\nFairness: one tenant (adapter a0) floods from 16 threads; another sends one request at a time")
+    print(
+        table(
+            ["other tenant", "p50 ms", "x idle"],
+            [["idle worker", idle_p50, 1.0], ["during the flood", busy_p50, busy_p50 / idle_p50]],
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Dynamic batching: requests of many adapters and tenants become few, full runs."""

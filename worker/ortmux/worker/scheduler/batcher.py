@@ -1,0 +1,207 @@
+"""A standalone batcher for one base model: a bounded queue, per-request futures, batches closed
+by size or delay, fair draws across tenants, deadlines, and errors fanned out.
+
+Requests queue per fairness key (tenant, or adapter). The runner thread opens a batch with the
+next request in round-robin order (among the keys whose head has the highest priority) and fills
+it, still round-robin, with requests of the same signature until it holds ``max_batch_rows`` rows
+or ``max_delay`` has passed since it opened. Requests that cannot share a run (other sizes,
+adapters fed to the whole run, models without a batch dimension) run alone through the same queue.
+Before a run, requests whose deadline passed or whose caller went away are dropped and answered.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from ortmux.worker.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InternalError,
+    OrtmuxError,
+    ResourceExhausted,
+    Unavailable,
+)
+from ortmux.worker.scheduler.request import BatchResult, QueuedRequest
+
+log = logging.getLogger(__name__)
+
+# Runs requests as one batch; one result per request: its outputs, or the error it gets alone.
+RunBatch = Callable[[Sequence[QueuedRequest]], Sequence[dict | Exception]]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLimits:
+    max_batch_rows: int = 32
+    max_delay: float = 0.002
+    max_queue: int = 1024
+
+
+@dataclasses.dataclass
+class BatcherCounters:
+    batches: int = 0
+    rows: int = 0
+    expired: int = 0
+    cancelled: int = 0
+    rejected: int = 0
+
+
+class Batcher:
+    def __init__(
+        self,
+        name: str,
+        run_batch: RunBatch,
+        limits: BatchLimits,
+        observe: Callable[[Sequence[QueuedRequest], float, float], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.limits = limits
+        self.counters = BatcherCounters()
+        self._run_batch = run_batch
+        self._observe = observe
+        self._queues: collections.OrderedDict[str, collections.deque[QueuedRequest]] = (
+            collections.OrderedDict()
+        )
+        self._queued = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"ortmux-batcher-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        with self._cond:
+            return self._queued
+
+    def submit(self, request: QueuedRequest) -> QueuedRequest:
+        """Queue a request; its future resolves to a BatchResult or raises an ortmux error."""
+        with self._cond:
+            if self._closed:
+                raise Unavailable(f"model '{self.name}' is shutting down")
+            if self._queued >= self.limits.max_queue:
+                self.counters.rejected += 1
+                raise ResourceExhausted(
+                    f"the queue of model '{self.name}' is full ({self.limits.max_queue} requests); "
+                    "retry shortly",
+                    retry_after=max(self.limits.max_delay * 4, 0.01),
+                )
+            queue = self._queues.setdefault(request.fairness_key, collections.deque())
+            if request.priority and queue and queue[-1].priority < request.priority:
+                index = next(i for i, other in enumerate(queue) if other.priority < request.priority)
+                queue.insert(index, request)
+            else:
+                queue.append(request)
+            self._queued += 1
+            self._cond.notify_all()
+        return request
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop taking requests; queued ones still run."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # -- the runner thread -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _next_batch(self) -> list[QueuedRequest] | None:
+        with self._cond:
+            while not self._queued:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            first = self._pop_fair(None)
+            assert first is not None
+            batch = [first]
+            rows = first.rows
+            signature = first.signature()
+            opened = time.monotonic()
+            while rows < self.limits.max_batch_rows and signature[0] != "alone":
+                candidate = self._pop_fair(signature, self.limits.max_batch_rows - rows)
+                if candidate is not None:
+                    batch.append(candidate)
+                    rows += candidate.rows
+                    continue
+                remaining = self.limits.max_delay - (time.monotonic() - opened)
+                if remaining <= 0 or self._closed:
+                    break
+                self._cond.wait(remaining)
+            self._queued -= len(batch)
+            return batch
+
+    def _pop_fair(self, signature: tuple | None, room: int | None = None) -> QueuedRequest | None:
+        """The head of the next key in round-robin order among those with the top priority whose
+        head fits (same signature, at most ``room`` rows); the key moves to the back."""
+        heads = [(key, queue[0]) for key, queue in self._queues.items() if queue]
+        if signature is not None:
+            heads = [
+                (k, r) for k, r in heads if r.signature() == signature and (room is None or r.rows <= room)
+            ]
+        if not heads:
+            return None
+        top = max(request.priority for _key, request in heads)
+        key = next(k for k, r in heads if r.priority == top)
+        queue = self._queues[key]
+        request = queue.popleft()
+        self._queues.move_to_end(key)
+        if not queue:
+            del self._queues[key]
+        return request
+
+    def _run(self, batch: list[QueuedRequest]) -> None:
+        now = time.monotonic()
+        live = []
+        for request in batch:
+            if request.expired(now):
+                self.counters.expired += 1
+                request.future.set_exception(
+                    DeadlineExceeded("the request's deadline passed while it was queued")
+                )
+            elif not request.is_active():
+                self.counters.cancelled += 1
+                request.future.set_exception(
+                    Cancelled("the caller cancelled the request while it was queued")
+                )
+            else:
+                live.append(request)
+        if not live:
+            return
+        started = time.monotonic()
+        try:
+            outputs = self._run_batch(live)
+        except Exception as exc:
+            error = exc if isinstance(exc, OrtmuxError) else InternalError(f"batch run failed: {exc}")
+            if not isinstance(exc, OrtmuxError):
+                log.exception("batch of %d requests on '%s' failed", len(live), self.name)
+            for request in live:
+                request.future.set_exception(error)
+            return
+        finished = time.monotonic()
+        rows = sum(request.rows for request in live)
+        self.counters.batches += 1
+        self.counters.rows += rows
+        if self._observe is not None:
+            self._observe(live, started, finished)
+        for request, result in zip(live, outputs, strict=True):
+            if isinstance(result, Exception):
+                request.future.set_exception(result)
+                continue
+            request.future.set_result(
+                BatchResult(
+                    outputs=result,
+                    queue_seconds=started - request.enqueued_at,
+                    compute_seconds=finished - started,
+                    batch_rows=rows,
+                )
+            )

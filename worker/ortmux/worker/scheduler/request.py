@@ -1,0 +1,63 @@
+"""One request waiting in a batcher, and the result it is waiting for."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+
+import numpy as np
+
+from ortmux.worker.adapters.lora_feeds import LoraWeights
+
+_sequence = itertools.count()
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchResult:
+    outputs: dict[str, np.ndarray]
+    queue_seconds: float
+    compute_seconds: float
+    batch_rows: int
+
+
+@dataclasses.dataclass(eq=False)
+class QueuedRequest:
+    """A request in a batcher's queue.
+
+    ``lora`` gives its rows LoRA factors (shareable with other rows of a batch); ``feeds`` are
+    tensors fed to the whole run (ORT and override adapters), which makes the request run alone.
+    ``fairness_key`` is what round-robin draws across (the tenant, or the adapter).
+    """
+
+    inputs: Mapping[str, np.ndarray]
+    output_names: Sequence[str] = ()
+    lora: Mapping[str, LoraWeights] = dataclasses.field(default_factory=dict)
+    feeds: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    fairness_key: str = ""
+    priority: int = 0
+    deadline: float | None = None  # time.monotonic() value
+    is_active: Callable[[], bool] = lambda: True
+    batchable: bool = True
+    group: str = ""  # requests of different groups never share a run (e.g. one adapter per batch)
+    future: Future = dataclasses.field(default_factory=Future)
+    enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
+    sequence: int = dataclasses.field(default_factory=lambda: next(_sequence))
+
+    @property
+    def rows(self) -> int:
+        first = next(iter(self.inputs.values()), None)
+        return int(first.shape[0]) if first is not None and first.ndim else 1
+
+    def signature(self) -> tuple:
+        """Requests with equal signatures can share a run: same inputs, dtypes, outputs, and the
+        same sizes in every dimension but the first."""
+        if not self.batchable or self.feeds:
+            return ("alone", self.sequence)
+        shapes = tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in self.inputs.items()))
+        return (shapes, tuple(self.output_names), self.group)
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline

@@ -1,0 +1,53 @@
+"""Running a batch of queued requests as one ONNX Runtime run on a base model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ortmux.worker.adapters.lora_feeds import RowSpan
+from ortmux.worker.engine.base_model import BaseModel
+from ortmux.worker.errors import InvalidArgument
+from ortmux.worker.scheduler.batcher import RunBatch
+from ortmux.worker.scheduler.request import QueuedRequest
+
+
+def batch_runner(model: BaseModel) -> RunBatch:
+    """Concatenate the requests' rows, give each its LoRA factors, run once, split the outputs.
+
+    When a batch of several is refused by the model (a bad row the request checks cannot see,
+    e.g. a token id out of range), each request runs alone, so only the culprit gets the error.
+    """
+
+    def run_one(request: QueuedRequest) -> dict[str, np.ndarray]:
+        spans = [RowSpan(0, request.rows, request.lora)] if request.lora else []
+        return model.run(request.inputs, request.output_names, lora_spans=spans, extra_feeds=request.feeds)
+
+    def run(requests: Sequence[QueuedRequest]) -> list[dict[str, np.ndarray] | Exception]:
+        if len(requests) == 1:
+            return [run_one(requests[0])]
+        names = list(requests[0].inputs)
+        inputs = {name: np.concatenate([r.inputs[name] for r in requests]) for name in names}
+        spans, offset = [], 0
+        for request in requests:
+            if request.lora:
+                spans.append(RowSpan(offset, offset + request.rows, request.lora))
+            offset += request.rows
+        try:
+            outputs = model.run(inputs, requests[0].output_names, lora_spans=spans)
+        except InvalidArgument:
+            results: list[dict[str, np.ndarray] | Exception] = []
+            for request in requests:
+                try:
+                    results.append(run_one(request))
+                except InvalidArgument as error:
+                    results.append(error)
+            return results
+        split, offset = [], 0
+        for request in requests:
+            split.append({name: value[offset : offset + request.rows] for name, value in outputs.items()})
+            offset += request.rows
+        return split
+
+    return run
