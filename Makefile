@@ -43,6 +43,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/memory.py
 	$(PY) bench/latency.py
 	$(PY) bench/adapters.py
+	$(PY) bench/batching.py
 
 protos: $(STAMP)
 	$(PY) protos/generate.py

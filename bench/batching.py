@@ -1,6 +1,6 @@
 """Dynamic batching across requests and adapters, on the bench base with 64 rank-16 adapters.
 
-    python bench/batching.py [--seconds 4] [--clients 1 8 32]
+    python bench/batching.py [--seconds 3] [--clients 1 8 32]
 
 For each mode a worker runs in its own process (``ortmux serve``); N client threads each send
 small requests (1 x 8 tokens) back to back, every request with a uniformly random adapter, for
@@ -81,7 +81,7 @@ def start(work: Path, flags: list[str]) -> WorkerProcess:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     args = parser.parse_args()
     work = OUT / "batching-bench"

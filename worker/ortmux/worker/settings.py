@@ -64,7 +64,9 @@ class Settings:
     )
     max_batch_size: int = _field(32, "Most rows one batched run takes; 1 turns batching off.")
     max_queue_delay_ms: float = _field(
-        2.0, "How long a batch waits for more requests after its first, in milliseconds."
+        0.0,
+        "How long a batch waits for more requests after its first, in ms; 0: a batch takes what queued "
+        "while the previous run was busy.",
     )
     max_queue_size: int = _field(
         1024, "Requests a model's queue holds; more are refused at once with RESOURCE_EXHAUSTED."

@@ -37,7 +37,7 @@ RunBatch = Callable[[Sequence[QueuedRequest]], Sequence[dict | Exception]]
 @dataclasses.dataclass(frozen=True)
 class BatchLimits:
     max_batch_rows: int = 32
-    max_delay: float = 0.002
+    max_delay: float = 0.0
     max_queue: int = 1024
 
 
