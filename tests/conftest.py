@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,3 +70,33 @@ def scrape(worker: Worker) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+def serve_process(data_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """``ortmux serve`` in its own process on a free port; returns it and its address once it
+    says it is serving (metrics off)."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ortmux.worker.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--data-dir",
+            str(data_dir),
+            *flags,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    for line in process.stderr:
+        match = re.search(r"serving .* on port (\d+)", line)
+        if match:
+            return process, f"127.0.0.1:{match.group(1)}"
+    raise AssertionError(f"the worker exited with {process.wait()} before serving")

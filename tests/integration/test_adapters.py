@@ -17,7 +17,7 @@ from ortmux.v1 import adapters_pb2, adapters_pb2_grpc
 from ortmux.worker.adapters import safetensors
 from ortmux.worker.api.server import Worker, start_worker
 
-from ..conftest import scrape, worker_settings
+from ..conftest import scrape, serve_process, worker_settings
 from ..demo_adapters import demo_weight, merged_reference, write_peft
 
 DOWN = "layers.1.mlp.down_proj.weight"
@@ -386,42 +386,13 @@ def test_delete_waits_for_requests_running_on_the_adapter(
 def test_a_crash_mid_upload_leaves_nothing_behind(tmp_path: Path) -> None:
     """SIGKILL the worker while an upload streams; the restarted worker has no trace of it."""
     import os
-    import re
     import signal
-    import subprocess
-    import sys
     import threading
     import time
 
     data_dir = tmp_path / "data"
 
-    def serve() -> tuple[subprocess.Popen, str]:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ortmux.worker.cli",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--metrics-port",
-                "-1",
-                "--data-dir",
-                str(data_dir),
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert process.stderr is not None
-        for line in process.stderr:
-            match = re.search(r"serving demo on port (\d+)", line)
-            if match:
-                return process, f"127.0.0.1:{match.group(1)}"
-        raise AssertionError(f"worker exited with {process.wait()}")
-
-    process, address = serve()
+    process, address = serve_process(data_dir)
     half_sent = threading.Event()
     payload = b"\0" * (4 << 20)
 
@@ -449,7 +420,7 @@ def test_a_crash_mid_upload_leaves_nothing_behind(tmp_path: Path) -> None:
         process.wait(timeout=30)
         with pytest.raises(grpc.RpcError):
             call.result()
-    process, address = serve()
+    process, address = serve_process(data_dir)
     try:
         with Client(address) as client:
             assert client.list_adapters() == []

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from ortmux.worker.api.server import Worker
+
+from ..conftest import serve_process
 
 ORTMUX = [sys.executable, "-m", "ortmux.worker.cli"]
 
@@ -69,25 +69,9 @@ def test_infer_refuses_a_malformed_input_flag(worker: Worker) -> None:
 
 
 def test_serve_starts_on_the_demo_model_and_drains_on_sigterm(tmp_path: Path) -> None:
-    env = {**os.environ, "ORTMUX_METRICS_PORT": "-1"}
-    process = subprocess.Popen(
-        [*ORTMUX, "serve", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(tmp_path)],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    process, address = serve_process(tmp_path)
     try:
-        port = None
-        deadline = time.monotonic() + 60
-        assert process.stderr is not None
-        while port is None and time.monotonic() < deadline:
-            line = process.stderr.readline()
-            if not line:
-                break
-            match = re.search(r"serving demo on port (\d+)", line)
-            port = int(match.group(1)) if match else None
-        assert port, "the worker never said it was serving"
-        result = _run("models", "--target", f"127.0.0.1:{port}")
+        result = _run("models", "--target", address)
         assert result.stdout.splitlines()[0] == "demo"
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0

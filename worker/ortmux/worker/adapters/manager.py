@@ -375,11 +375,7 @@ class AdapterManager:
         """Hold an adapter for one run: loaded if it was evicted, and never deleted meanwhile."""
         key = (model, adapter_id)
         with self._lock:
-            record = self._records.get(key)
-            if record is None or record.deleting:
-                raise NotFound(
-                    f"adapter '{adapter_id}' is not registered on model '{model}'", field="adapter"
-                )
+            record = self._live_record(model, adapter_id, field="adapter")
             record.in_use += 1
             record.last_used_at = time.time()
         try:
@@ -436,11 +432,7 @@ class AdapterManager:
     def get(self, model: str, adapter_id: str) -> AdapterInfo:
         self._model(model)
         with self._lock:
-            record = self._records.get((model, adapter_id))
-            if record is None or record.deleting:
-                raise NotFound(
-                    f"adapter '{adapter_id}' is not registered on model '{model}'", field="adapter_id"
-                )
+            record = self._live_record(model, adapter_id, field="adapter_id")
             return self._info(record)
 
     def list(self, model: str = "") -> list[AdapterInfo]:
@@ -457,11 +449,7 @@ class AdapterManager:
         self._model(model)
         key = (model, adapter_id)
         with self._lock:
-            record = self._records.get(key)
-            if record is None or record.deleting:
-                raise NotFound(
-                    f"adapter '{adapter_id}' is not registered on model '{model}'", field="adapter_id"
-                )
+            record = self._live_record(model, adapter_id, field="adapter_id")
             record.deleting = True
             self._pending.add(key)
             finished = self._lock.wait_for(lambda: record.in_use == 0, timeout=DELETE_WAIT_SECONDS)
@@ -487,6 +475,13 @@ class AdapterManager:
         """(registered, resident) adapters."""
         with self._lock:
             return len(self._records), sum(1 for r in self._records.values() if r.resident is not None)
+
+    def _live_record(self, model: str, adapter_id: str, field: str) -> _Record:
+        """The record of a registered adapter that is not being deleted (call with the lock held)."""
+        record = self._records.get((model, adapter_id))
+        if record is None or record.deleting:
+            raise NotFound(f"adapter '{adapter_id}' is not registered on model '{model}'", field=field)
+        return record
 
     def _info(self, record: _Record) -> AdapterInfo:
         meta = record.meta
