@@ -159,3 +159,32 @@ def test_an_error_reaches_every_request_of_its_batch_and_the_batcher_goes_on() -
             q.future.result(5)
     assert batcher.submit(request()).future.result(5).outputs["y"].shape == (1, 4)
     batcher.close()
+
+
+def test_fair_share_caps_a_flooding_key_while_others_are_active() -> None:
+    recorder = Recorder(hold=True)
+    batcher = Batcher("m", recorder, BatchLimits(max_batch_rows=32, max_delay=0.0, fair_share_rows=2))
+    batcher.submit(request("block", batchable=False))
+    assert recorder.started.wait(5)
+    flood = [batcher.submit(request("flood")) for _ in range(9)]
+    quiet = batcher.submit(request("quiet"))
+    recorder.release.set()
+    for q in [*flood, quiet]:
+        q.future.result(5)
+    sizes = [len(b) for b in recorder.batches[1:]]
+    assert sizes[0] == 3  # two flood rows and the quiet one
+    assert max(sizes) <= 3 and sum(sizes) == 10
+    batcher.close()
+
+
+def test_without_a_cap_one_key_fills_the_batch() -> None:
+    recorder = Recorder(hold=True)
+    batcher = Batcher("m", recorder, BatchLimits(max_batch_rows=32, max_delay=0.0))
+    batcher.submit(request("block", batchable=False))
+    assert recorder.started.wait(5)
+    queued = [batcher.submit(request("flood")) for _ in range(9)] + [batcher.submit(request("quiet"))]
+    recorder.release.set()
+    for q in queued:
+        q.future.result(5)
+    assert [len(b) for b in recorder.batches[1:]] == [10]
+    batcher.close()

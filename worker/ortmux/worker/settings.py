@@ -71,6 +71,11 @@ class Settings:
     max_queue_size: int = _field(
         1024, "Requests a model's queue holds; more are refused at once with RESOURCE_EXHAUSTED."
     )
+    fair_share_rows: int = _field(
+        0,
+        "Rows one tenant (or adapter) may put in a batch while others are active; 0: no cap. A small "
+        "cap keeps light tenants fast under a flood, at a cost in throughput.",
+    )
     mix_adapters: bool = _field(
         True, "Let rows of different LoRA adapters (and base rows) share one run; off: one adapter per run."
     )
@@ -134,6 +139,8 @@ class Settings:
             )
         if self.intra_op_threads < 0:
             raise InvalidArgument("setting 'intra_op_threads' must be 0 or more", field="intra_op_threads")
+        if self.fair_share_rows < 0:
+            raise InvalidArgument("setting 'fair_share_rows' must be 0 or more", field="fair_share_rows")
         if self.max_queue_delay_ms < 0:
             raise InvalidArgument(
                 "setting 'max_queue_delay_ms' must be 0 or more", field="max_queue_delay_ms"

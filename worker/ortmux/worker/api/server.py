@@ -113,6 +113,7 @@ def create_server(
         max_batch_rows=settings.max_batch_size,
         max_delay=settings.max_queue_delay_ms / 1000,
         max_queue=settings.max_queue_size,
+        fair_share_rows=settings.fair_share_rows,
     )
     dataplane = DataPlane(models, adapters, metrics, batching, settings.mix_adapters)
     metrics.watch_models(dataplane.list_models)

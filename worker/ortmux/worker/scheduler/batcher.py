@@ -39,6 +39,10 @@ class BatchLimits:
     max_batch_rows: int = 32
     max_delay: float = 0.0
     max_queue: int = 1024
+    # Rows one key may put in a batch while other keys are active (sent within ``active_window``
+    # seconds); 0: no cap. A cap keeps runs short for light tenants at a cost in throughput.
+    fair_share_rows: int = 0
+    active_window: float = 1.0
 
 
 @dataclasses.dataclass
@@ -67,6 +71,7 @@ class Batcher:
             collections.OrderedDict()
         )
         self._queued = 0
+        self._last_seen: dict[str, float] = {}
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"ortmux-batcher-{name}", daemon=True)
@@ -89,6 +94,7 @@ class Batcher:
                     "retry shortly",
                     retry_after=max(self.limits.max_delay * 4, 0.01),
                 )
+            self._last_seen[request.fairness_key] = time.monotonic()
             queue = self._queues.setdefault(request.fairness_key, collections.deque())
             if request.priority and queue and queue[-1].priority < request.priority:
                 index = next(i for i, other in enumerate(queue) if other.priority < request.priority)
@@ -127,11 +133,15 @@ class Batcher:
             rows = first.rows
             signature = first.signature()
             opened = time.monotonic()
+            capped = self._share_cap(opened)
+            taken = collections.Counter({first.fairness_key: first.rows})
             while rows < self.limits.max_batch_rows and signature[0] != "alone":
-                candidate = self._pop_fair(signature, self.limits.max_batch_rows - rows)
+                full = {key for key, count in taken.items() if capped and count >= capped}
+                candidate = self._pop_fair(signature, self.limits.max_batch_rows - rows, skip=full)
                 if candidate is not None:
                     batch.append(candidate)
                     rows += candidate.rows
+                    taken[candidate.fairness_key] += candidate.rows
                     continue
                 remaining = self.limits.max_delay - (time.monotonic() - opened)
                 if remaining <= 0 or self._closed:
@@ -140,10 +150,23 @@ class Batcher:
             self._queued -= len(batch)
             return batch
 
-    def _pop_fair(self, signature: tuple | None, room: int | None = None) -> QueuedRequest | None:
+    def _share_cap(self, now: float) -> int:
+        """Rows per key in the batch being formed: the fair share while several keys are active."""
+        if not self.limits.fair_share_rows:
+            return 0
+        window = now - self.limits.active_window
+        active = [key for key, seen in self._last_seen.items() if seen >= window]
+        for key in [key for key, seen in self._last_seen.items() if seen < window]:
+            del self._last_seen[key]
+        return self.limits.fair_share_rows if len(active) > 1 else 0
+
+    def _pop_fair(
+        self, signature: tuple | None, room: int | None = None, skip: set[str] | frozenset[str] = frozenset()
+    ) -> QueuedRequest | None:
         """The head of the next key in round-robin order among those with the top priority whose
-        head fits (same signature, at most ``room`` rows); the key moves to the back."""
-        heads = [(key, queue[0]) for key, queue in self._queues.items() if queue]
+        head fits (same signature, at most ``room`` rows, key not in ``skip``); the key moves to
+        the back."""
+        heads = [(key, queue[0]) for key, queue in self._queues.items() if queue and key not in skip]
         if signature is not None:
             heads = [
                 (k, r) for k, r in heads if r.signature() == signature and (room is None or r.rows <= room)
