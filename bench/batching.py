@@ -79,6 +79,25 @@ def start(work: Path, flags: list[str]) -> WorkerProcess:
     return worker
 
 
+def flood(address: str, done: threading.Event, count: list[int]) -> None:
+    """One tenant (adapter a0) sending from 16 threads until ``done``; ``count[0]`` counts answers."""
+    from ortmux.client import Client
+
+    ids = {"input_ids": np.zeros((1, 8), dtype=np.int64)}
+    with Client(address) as client:
+
+        def spam() -> None:
+            while not done.is_set():
+                client.infer("bench", ids, adapter="a0")
+                count[0] += 1
+
+        threads = [threading.Thread(target=spam) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -122,25 +141,7 @@ def main() -> None:
             _rate, idle = load(worker.address, 1, args.seconds, True)
             flood_done = threading.Event()
             flood_count = [0]
-
-            def flood(address: str = worker.address) -> None:
-                from ortmux.client import Client
-
-                ids = {"input_ids": np.zeros((1, 8), dtype=np.int64)}
-                with Client(address) as client:
-
-                    def spam() -> None:
-                        while not flood_done.is_set():
-                            client.infer("bench", ids, adapter="a0")
-                            flood_count[0] += 1
-
-                    threads = [threading.Thread(target=spam) for _ in range(16)]
-                    for thread in threads:
-                        thread.start()
-                    for thread in threads:
-                        thread.join()
-
-            flooder = threading.Thread(target=flood)
+            flooder = threading.Thread(target=flood, args=(worker.address, flood_done, flood_count))
             flooder.start()
             time.sleep(1.0)
             counted = flood_count[0]
