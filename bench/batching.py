@@ -1,6 +1,6 @@
 """Dynamic batching across requests and adapters, on the bench base with 64 rank-16 adapters.
 
-    python bench/batching.py [--seconds 3] [--clients 1 8 32]
+    python bench/batching.py [--seconds 3] [--clients 1 8 32] [--repeats 3]
 
 For each mode a worker runs in its own process (``ortmux serve``); N client threads each send
 small requests (1 x 8 tokens) back to back, every request with a uniformly random adapter, for
@@ -102,22 +102,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over all modes; medians are shown")
     args = parser.parse_args()
     work = OUT / "batching-bench"
-    results: dict[tuple[str, int], tuple[float, float, float]] = {}
-    for mode, (_label, flags, use_adapters) in MODES.items():
-        worker = start(work, flags)
-        try:
-            load(worker.address, 4, 1.0, use_adapters)  # warm up every batch shape a little
-            for clients in args.clients:
-                rate, latencies = load(worker.address, clients, args.seconds, use_adapters)
-                results[(mode, clients)] = (
-                    rate,
-                    float(np.percentile(latencies, 50)),
-                    float(np.percentile(latencies, 99)),
-                )
-        finally:
-            worker.stop()
+    samples: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    for _round in range(args.repeats):  # modes interleaved, so drift of the machine hits them alike
+        for mode, (_label, flags, use_adapters) in MODES.items():
+            worker = start(work, flags)
+            try:
+                load(worker.address, 4, 1.0, use_adapters)  # warm up every batch shape a little
+                for clients in args.clients:
+                    rate, latencies = load(worker.address, clients, args.seconds, use_adapters)
+                    samples.setdefault((mode, clients), []).append(
+                        (rate, float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)))
+                    )
+            finally:
+                worker.stop()
+    results = {
+        key: tuple(float(np.median(column)) for column in zip(*runs, strict=True))
+        for key, runs in samples.items()
+    }
     rows = []
     for clients in args.clients:
         for mode, (label, _flags, _adapters) in MODES.items():
@@ -125,7 +129,7 @@ def main() -> None:
             rows.append([clients, f"({mode}) {label}", rate, p50, p99, rate / results[("a", clients)][0]])
     print(
         "Throughput and latency, bench base, 64 rank-16 adapters, 1x8-token requests, "
-        f"{args.seconds:.0f} s per point"
+        f"{args.seconds:.0f} s per point, median of {args.repeats} rounds"
     )
     print(table(["clients", "mode", "requests/s", "p50 ms", "p99 ms", "x (a)"], rows))
     top = max(args.clients)

@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from ortmux.worker.adapters.lora_feeds import RowSpan, build_feeds
+from ortmux.worker.adapters.lora_feeds import FeedBuffers, RowSpan, build_feeds
 from ortmux.worker.adapters.lora_graph import (
     REWRITE_VERSION,
     LoraInput,
@@ -259,6 +259,7 @@ class BaseModel:
         session: ModelSession | None = None,
         lora_spans: Sequence[RowSpan] = (),
         extra_feeds: Mapping[str, np.ndarray] | None = None,
+        buffers: FeedBuffers | None = None,
     ) -> dict[str, np.ndarray]:
         """Validate ``inputs`` against the model's specs and run them; outputs by name.
 
@@ -269,7 +270,7 @@ class BaseModel:
         names = validate_output_names(self.name, self.outputs, output_names)
         feeds = dict(inputs)
         if self.lora_inputs:
-            feeds.update(build_feeds(self.lora_inputs, self.batch_size(inputs), lora_spans))
+            feeds.update(build_feeds(self.lora_inputs, self.batch_size(inputs), lora_spans, buffers))
         if extra_feeds:
             feeds.update(extra_feeds)
         try:

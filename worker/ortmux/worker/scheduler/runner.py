@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ortmux.worker.adapters.lora_feeds import RowSpan
+from ortmux.worker.adapters.lora_feeds import FeedBuffers, RowSpan
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.errors import InvalidArgument
 from ortmux.worker.scheduler.batcher import RunBatch
@@ -20,9 +20,13 @@ def batch_runner(model: BaseModel) -> RunBatch:
     e.g. a token id out of range), each request runs alone, so only the culprit gets the error.
     """
 
+    buffers = FeedBuffers()  # the batcher runs one batch at a time, so its feed arrays can be reused
+
     def run_one(request: QueuedRequest) -> dict[str, np.ndarray]:
         spans = [RowSpan(0, request.rows, request.lora)] if request.lora else []
-        return model.run(request.inputs, request.output_names, lora_spans=spans, extra_feeds=request.feeds)
+        return model.run(
+            request.inputs, request.output_names, lora_spans=spans, extra_feeds=request.feeds, buffers=buffers
+        )
 
     def run(requests: Sequence[QueuedRequest]) -> list[dict[str, np.ndarray] | Exception]:
         if len(requests) == 1:
@@ -35,7 +39,7 @@ def batch_runner(model: BaseModel) -> RunBatch:
                 spans.append(RowSpan(offset, offset + request.rows, request.lora))
             offset += request.rows
         try:
-            outputs = model.run(inputs, requests[0].output_names, lora_spans=spans)
+            outputs = model.run(inputs, requests[0].output_names, lora_spans=spans, buffers=buffers)
         except InvalidArgument:
             results: list[dict[str, np.ndarray] | Exception] = []
             for request in requests:
