@@ -76,8 +76,14 @@ def build_feeds(
         if not users:
             continue  # the graph's rank-0 default applies
         rank = rank_bucket(max(weights.rank for _span, weights in users))
-        if batch == 1 and len(users) == 1 and users[0][1].rank == rank:
-            weights = users[0][1]  # one row, one adapter, no padding: views, no copies
+        if (
+            len(users) == 1
+            and users[0][1].rank == rank
+            and (users[0][0].start, users[0][0].stop) == (0, batch)
+        ):
+            # One adapter on every row, no padding: [1, in, R] views that MatMul broadcasts over
+            # the batch, so no copies and one product for all rows.
+            weights = users[0][1]
             feeds[lora.a] = weights.a[np.newaxis]
             feeds[lora.b] = weights.b[np.newaxis]
             continue
