@@ -24,7 +24,6 @@ from ortmux.worker.errors import InvalidArgument
 PEFT_LORA = "peft_lora"
 ORT_ADAPTER = "ort_adapter"
 WEIGHT_OVERRIDE = "weight_override"
-FORMATS = (PEFT_LORA, ORT_ADAPTER, WEIGHT_OVERRIDE)
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
