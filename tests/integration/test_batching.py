@@ -126,3 +126,26 @@ def test_an_expired_request_never_runs(tmp_path: Path) -> None:
             assert batcher.counters.batches == 0  # nothing ran
     finally:
         running.stop(0)
+
+
+def test_calls_past_the_concurrency_limit_are_refused(tmp_path: Path) -> None:
+    running = start_worker(
+        worker_settings(
+            tmp_path, "--max-concurrent-rpcs", "2", "--max-batch-size", "64", "--max-queue-delay-ms", "800"
+        )
+    )
+    ids = {"input_ids": np.zeros((1, 3), np.int64)}
+    try:
+        with Client(running.address) as client, ThreadPoolExecutor(3) as pool:
+            held = [pool.submit(client.infer, "demo", ids) for _ in range(2)]
+            batcher = running.dataplane.batcher(running.dataplane.get_model("demo"))
+            deadline = time.monotonic() + 10
+            while batcher.depth < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            with pytest.raises(OrtmuxError) as caught:
+                client.infer("demo", ids)
+            assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert [call.result()["logits"].shape for call in held] == [(1, 3, 1000)] * 2
+    finally:
+        running.stop(0)

@@ -80,6 +80,9 @@ class Settings:
         True, "Let rows of different LoRA adapters (and base rows) share one run; off: one adapter per run."
     )
     grpc_workers: int = _field(32, "Threads serving gRPC calls.")
+    max_concurrent_rpcs: int = _field(
+        2048, "Calls the server holds at once (running or waiting for a thread); more are refused."
+    )
     max_message_bytes: int = _field(64 * 1024 * 1024, "Largest gRPC message accepted or sent, in bytes.")
     drain_grace_seconds: float = _field(
         20.0, "On SIGTERM, seconds in-flight work may take to finish before the server stops."
@@ -146,6 +149,7 @@ class Settings:
                 "setting 'max_queue_delay_ms' must be 0 or more", field="max_queue_delay_ms"
             )
         for name in (
+            "max_concurrent_rpcs",
             "max_adapter_bytes",
             "max_upload_chunks",
             "adapter_memory_bytes",

@@ -128,6 +128,7 @@ def create_server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="ortmux-grpc"),
         interceptors=[MetricsInterceptor(metrics), ErrorInterceptor()],
         options=options,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(dataplane), server)
     adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(dataplane), server)
