@@ -26,7 +26,7 @@ from ortmux.worker.adapters import formats
 from ortmux.worker.adapters.lora_feeds import LoraWeights
 from ortmux.worker.adapters.store import AdapterMeta, AdapterStore, PendingAdapter
 from ortmux.worker.adapters.targets import map_modules
-from ortmux.worker.engine.base_model import BaseModel, ModelSession
+from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -85,12 +85,7 @@ class Resident:
 
     lora: dict[str, LoraWeights] = dataclasses.field(default_factory=dict)
     feeds: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    session: ModelSession | None = None
     nbytes: int = 0
-
-    def close(self) -> None:
-        if self.session is not None:
-            self.session.close()
 
 
 @dataclasses.dataclass
@@ -260,11 +255,7 @@ class AdapterManager:
             )
             resident, meta.format, meta.rank, meta.targets = self._load(model, meta, payload)
             checked = time.perf_counter()
-            try:
-                pending.commit(meta)
-            except BaseException:
-                resident.close()
-                raise
+            pending.commit(meta)
             log.info(
                 "adapter %s/%s registered: %s, rank %d, %d targets, %d bytes "
                 "(checked in %.1f ms, committed in %.1f ms)",
@@ -394,7 +385,6 @@ class AdapterManager:
         resident, *_ = self._load(self._model(key[0]), record.meta, self.store.read_payload(*key))
         with self._lock:
             if record.resident is not None:  # another request loaded it meanwhile
-                resident.close()
                 return record.resident
             if record.evicted:
                 self.counters.reloads += 1
@@ -423,7 +413,6 @@ class AdapterManager:
     def _drop_resident(self, key: tuple[str, str], record: _Record) -> None:
         if record.resident is not None:
             self._resident_bytes -= record.resident.nbytes
-            record.resident.close()
             record.resident = None
         self._lru.pop(key, None)
 
