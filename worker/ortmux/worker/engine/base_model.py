@@ -36,7 +36,7 @@ from ortmux.worker.engine.cache import (
 )
 from ortmux.worker.engine.providers import CUDA
 from ortmux.worker.engine.runtime import RuntimeOptions
-from ortmux.worker.engine.specs import TensorSpec, validate_inputs, validate_output_names
+from ortmux.worker.engine.specs import TensorSpec, leading_rows, validate_inputs, validate_output_names
 from ortmux.worker.errors import InternalError, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
@@ -243,11 +243,6 @@ class BaseModel:
             self.sessions += 1
         return ModelSession(self, session, own_arrays)
 
-    def batch_size(self, inputs: Mapping[str, np.ndarray]) -> int:
-        """Rows in a request: the shared leading dimension of its inputs."""
-        first = next(iter(inputs.values()), None)
-        return int(first.shape[0]) if first is not None and first.ndim else 1
-
     def _session_closed(self) -> None:
         with self._lock:
             self.sessions -= 1
@@ -270,7 +265,7 @@ class BaseModel:
         names = validate_output_names(self.name, self.outputs, output_names)
         feeds = dict(inputs)
         if self.lora_inputs:
-            feeds.update(build_feeds(self.lora_inputs, self.batch_size(inputs), lora_spans, buffers))
+            feeds.update(build_feeds(self.lora_inputs, leading_rows(inputs), lora_spans, buffers))
         if extra_feeds:
             feeds.update(extra_feeds)
         try:

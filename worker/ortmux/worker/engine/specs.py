@@ -55,6 +55,12 @@ class TensorSpec:
         return f"{self.dtype}[{', '.join(dims)}]"
 
 
+def leading_rows(inputs: Mapping[str, np.ndarray]) -> int:
+    """Rows in a request: the leading dimension of its (first) input; 1 for a scalar."""
+    first = next(iter(inputs.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
 def validate_inputs(model: str, specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) -> None:
     """Raise InvalidArgument naming the first input whose name, dtype or shape the model refuses.
 

@@ -11,6 +11,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from ortmux.worker.adapters.lora_feeds import LoraWeights
+from ortmux.worker.engine.specs import leading_rows
 
 _sequence = itertools.count()
 
@@ -48,8 +49,7 @@ class QueuedRequest:
 
     @property
     def rows(self) -> int:
-        first = next(iter(self.inputs.values()), None)
-        return int(first.shape[0]) if first is not None and first.ndim else 1
+        return leading_rows(self.inputs)
 
     def signature(self) -> tuple:
         """Requests with equal signatures can share a run: same inputs, dtypes, outputs, and the
