@@ -278,3 +278,17 @@ def test_base_only_graph_has_no_branches_and_the_same_outputs(demo_path: Path, t
     base_run = model.run({"input_ids": IDS})["logits"]
     full_run = model._base.run(["logits"], {"input_ids": IDS})[0]
     np.testing.assert_allclose(base_run, full_run, rtol=1e-6, atol=1e-6)
+
+
+def test_a_failed_load_leaves_no_model_reported_as_loading(demo_path: Path, tmp_path: Path) -> None:
+    from ortmux.worker.engine.registry import ModelRegistry
+    from ortmux.worker.errors import NotFound
+
+    registry = ModelRegistry(CPU_RUNTIME, ModelCache(tmp_path))
+    with pytest.raises(NotFound, match="no file at"):
+        registry.load_all({"bad": tmp_path / "missing.onnx", "later": demo_path})
+    assert registry.loading() == []
+    with pytest.raises(NotFound, match="model 'later' is not served here"):
+        registry.get("later")
+    registry.load("later", demo_path)
+    assert [model.name for model in registry.all()] == ["later"]

@@ -22,12 +22,30 @@ class ModelRegistry:
         self._lock = threading.Lock()
 
     def load(self, name: str, path: Path) -> BaseModel:
-        if not name:
-            raise InvalidArgument("model name is empty", field="name")
+        self._reserve([name])
+        return self._load_reserved(name, path)
+
+    def load_all(self, paths: Mapping[str, Path]) -> None:
+        """Load several models in order; all of them report as loading until their turn."""
+        self._reserve(list(paths))
+        try:
+            for name, path in paths.items():
+                self._load_reserved(name, path)
+        finally:
+            with self._lock:
+                self._loading.difference_update(paths)  # those never reached after a failure
+
+    def _reserve(self, names: Sequence[str]) -> None:
+        """Mark names as loading, refusing empty, served or already loading ones."""
         with self._lock:
-            if name in self._models or name in self._loading:
-                raise AlreadyExists(f"model '{name}' is already served", field="name")
-            self._loading.add(name)
+            for name in names:
+                if not name:
+                    raise InvalidArgument("model name is empty", field="name")
+                if name in self._models or name in self._loading:
+                    raise AlreadyExists(f"model '{name}' is already served", field="name")
+            self._loading.update(names)
+
+    def _load_reserved(self, name: str, path: Path) -> BaseModel:
         try:
             model = BaseModel(name, path, self.runtime, self.cache, self.overridable)
             with self._lock:
@@ -36,14 +54,6 @@ class ModelRegistry:
         finally:
             with self._lock:
                 self._loading.discard(name)
-
-    def load_all(self, paths: Mapping[str, Path]) -> None:
-        with self._lock:
-            self._loading.update(name for name in paths if name not in self._models)
-        for name, path in paths.items():
-            with self._lock:
-                self._loading.discard(name)
-            self.load(name, path)
 
     def get(self, name: str) -> BaseModel:
         if not name:
