@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -147,16 +148,25 @@ def main() -> None:
     work = OUT / "adapters-bench"
     files = work / "files"
     worker = start(work, source)
-    recipe = Recipe(source, work)
     ids = {"input_ids": np.random.default_rng(0).integers(0, 8000, (1, 8), dtype=np.int64)}
-    times: dict[str, list[float]] = {"lora": [], "override": [], "recipe_lora": [], "recipe_override": []}
+    times: dict[str, list[float]] = {
+        "lora": [],
+        "override": [],
+        "override_path": [],
+        "recipe_lora": [],
+        "recipe_override": [],
+    }
     first_adapter_ms: list[float] = []
     base_ms: list[float] = []
+    # Files are written before timing starts; ortmux and the recipe take turns by phase, so neither
+    # runs while the other is being timed (on 2 cores they would share the CPU).
+    pefts = [write_peft(files / f"lora-{run}", seed=run) for run in range(args.runs)]
+    overrides = [write_override(files / f"override-{run}.safetensors", seed=run) for run in range(args.runs)]
+    os.sync()
     with Client(worker.address) as client:
         for _ in range(3):
             client.infer("bench", ids)
-        for run in range(args.runs):
-            peft = write_peft(files / f"lora-{run}", seed=run)
+        for run, (peft, override) in enumerate(zip(pefts, overrides, strict=True)):
             started = time.perf_counter()
             client.register_adapter("bench", f"lora-{run}", peft)
             registered = time.perf_counter()
@@ -168,21 +178,25 @@ def main() -> None:
             client.infer("bench", ids)
             base_ms.append((time.perf_counter() - started) * 1000)
 
-            override = write_override(files / f"override-{run}.safetensors", seed=run)
             started = time.perf_counter()
             client.register_adapter("bench", f"override-{run}", override)
             client.infer("bench", ids, adapter=f"override-{run}")
             times["override"].append(time.perf_counter() - started)
 
-            merge_started = time.perf_counter()
-            merged = merged_lora(recipe, peft)
-            merge_seconds = time.perf_counter() - merge_started
-            times["recipe_lora"].append(merge_seconds + recipe.first_result(merged, ids))
-            mlp = sorted(
-                n for n in recipe.weight_names if recipe.arrays[n].shape in ((768, 3072), (3072, 768))
-            )
-            replacement = {name: np.ascontiguousarray(recipe.arrays[name] * 0.5) for name in mlp[:2]}
-            times["recipe_override"].append(recipe.first_result(replacement, ids))
+            started = time.perf_counter()
+            client.register_adapter_from_path("bench", f"override-path-{run}", str(override.resolve()))
+            client.infer("bench", ids, adapter=f"override-path-{run}")
+            times["override_path"].append(time.perf_counter() - started)
+
+    recipe = Recipe(source, work)
+    mlp = sorted(n for n in recipe.weight_names if recipe.arrays[n].shape in ((768, 3072), (3072, 768)))
+    for peft in pefts:
+        merge_started = time.perf_counter()
+        merged = merged_lora(recipe, peft)
+        merge_seconds = time.perf_counter() - merge_started
+        times["recipe_lora"].append(merge_seconds + recipe.first_result(merged, ids))
+        replacement = {name: np.ascontiguousarray(recipe.arrays[name] * 0.5) for name in mlp[:2]}
+        times["recipe_override"].append(recipe.first_result(replacement, ids))
     worker.stop()
 
     worker = start(work, source)  # a fresh worker for memory: nothing registered or freed before
@@ -201,10 +215,16 @@ def main() -> None:
 
     lora, recipe_lora = median(times["lora"]), median(times["recipe_lora"])
     override, recipe_override = median(times["override"]), median(times["recipe_override"])
+    override_path = median(times["override_path"])
     rows = [
-        ["LoRA rank 16, 48 projections (ortmux)", lora * 1000, lora / recipe_lora],
+        ["LoRA rank 16, 48 projections (ortmux, uploaded)", lora * 1000, lora / recipe_lora],
         ["LoRA, per-adapter session recipe", recipe_lora * 1000, 1.0],
-        ["override of 2 weights (ortmux)", override * 1000, override / recipe_override],
+        ["override of 2 weights (ortmux, uploaded)", override * 1000, override / recipe_override],
+        [
+            "override of 2 weights (ortmux, from a worker path)",
+            override_path * 1000,
+            override_path / recipe_override,
+        ],
         ["override, per-adapter session recipe", recipe_override * 1000, 1.0],
     ]
     print(f"Registration to first result (ms), bench base, p50 of {args.runs}")

@@ -199,10 +199,17 @@ def test_least_recently_used_adapters_leave_memory_and_come_back(tmp_path: Path)
 
 
 def _raw_upload(
-    worker: Worker, header: adapters_pb2.AdapterUploadHeader, chunks: list[bytes]
+    worker: Worker,
+    header: adapters_pb2.AdapterUploadHeader,
+    chunks: list[bytes],
+    trailers: tuple[str, ...] | list[str] = (),
 ) -> grpc.RpcError:
     messages = [adapters_pb2.RegisterAdapterRequest(header=header)] + [
         adapters_pb2.RegisterAdapterRequest(chunk=chunk) for chunk in chunks
+    ]
+    messages += [
+        adapters_pb2.RegisterAdapterRequest(trailer=adapters_pb2.AdapterUploadTrailer(sha256=sha256))
+        for sha256 in trailers
     ]
     with grpc.insecure_channel(worker.address) as channel, pytest.raises(grpc.RpcError) as caught:
         adapters_pb2_grpc.AdapterServiceStub(channel).RegisterAdapter(iter(messages), timeout=10)
@@ -223,7 +230,34 @@ def test_checksum_mismatch_is_invalid_argument(adapter_worker: Worker) -> None:
     header = adapters_pb2.AdapterUploadHeader(model="demo", adapter_id="t", total_bytes=3, sha256="0" * 64)
     error = _raw_upload(adapter_worker, header, [b"abc"])
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert error.details().startswith(f"checksum mismatch: header says {'0' * 64}")
+    assert error.details().startswith(f"checksum mismatch: header.sha256 is {'0' * 64}")
+
+
+@pytest.mark.parametrize(
+    ("header_sha256", "trailers", "message", "field"),
+    [
+        ("", ["0" * 64], "checksum mismatch: trailer.sha256 is 000", "trailer.sha256"),
+        ("", [], "the upload carries no sha256", "header.sha256"),
+        ("", ["ABC"], "trailer.sha256 must be 64 lower-case hex digits", "trailer.sha256"),
+        ("", [hashlib.sha256(b"abc").hexdigest()] * 2, "the trailer must be the last message", "trailer"),
+        (
+            hashlib.sha256(b"abc").hexdigest(),
+            ["0" * 64],
+            "checksum mismatch: trailer.sha256",
+            "trailer.sha256",
+        ),
+    ],
+)
+def test_trailer_checksum_errors(
+    adapter_worker: Worker, header_sha256: str, trailers: list[str], message: str, field: str
+) -> None:
+    header = adapters_pb2.AdapterUploadHeader(
+        model="demo", adapter_id="t", total_bytes=3, sha256=header_sha256
+    )
+    error = _raw_upload(adapter_worker, header, [b"abc"], trailers)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith(message)
+    assert [v.field for v in OrtmuxError.from_rpc_error(error).field_violations] == [field]
 
 
 def test_oversize_upload_is_resource_exhausted(tmp_path: Path) -> None:
@@ -333,23 +367,20 @@ def test_unknown_model_and_adapter(client: Client, tmp_path: Path) -> None:
     assert (code, message) == (grpc.StatusCode.NOT_FOUND, "adapter 'ghost' is not registered on model 'demo'")
 
 
-def test_register_from_a_path_on_the_worker(adapter_worker: Worker, tmp_path: Path) -> None:
+def test_register_from_a_path_on_the_worker(client: Client, tmp_path: Path) -> None:
     peft = write_peft(tmp_path / "server-side")
-    with grpc.insecure_channel(adapter_worker.address) as channel:
-        stub = adapters_pb2_grpc.AdapterServiceStub(channel)
-        info = stub.RegisterAdapterFromPath(
-            adapters_pb2.RegisterAdapterFromPathRequest(model="demo", adapter_id="ops", path=str(peft)),
-            timeout=10,
-        )
-        assert (info.adapter_id, info.format) == ("ops", adapters_pb2.ADAPTER_FORMAT_PEFT_LORA)
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.RegisterAdapterFromPath(
-                adapters_pb2.RegisterAdapterFromPathRequest(
-                    model="demo", adapter_id="x", path=str(tmp_path / "no")
-                ),
-                timeout=10,
-            )
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    info = client.register_adapter_from_path("demo", "ops", str(peft))
+    assert (info.adapter_id, info.format) == ("ops", "peft_lora")
+    uploaded = client.register_adapter("demo", "uploaded", peft)
+    assert info.sha256 == uploaded.sha256
+    ids = {"input_ids": IDS}
+    np.testing.assert_array_equal(
+        client.infer("demo", ids, adapter="ops")["logits"],
+        client.infer("demo", ids, adapter="uploaded")["logits"],
+    )
+    with pytest.raises(OrtmuxError) as caught:
+        client.register_adapter_from_path("demo", "x", str(tmp_path / "no"))
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
 
 
 @pytest.mark.parametrize("archive", ["tar.gz", "zip"])

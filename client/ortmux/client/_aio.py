@@ -13,7 +13,7 @@ from ortmux.client import _convert
 from ortmux.client._channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from ortmux.client._errors import OrtmuxError
 from ortmux.client._types import AdapterInfo, ModelInfo
-from ortmux.client._uploads import DEFAULT_CHUNK_BYTES, Progress, upload_requests
+from ortmux.client._uploads import DEFAULT_CHUNK_BYTES, Progress, path_request, upload_requests
 from ortmux.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2_grpc, models_pb2, models_pb2_grpc
 
 T = TypeVar("T")
@@ -97,6 +97,33 @@ class AsyncClient:
             progress=progress,
         )
         return _convert.adapter_info(await self._call(self._adapters.RegisterAdapter, requests, timeout))
+
+    async def register_adapter_from_path(
+        self,
+        model: str,
+        adapter_id: str,
+        worker_path: str,
+        *,
+        format: str | None = None,
+        pinned: bool = False,
+        replace: bool = False,
+        module_mapping: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> AdapterInfo:
+        """Register an adapter already on the worker's filesystem (an operator's shortcut: no
+        upload; the worker copies it into its store). Same formats as ``register_adapter``."""
+        request = path_request(
+            model,
+            adapter_id,
+            worker_path,
+            format=format,
+            pinned=pinned,
+            replace=replace,
+            module_mapping=module_mapping,
+        )
+        return _convert.adapter_info(
+            await self._call(self._adapters.RegisterAdapterFromPath, request, timeout)
+        )
 
     async def get_adapter(self, model: str, adapter_id: str, *, timeout: float | None = None) -> AdapterInfo:
         request = adapters_pb2.GetAdapterRequest(model=model, adapter_id=adapter_id)

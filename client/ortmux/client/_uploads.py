@@ -10,7 +10,6 @@ from pathlib import Path
 from ortmux.v1 import adapters_pb2
 
 DEFAULT_CHUNK_BYTES = 1 << 20
-IN_MEMORY_BYTES = 64 << 20
 
 FORMATS = {
     None: adapters_pb2.ADAPTER_FORMAT_UNSPECIFIED,
@@ -47,30 +46,17 @@ def upload_requests(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: Progress | None = None,
 ) -> Iterator[adapters_pb2.RegisterAdapterRequest]:
-    """The header message, then the files' bytes in chunks (read lazily, hashed beforehand)."""
+    """The header message, the files' bytes in chunks (read lazily), then the checksum."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(f for f in FORMATS if f)} or None, got {format!r}")
     files = upload_files(path)
     sizes = [file.stat().st_size for file in files]
     total = sum(sizes)
-    # Small uploads are read once, in chunks, and kept; large ones are read twice (hash, then send).
-    digest = hashlib.sha256()
-    kept: list[list[bytes]] | None = [] if total <= IN_MEMORY_BYTES else None
-    for file in files:
-        blocks = []
-        with file.open("rb") as handle:
-            for block in iter(lambda h=handle: h.read(chunk_bytes), b""):
-                digest.update(block)
-                if kept is not None:
-                    blocks.append(block)
-        if kept is not None:
-            kept.append(blocks)
     header = adapters_pb2.AdapterUploadHeader(
         model=model,
         adapter_id=adapter_id,
         format=FORMATS[format],
         total_bytes=total,
-        sha256=digest.hexdigest(),
         pinned=pinned,
         replace=replace,
         module_mapping_json=json.dumps(dict(module_mapping)) if module_mapping else "",
@@ -81,14 +67,20 @@ def upload_requests(
         )
 
     def requests() -> Iterator[adapters_pb2.RegisterAdapterRequest]:
+        # One pass over the files: hash each block as it goes out; the checksum follows the last one.
         yield adapters_pb2.RegisterAdapterRequest(header=header)
+        digest = hashlib.sha256()
         sent = 0
-        for index, file in enumerate(files):
-            for block in kept[index] if kept is not None else _blocks(file, chunk_bytes):
+        for file in files:
+            for block in _blocks(file, chunk_bytes):
+                digest.update(block)
                 sent += len(block)
                 yield adapters_pb2.RegisterAdapterRequest(chunk=block)
                 if progress is not None:
                     progress(sent, total)
+        yield adapters_pb2.RegisterAdapterRequest(
+            trailer=adapters_pb2.AdapterUploadTrailer(sha256=digest.hexdigest())
+        )
 
     return requests()
 
@@ -96,3 +88,27 @@ def upload_requests(
 def _blocks(file: Path, chunk_bytes: int) -> Iterator[bytes]:
     with file.open("rb") as handle:
         yield from iter(lambda: handle.read(chunk_bytes), b"")
+
+
+def path_request(
+    model: str,
+    adapter_id: str,
+    worker_path: str,
+    *,
+    format: str | None = None,
+    pinned: bool = False,
+    replace: bool = False,
+    module_mapping: Mapping[str, str] | None = None,
+) -> adapters_pb2.RegisterAdapterFromPathRequest:
+    """A registration of an adapter that already lies on the worker's filesystem."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(f for f in FORMATS if f)} or None, got {format!r}")
+    return adapters_pb2.RegisterAdapterFromPathRequest(
+        model=model,
+        adapter_id=adapter_id,
+        format=FORMATS[format],
+        path=str(worker_path),
+        pinned=pinned,
+        replace=replace,
+        module_mapping_json=json.dumps(dict(module_mapping)) if module_mapping else "",
+    )

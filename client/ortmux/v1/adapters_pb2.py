@@ -25,35 +25,37 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ortmux/v1/adapters.proto\x12\tortmux.v1\x1a\x1fgoogle/protobuf/timestamp.proto\".\n\nUploadFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"\xeb\x01\n\x13\x41\x64\x61pterUploadHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12(\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x18.ortmux.v1.AdapterFormat\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12$\n\x05\x66iles\x18\x06 \x03(\x0b\x32\x15.ortmux.v1.UploadFile\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x0f\n\x07replace\x18\x08 \x01(\x08\x12\x1b\n\x13module_mapping_json\x18\t \x01(\t\"c\n\x16RegisterAdapterRequest\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.ortmux.v1.AdapterUploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xb9\x01\n\x1eRegisterAdapterFromPathRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12(\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x18.ortmux.v1.AdapterFormat\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x0f\n\x07replace\x18\x06 \x01(\x08\x12\x1b\n\x13module_mapping_json\x18\x07 \x01(\t\"\xb9\x02\n\x0b\x41\x64\x61pterInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12(\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x18.ortmux.v1.AdapterFormat\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x0f\n\x07targets\x18\x05 \x03(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x10\n\x08resident\x18\x07 \x01(\x08\x12\x16\n\x0eresident_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06pinned\x18\t \x01(\x08\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06sha256\x18\x0c \x01(\t\"6\n\x11GetAdapterRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\"K\n\x13ListAdaptersRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"Y\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.ortmux.v1.AdapterInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x14\x44\x65leteAdapterRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse*\x91\x01\n\rAdapterFormat\x12\x1e\n\x1a\x41\x44\x41PTER_FORMAT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41\x44\x41PTER_FORMAT_PEFT_LORA\x10\x01\x12\x1e\n\x1a\x41\x44\x41PTER_FORMAT_ORT_ADAPTER\x10\x02\x12\"\n\x1e\x41\x44\x41PTER_FORMAT_WEIGHT_OVERRIDE\x10\x03\x32\xa7\x03\n\x0e\x41\x64\x61pterService\x12N\n\x0fRegisterAdapter\x12!.ortmux.v1.RegisterAdapterRequest\x1a\x16.ortmux.v1.AdapterInfo(\x01\x12\\\n\x17RegisterAdapterFromPath\x12).ortmux.v1.RegisterAdapterFromPathRequest\x1a\x16.ortmux.v1.AdapterInfo\x12\x42\n\nGetAdapter\x12\x1c.ortmux.v1.GetAdapterRequest\x1a\x16.ortmux.v1.AdapterInfo\x12O\n\x0cListAdapters\x12\x1e.ortmux.v1.ListAdaptersRequest\x1a\x1f.ortmux.v1.ListAdaptersResponse\x12R\n\rDeleteAdapter\x12\x1f.ortmux.v1.DeleteAdapterRequest\x1a .ortmux.v1.DeleteAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18ortmux/v1/adapters.proto\x12\tortmux.v1\x1a\x1fgoogle/protobuf/timestamp.proto\".\n\nUploadFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\"\xeb\x01\n\x13\x41\x64\x61pterUploadHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12(\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x18.ortmux.v1.AdapterFormat\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12$\n\x05\x66iles\x18\x06 \x03(\x0b\x32\x15.ortmux.v1.UploadFile\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x0f\n\x07replace\x18\x08 \x01(\x08\x12\x1b\n\x13module_mapping_json\x18\t \x01(\t\"&\n\x14\x41\x64\x61pterUploadTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"\x97\x01\n\x16RegisterAdapterRequest\x12\x30\n\x06header\x18\x01 \x01(\x0b\x32\x1e.ortmux.v1.AdapterUploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\x32\n\x07trailer\x18\x03 \x01(\x0b\x32\x1f.ortmux.v1.AdapterUploadTrailerH\x00\x42\x06\n\x04part\"\xb9\x01\n\x1eRegisterAdapterFromPathRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12(\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x18.ortmux.v1.AdapterFormat\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x0f\n\x07replace\x18\x06 \x01(\x08\x12\x1b\n\x13module_mapping_json\x18\x07 \x01(\t\"\xb9\x02\n\x0b\x41\x64\x61pterInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12(\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x18.ortmux.v1.AdapterFormat\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x0f\n\x07targets\x18\x05 \x03(\t\x12\x12\n\nsize_bytes\x18\x06 \x01(\x04\x12\x10\n\x08resident\x18\x07 \x01(\x08\x12\x16\n\x0eresident_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06pinned\x18\t \x01(\x08\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06sha256\x18\x0c \x01(\t\"6\n\x11GetAdapterRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\"K\n\x13ListAdaptersRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"Y\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.ortmux.v1.AdapterInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x14\x44\x65leteAdapterRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse*\x91\x01\n\rAdapterFormat\x12\x1e\n\x1a\x41\x44\x41PTER_FORMAT_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41\x44\x41PTER_FORMAT_PEFT_LORA\x10\x01\x12\x1e\n\x1a\x41\x44\x41PTER_FORMAT_ORT_ADAPTER\x10\x02\x12\"\n\x1e\x41\x44\x41PTER_FORMAT_WEIGHT_OVERRIDE\x10\x03\x32\xa7\x03\n\x0e\x41\x64\x61pterService\x12N\n\x0fRegisterAdapter\x12!.ortmux.v1.RegisterAdapterRequest\x1a\x16.ortmux.v1.AdapterInfo(\x01\x12\\\n\x17RegisterAdapterFromPath\x12).ortmux.v1.RegisterAdapterFromPathRequest\x1a\x16.ortmux.v1.AdapterInfo\x12\x42\n\nGetAdapter\x12\x1c.ortmux.v1.GetAdapterRequest\x1a\x16.ortmux.v1.AdapterInfo\x12O\n\x0cListAdapters\x12\x1e.ortmux.v1.ListAdaptersRequest\x1a\x1f.ortmux.v1.ListAdaptersResponse\x12R\n\rDeleteAdapter\x12\x1f.ortmux.v1.DeleteAdapterRequest\x1a .ortmux.v1.DeleteAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ortmux.v1.adapters_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTERFORMAT']._serialized_start=1272
-  _globals['_ADAPTERFORMAT']._serialized_end=1417
+  _globals['_ADAPTERFORMAT']._serialized_start=1365
+  _globals['_ADAPTERFORMAT']._serialized_end=1510
   _globals['_UPLOADFILE']._serialized_start=72
   _globals['_UPLOADFILE']._serialized_end=118
   _globals['_ADAPTERUPLOADHEADER']._serialized_start=121
   _globals['_ADAPTERUPLOADHEADER']._serialized_end=356
-  _globals['_REGISTERADAPTERREQUEST']._serialized_start=358
-  _globals['_REGISTERADAPTERREQUEST']._serialized_end=457
-  _globals['_REGISTERADAPTERFROMPATHREQUEST']._serialized_start=460
-  _globals['_REGISTERADAPTERFROMPATHREQUEST']._serialized_end=645
-  _globals['_ADAPTERINFO']._serialized_start=648
-  _globals['_ADAPTERINFO']._serialized_end=961
-  _globals['_GETADAPTERREQUEST']._serialized_start=963
-  _globals['_GETADAPTERREQUEST']._serialized_end=1017
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1019
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1094
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1096
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1185
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=1187
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=1244
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1246
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1269
-  _globals['_ADAPTERSERVICE']._serialized_start=1420
-  _globals['_ADAPTERSERVICE']._serialized_end=1843
+  _globals['_ADAPTERUPLOADTRAILER']._serialized_start=358
+  _globals['_ADAPTERUPLOADTRAILER']._serialized_end=396
+  _globals['_REGISTERADAPTERREQUEST']._serialized_start=399
+  _globals['_REGISTERADAPTERREQUEST']._serialized_end=550
+  _globals['_REGISTERADAPTERFROMPATHREQUEST']._serialized_start=553
+  _globals['_REGISTERADAPTERFROMPATHREQUEST']._serialized_end=738
+  _globals['_ADAPTERINFO']._serialized_start=741
+  _globals['_ADAPTERINFO']._serialized_end=1054
+  _globals['_GETADAPTERREQUEST']._serialized_start=1056
+  _globals['_GETADAPTERREQUEST']._serialized_end=1110
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1112
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1187
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1189
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1278
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=1280
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=1337
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1339
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1362
+  _globals['_ADAPTERSERVICE']._serialized_start=1513
+  _globals['_ADAPTERSERVICE']._serialized_end=1936
 # @@protoc_insertion_point(module_scope)

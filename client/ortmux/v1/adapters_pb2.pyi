@@ -51,13 +51,21 @@ class AdapterUploadHeader(_message.Message):
     module_mapping_json: str
     def __init__(self, model: _Optional[str] = ..., adapter_id: _Optional[str] = ..., format: _Optional[_Union[AdapterFormat, str]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., files: _Optional[_Iterable[_Union[UploadFile, _Mapping]]] = ..., pinned: _Optional[bool] = ..., replace: _Optional[bool] = ..., module_mapping_json: _Optional[str] = ...) -> None: ...
 
+class AdapterUploadTrailer(_message.Message):
+    __slots__ = ("sha256",)
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+
 class RegisterAdapterRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "trailer")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
     header: AdapterUploadHeader
     chunk: bytes
-    def __init__(self, header: _Optional[_Union[AdapterUploadHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    trailer: AdapterUploadTrailer
+    def __init__(self, header: _Optional[_Union[AdapterUploadHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., trailer: _Optional[_Union[AdapterUploadTrailer, _Mapping]] = ...) -> None: ...
 
 class RegisterAdapterFromPathRequest(_message.Message):
     __slots__ = ("model", "adapter_id", "format", "path", "pinned", "replace", "module_mapping_json")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ortmux.worker.adapters.manager import AdapterInfo, AdapterManager, UploadHeader
+from ortmux.worker.adapters.manager import AdapterInfo, AdapterManager, UploadHeader, UploadTrailer
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.registry import ModelRegistry
 from ortmux.worker.engine.specs import validate_inputs, validate_output_names
@@ -142,8 +142,8 @@ class DataPlane:
             batch_rows=result.batch_rows,
         )
 
-    def register_adapter(self, header: UploadHeader, chunks: Iterable[bytes]) -> AdapterInfo:
-        payload, pending = self.adapters.receive(header, chunks)
+    def register_adapter(self, header: UploadHeader, chunks: Iterable[bytes | UploadTrailer]) -> AdapterInfo:
+        header, payload, pending = self.adapters.receive(header, chunks)
         return self.adapters.register(header, payload, pending)
 
     def register_adapter_from_path(self, header: UploadHeader, path: Path) -> AdapterInfo:

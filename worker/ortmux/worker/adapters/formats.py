@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import math
+import mmap
 import re
 import tarfile
 import tempfile
@@ -24,6 +25,9 @@ from ortmux.worker.errors import InvalidArgument
 PEFT_LORA = "peft_lora"
 ORT_ADAPTER = "ort_adapter"
 WEIGHT_OVERRIDE = "weight_override"
+
+# An upload as received: bytes, or the staged file mapped read-only.
+Payload = bytes | mmap.mmap
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -61,8 +65,8 @@ class ParsedAdapter:
 
 
 def unpack(
-    payload: bytes, files: Mapping[str, bytes | memoryview] | None, max_bytes: int
-) -> dict[str, bytes]:
+    payload: Payload, files: Mapping[str, bytes | memoryview] | None, max_bytes: int
+) -> dict[str, Payload]:
     """The files of an upload: named files as given, or a single file/archive opened here."""
     if files:
         return {Path(name).name: data for name, data in files.items()}  # type: ignore[misc]
@@ -73,11 +77,11 @@ def unpack(
     return {"": payload}
 
 
-def _looks_like_tar(payload: bytes) -> bool:
+def _looks_like_tar(payload: Payload) -> bool:
     return len(payload) > 262 and payload[257:262] == b"ustar"
 
 
-def _unzip(payload: bytes, max_bytes: int) -> dict[str, bytes]:
+def _unzip(payload: Payload, max_bytes: int) -> dict[str, bytes]:
     try:
         with zipfile.ZipFile(io.BytesIO(payload)) as archive:
             members = [info for info in archive.infolist() if not info.is_dir()]
@@ -92,7 +96,7 @@ def _unzip(payload: bytes, max_bytes: int) -> dict[str, bytes]:
         raise InvalidArgument(f"upload is not a valid zip archive: {exc}") from None
 
 
-def _untar(payload: bytes, max_bytes: int) -> dict[str, bytes]:
+def _untar(payload: Payload, max_bytes: int) -> dict[str, bytes]:
     try:
         with tarfile.open(fileobj=io.BytesIO(payload), mode="r:*") as archive:
             out: dict[str, bytes] = {}

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ortmux.worker.adapters import formats
+from ortmux.worker.adapters.formats import Payload
 from ortmux.worker.adapters.lora_feeds import LoraWeights
 from ortmux.worker.adapters.store import AdapterMeta, AdapterStore, PendingAdapter
 from ortmux.worker.adapters.targets import map_modules
@@ -61,6 +62,13 @@ class UploadHeader:
     pinned: bool = False
     replace: bool = False
     module_mapping_json: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class UploadTrailer:
+    """The optional last part of an upload: its checksum, computed while sending."""
+
+    sha256: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,12 +143,15 @@ class AdapterManager:
 
     # -- registration ------------------------------------------------------------------------------
 
-    def receive(self, header: UploadHeader, chunks: Iterable[bytes]) -> tuple[bytes, PendingAdapter]:
-        """The payload of an upload, checked against its header's size and checksum, and written
-        to a staging directory as it arrives.
+    def receive(
+        self, header: UploadHeader, parts: Iterable[bytes | UploadTrailer]
+    ) -> tuple[UploadHeader, Payload, PendingAdapter]:
+        """The payload of an upload, checked against its size and checksum, and written to a
+        staging directory as it arrives; returns the header with the verified sha256 filled in.
 
-        Refuses an upload as soon as it passes its declared or allowed size, so neither memory nor
-        disk ever holds more than ``max_adapter_bytes`` of it.
+        The checksum comes in the header or in a trailer after the last chunk (so a client can
+        hash while sending). Refuses an upload as soon as it passes its declared or allowed size,
+        so neither memory nor disk ever holds more than ``max_adapter_bytes`` of it.
         """
         limit = self.limits.max_adapter_bytes
         if header.total_bytes <= 0:
@@ -150,45 +161,68 @@ class AdapterManager:
                 f"adapter of {header.total_bytes} bytes exceeds the limit of {limit} bytes",
                 field="header.total_bytes",
             )
-        if not _SHA256.match(header.sha256):
+        if header.sha256 and not _SHA256.match(header.sha256):
             raise InvalidArgument("header.sha256 must be 64 lower-case hex digits", field="header.sha256")
         _check_file_list(header.files, header.total_bytes)
         digest = hashlib.sha256()
-        parts: list[bytes] = []
         received = 0
+        trailer: UploadTrailer | None = None
         pending = self.store.begin()
         try:
-            for count, chunk in enumerate(chunks, start=1):
+            for count, part in enumerate(parts, start=1):
+                if trailer is not None:
+                    raise InvalidArgument(
+                        "the trailer must be the last message of an upload", field="trailer"
+                    )
+                if isinstance(part, UploadTrailer):
+                    if not _SHA256.match(part.sha256):
+                        raise InvalidArgument(
+                            "trailer.sha256 must be 64 lower-case hex digits", field="trailer.sha256"
+                        )
+                    trailer = part
+                    continue
                 if count > self.limits.max_upload_chunks:
                     raise ResourceExhausted(
                         f"upload has more than {self.limits.max_upload_chunks} chunks", field="chunk"
                     )
-                received += len(chunk)
+                received += len(part)
                 if received > header.total_bytes:
                     raise InvalidArgument(
                         f"upload sent more than the {header.total_bytes} bytes its header declares",
                         field="chunk",
                     )
-                digest.update(chunk)
-                pending.write(chunk)
-                parts.append(chunk)
+                digest.update(part)
+                pending.write(part)
             if received != header.total_bytes:
                 raise InvalidArgument(
                     f"upload ended after {received} of {header.total_bytes} bytes", field="chunk"
                 )
-            if digest.hexdigest() != header.sha256:
+            declared = [
+                (field, value)
+                for field, value in (
+                    ("header.sha256", header.sha256),
+                    ("trailer.sha256", trailer and trailer.sha256),
+                )
+                if value
+            ]
+            if not declared:
                 raise InvalidArgument(
-                    f"checksum mismatch: header says {header.sha256}, "
-                    f"the payload hashes to {digest.hexdigest()}",
+                    "the upload carries no sha256: set header.sha256 or end with a trailer",
                     field="header.sha256",
                 )
-            pending.finish()
+            for field, value in declared:
+                if value != digest.hexdigest():
+                    raise InvalidArgument(
+                        f"checksum mismatch: {field} is {value}, the payload hashes to {digest.hexdigest()}",
+                        field=field,
+                    )
+            payload = pending.finish()
         except BaseException:
             pending.abort()
             raise
-        return b"".join(parts), pending
+        return dataclasses.replace(header, sha256=digest.hexdigest()), payload, pending
 
-    def register(self, header: UploadHeader, payload: bytes, pending: PendingAdapter) -> AdapterInfo:
+    def register(self, header: UploadHeader, payload: Payload, pending: PendingAdapter) -> AdapterInfo:
         """Check a received payload against its base, then commit and make it resident."""
         try:
             return self._register(header, payload, header.sha256, pending)
@@ -209,19 +243,27 @@ class AdapterManager:
             raise ResourceExhausted(
                 f"{path} exceeds the limit of {self.limits.max_adapter_bytes} bytes", field="path"
             )
-        payload = b"".join(p.read_bytes() for p in sources)
         if path.is_dir():
             header = dataclasses.replace(header, files=tuple((p.name, p.stat().st_size) for p in sources))
+        digest = hashlib.sha256()
+        block = memoryview(bytearray(1 << 20))  # one reused buffer: no fresh pages to fault in
         pending = self.store.begin()
         try:
-            pending.write(payload)
-            pending.finish()
-            return self._register(header, payload, hashlib.sha256(payload).hexdigest(), pending)
+            copied = 0
+            for source in sources:
+                with source.open("rb") as handle:
+                    while (count := handle.readinto(block)) and copied <= size:
+                        copied += count
+                        digest.update(block[:count])
+                        pending.write(block[:count])
+            if copied != size:
+                raise FailedPrecondition(f"{path} changed while it was being read", field="path")
+            return self._register(header, pending.finish(), digest.hexdigest(), pending)
         finally:
             pending.abort()
 
     def _register(
-        self, header: UploadHeader, payload: bytes, sha256: str, pending: PendingAdapter
+        self, header: UploadHeader, payload: Payload, sha256: str, pending: PendingAdapter
     ) -> AdapterInfo:
         model = self._model(header.model)
         validate_adapter_id(header.adapter_id)
@@ -283,7 +325,7 @@ class AdapterManager:
                 self._pending.discard(key)
 
     def _load(
-        self, model: BaseModel, meta: AdapterMeta, payload: bytes
+        self, model: BaseModel, meta: AdapterMeta, payload: Payload
     ) -> tuple[Resident, str, int, list[str]]:
         """Payload -> resident form on ``model``, with the detected format, rank and targets."""
         named = None

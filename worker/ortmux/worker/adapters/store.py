@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import mmap
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,22 +58,49 @@ class AdapterMeta:
 
 
 class PendingAdapter:
-    """An adapter being written: its payload streams into a staging directory."""
+    """An adapter being written: its payload streams into a staging directory.
+
+    Written bytes are synced to disk in the background every ``SYNC_EVERY_BYTES`` while the upload
+    goes on, so the final fsync only has the tail left to flush.
+    """
+
+    SYNC_EVERY_BYTES = 4 << 20
 
     def __init__(self, store: AdapterStore) -> None:
         self._store = store
         self.directory = store.root / ".staging" / uuid.uuid4().hex
         self.directory.mkdir()
-        self._handle = open(self.directory / PAYLOAD_FILE, "wb")  # noqa: SIM115 (closed in finish/abort)
+        self._handle = open(self.directory / PAYLOAD_FILE, "w+b", buffering=0)  # noqa: SIM115 (closed in finish/abort)
+        self._unsynced = 0
+        self._sync: threading.Thread | None = None
 
-    def write(self, chunk: bytes) -> None:
-        self._handle.write(chunk)
+    def write(self, chunk: bytes | memoryview) -> None:
+        view = memoryview(chunk)
+        while view:
+            view = view[self._handle.write(view) :]
+        self._unsynced += len(chunk)
+        if self._unsynced >= self.SYNC_EVERY_BYTES and (self._sync is None or not self._sync.is_alive()):
+            self._unsynced = 0
+            self._sync = threading.Thread(target=os.fdatasync, args=(self._handle.fileno(),), daemon=True)
+            self._sync.start()
 
-    def finish(self) -> None:
-        """The payload is complete: flush it to disk."""
-        self._handle.flush()
+    def finish(self) -> mmap.mmap:
+        """The payload is complete: flush it to disk and map it read-only.
+
+        The map reads the pages just written from the page cache; joining the chunks instead
+        would fault in and copy a fresh buffer the size of the upload.
+        """
+        self._join_sync()
         os.fsync(self._handle.fileno())
-        self._handle.close()
+        try:
+            return mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ)
+        finally:
+            self._handle.close()
+
+    def _join_sync(self) -> None:
+        if self._sync is not None:
+            self._sync.join()
+            self._sync = None
 
     def commit(self, meta: AdapterMeta) -> None:
         """Write the meta and move the adapter into place atomically."""
@@ -88,6 +117,7 @@ class PendingAdapter:
         fsync_dir(target.parent)
 
     def abort(self) -> None:
+        self._join_sync()
         if not self._handle.closed:
             self._handle.close()
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -9,7 +9,7 @@ from google.protobuf import timestamp_pb2
 from ortmux.common import tensors
 from ortmux.v1 import adapters_pb2, inference_pb2, models_pb2, tensor_pb2
 from ortmux.worker.adapters import formats
-from ortmux.worker.adapters.manager import AdapterInfo, UploadHeader
+from ortmux.worker.adapters.manager import AdapterInfo, UploadHeader, UploadTrailer
 from ortmux.worker.dataplane import InferenceRequest, InferenceResult
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.specs import TensorSpec
@@ -147,8 +147,8 @@ def adapter_to_proto(info: AdapterInfo) -> adapters_pb2.AdapterInfo:
 
 def upload_from_proto(
     messages: Iterator[adapters_pb2.RegisterAdapterRequest],
-) -> tuple[UploadHeader, Iterator[bytes]]:
-    """The header (first message) and the chunks (every later one) of an upload stream."""
+) -> tuple[UploadHeader, Iterator[bytes | UploadTrailer]]:
+    """The header (first message), then the chunks and the optional trailer of an upload stream."""
     first = next(messages, None)
     if first is None or first.WhichOneof("part") != "header":
         raise InvalidArgument("an adapter upload must start with a header message", field="header")
@@ -165,13 +165,17 @@ def upload_from_proto(
         module_mapping_json=header.module_mapping_json,
     )
 
-    def chunks() -> Iterator[bytes]:
+    def parts() -> Iterator[bytes | UploadTrailer]:
         for message in messages:
-            if message.WhichOneof("part") != "chunk":
+            kind = message.WhichOneof("part")
+            if kind == "chunk":
+                yield message.chunk
+            elif kind == "trailer":
+                yield UploadTrailer(sha256=message.trailer.sha256)
+            else:
                 raise InvalidArgument("only the first message of an upload may be a header", field="header")
-            yield message.chunk
 
-    return upload, chunks()
+    return upload, parts()
 
 
 def path_upload_from_proto(request: adapters_pb2.RegisterAdapterFromPathRequest) -> UploadHeader:
