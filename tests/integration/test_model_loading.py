@@ -40,7 +40,7 @@ def test_model_reports_loading_until_its_optimization_finishes(tmp_path: Path) -
         loader = threading.Thread(target=worker.load_models)
         loader.start()
         try:
-            with Client(worker.address, timeout=10) as client:
+            with Client(worker.address, timeout=10, retry_attempts=1) as client:
                 deadline = time.monotonic() + 30
                 while [(m.name, m.state) for m in client.list_models()] != [("demo", "loading")]:
                     assert time.monotonic() < deadline, "the model never showed as loading"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -10,11 +11,19 @@ import grpc.aio
 import numpy as np
 
 from ortmux.client import _convert
-from ortmux.client._channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from ortmux.client._channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options, channel_target
 from ortmux.client._errors import OrtmuxError
-from ortmux.client._types import AdapterInfo, ModelInfo
+from ortmux.client._streams import StreamBook, handed_out
+from ortmux.client._types import AdapterInfo, InferRequest, InferResult, ModelInfo
 from ortmux.client._uploads import DEFAULT_CHUNK_BYTES, Progress, path_request, upload_requests
-from ortmux.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2_grpc, models_pb2, models_pb2_grpc
+from ortmux.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
 
 T = TypeVar("T")
 
@@ -27,20 +36,27 @@ class AsyncClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float | None = 30.0,
+        stream_timeout: float | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retry_attempts: int = 3,
+        keepalive_seconds: float = 30.0,
     ) -> None:
-        options = channel_options(max_message_bytes)
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials, options=options)
-            if credentials is not None
-            else grpc.aio.insecure_channel(target, options=options)
+        options = channel_options(
+            max_message_bytes, retry_attempts=retry_attempts, keepalive_seconds=keepalive_seconds
         )
-        self.target = target
+        address = channel_target(target)
+        self._channel = (
+            grpc.aio.secure_channel(address, credentials, options=options)
+            if credentials is not None
+            else grpc.aio.insecure_channel(address, options=options)
+        )
+        self.target = address
         self.timeout = timeout
+        self.stream_timeout = stream_timeout
         self._models = models_pb2_grpc.ModelServiceStub(self._channel)
         self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdapterServiceStub(self._channel)
@@ -64,6 +80,67 @@ class AsyncClient:
     ) -> dict[str, np.ndarray]:
         request = _convert.infer_request(model, inputs, adapter, output_names)
         return _convert.infer_outputs(await self._call(self._inference.Infer, request, timeout))
+
+    async def stream_infer(
+        self,
+        requests: AsyncIterable[InferRequest] | Iterable[InferRequest],
+        *,
+        window: int = 64,
+        ordered: bool = False,
+        raise_errors: bool = False,
+        timeout: float | None = None,
+    ) -> AsyncIterator[InferResult]:
+        """The asyncio twin of :meth:`Client.stream_infer`; ``requests`` may be an async iterable."""
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        book = StreamBook(ordered)
+        slots = asyncio.Semaphore(window)
+        failures: list[BaseException] = []
+
+        async def outgoing() -> AsyncIterator[inference_pb2.InferRequest]:
+            try:
+                async for request in _as_async(requests):
+                    message = book.encode(request)
+                    if message is None:
+                        continue
+                    await slots.acquire()
+                    yield message
+            except Exception as exc:  # re-raised to the caller once the stream has ended
+                failures.append(exc)
+
+        call = self._inference.InferStream(
+            outgoing(), timeout=self.stream_timeout if timeout is None else timeout
+        )
+        try:
+            async for message in call:
+                results, freed = book.answer(message)
+                for _ in range(freed):
+                    slots.release()
+                for result in handed_out(results, raise_errors):
+                    yield result
+            for result in handed_out(book.flush(), raise_errors):
+                yield result
+        except grpc.RpcError as error:
+            raise OrtmuxError.from_rpc_error(error) from None
+        finally:
+            call.cancel()
+        if failures:
+            raise failures[0]
+
+    async def infer_batch(
+        self,
+        model: str,
+        inputs: Iterable[Mapping[str, np.ndarray]],
+        adapter: str | None = None,
+        *,
+        output_names: Sequence[str] | None = None,
+        window: int = 64,
+        timeout: float | None = None,
+    ) -> list[dict[str, np.ndarray]]:
+        """Outputs for each of ``inputs``, in order, sent over one stream; raises the first error."""
+        requests = (InferRequest(model, item, adapter=adapter, output_names=output_names) for item in inputs)
+        results = self.stream_infer(requests, window=window, ordered=True, raise_errors=True, timeout=timeout)
+        return [result.unwrap() async for result in results]
 
     async def register_adapter(
         self,
@@ -164,3 +241,12 @@ class AsyncClient:
             return await method(request, timeout=self.timeout if timeout is None else timeout)
         except grpc.RpcError as error:
             raise OrtmuxError.from_rpc_error(error) from None
+
+
+async def _as_async(items: AsyncIterable[T] | Iterable[T]) -> AsyncIterator[T]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item

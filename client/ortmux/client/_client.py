@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -9,38 +10,57 @@ import grpc
 import numpy as np
 
 from ortmux.client import _convert
-from ortmux.client._channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from ortmux.client._channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options, channel_target
 from ortmux.client._errors import OrtmuxError
-from ortmux.client._types import AdapterInfo, ModelInfo
+from ortmux.client._streams import StreamBook, handed_out
+from ortmux.client._types import AdapterInfo, InferRequest, InferResult, ModelInfo
 from ortmux.client._uploads import DEFAULT_CHUNK_BYTES, Progress, path_request, upload_requests
-from ortmux.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2_grpc, models_pb2, models_pb2_grpc
+from ortmux.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
 
 T = TypeVar("T")
 
 
 class Client:
-    """A blocking client of one ortmux worker (or a load-balanced set of them).
+    """A blocking client of one ortmux worker, or of several with round-robin balancing.
 
-    ``timeout`` is the default deadline of every call in seconds (None: no deadline); each
-    method takes ``timeout=`` to override it. Use as a context manager, or call ``close()``.
+    ``target`` is ``host:port``, a gRPC name such as ``dns:///ortmux-headless:50051`` (every
+    address it resolves to gets calls in turn), or a list of ``host:port``. ``timeout`` is the
+    default deadline of unary calls in seconds (None: none) and ``stream_timeout`` that of a whole
+    ``stream_infer``; every method takes ``timeout=`` to override it. Idempotent calls are retried
+    on UNAVAILABLE up to ``retry_attempts`` times in all (uploads and streams never are). Safe to
+    share between threads. Use as a context manager, or call ``close()``.
     """
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float | None = 30.0,
+        stream_timeout: float | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retry_attempts: int = 3,
+        keepalive_seconds: float = 30.0,
     ) -> None:
-        options = channel_options(max_message_bytes)
-        self._channel = (
-            grpc.secure_channel(target, credentials, options=options)
-            if credentials is not None
-            else grpc.insecure_channel(target, options=options)
+        options = channel_options(
+            max_message_bytes, retry_attempts=retry_attempts, keepalive_seconds=keepalive_seconds
         )
-        self.target = target
+        address = channel_target(target)
+        self._channel = (
+            grpc.secure_channel(address, credentials, options=options)
+            if credentials is not None
+            else grpc.insecure_channel(address, options=options)
+        )
+        self.target = address
         self.timeout = timeout
+        self.stream_timeout = stream_timeout
         self._models = models_pb2_grpc.ModelServiceStub(self._channel)
         self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdapterServiceStub(self._channel)
@@ -68,6 +88,76 @@ class Client:
         """Run ``inputs`` (name -> array) through ``model``, optionally with an adapter."""
         request = _convert.infer_request(model, inputs, adapter, output_names)
         return _convert.infer_outputs(self._call(self._inference.Infer, request, timeout))
+
+    def stream_infer(
+        self,
+        requests: Iterable[InferRequest],
+        *,
+        window: int = 64,
+        ordered: bool = False,
+        raise_errors: bool = False,
+        timeout: float | None = None,
+    ) -> Iterator[InferResult]:
+        """Send ``requests`` over one stream and yield an :class:`InferResult` for each.
+
+        At most ``window`` requests are in flight (``requests`` is read lazily, so it may be
+        endless). Results come as they complete, or in input order when ``ordered``. A request's
+        error is yielded as its result's ``error`` unless ``raise_errors``. Stopping the iteration
+        cancels the stream and the worker drops its queued requests.
+        """
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        book = StreamBook(ordered)
+        slots = threading.Semaphore(window)
+        stopped = threading.Event()
+        failures: list[BaseException] = []
+
+        def outgoing() -> Iterator[inference_pb2.InferRequest]:
+            try:
+                for request in requests:
+                    message = book.encode(request)
+                    if message is None:
+                        continue
+                    slots.acquire()
+                    if stopped.is_set():
+                        return
+                    yield message
+            except Exception as exc:  # re-raised to the caller once the stream has ended
+                failures.append(exc)
+
+        call = self._inference.InferStream(
+            outgoing(), timeout=self.stream_timeout if timeout is None else timeout
+        )
+        try:
+            for message in call:
+                results, freed = book.answer(message)
+                if freed:
+                    slots.release(freed)
+                yield from handed_out(results, raise_errors)
+            yield from handed_out(book.flush(), raise_errors)
+        except grpc.RpcError as error:
+            raise OrtmuxError.from_rpc_error(error) from None
+        finally:
+            stopped.set()
+            slots.release(window)
+            call.cancel()
+        if failures:
+            raise failures[0]
+
+    def infer_batch(
+        self,
+        model: str,
+        inputs: Iterable[Mapping[str, np.ndarray]],
+        adapter: str | None = None,
+        *,
+        output_names: Sequence[str] | None = None,
+        window: int = 64,
+        timeout: float | None = None,
+    ) -> list[dict[str, np.ndarray]]:
+        """Outputs for each of ``inputs``, in order, sent over one stream; raises the first error."""
+        requests = (InferRequest(model, item, adapter=adapter, output_names=output_names) for item in inputs)
+        results = self.stream_infer(requests, window=window, ordered=True, raise_errors=True, timeout=timeout)
+        return [result.unwrap() for result in results]
 
     def register_adapter(
         self,

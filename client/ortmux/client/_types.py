@@ -1,6 +1,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ortmux.client._errors import OrtmuxError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,3 +70,34 @@ class AdapterInfo:
     created_at: float
     last_used_at: float
     sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class InferRequest:
+    """One request of a stream. ``request_id`` defaults to the request's position in the stream."""
+
+    model: str
+    inputs: Mapping[str, Any]
+    adapter: str | None = None
+    request_id: str | None = None
+    output_names: Sequence[str] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class InferResult:
+    """The answer to one streamed request: ``outputs`` when it succeeded, else ``error``."""
+
+    request_id: str
+    outputs: dict[str, np.ndarray] | None = None
+    error: OrtmuxError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def unwrap(self) -> dict[str, np.ndarray]:
+        """The outputs, or the request's error raised."""
+        if self.error is not None:
+            raise self.error
+        assert self.outputs is not None
+        return self.outputs

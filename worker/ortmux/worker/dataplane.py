@@ -6,6 +6,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
 from pathlib import Path
@@ -19,7 +20,7 @@ from ortmux.worker.engine.specs import validate_inputs, validate_output_names
 from ortmux.worker.errors import DeadlineExceeded
 from ortmux.worker.observability.metrics import Metrics
 from ortmux.worker.scheduler.batcher import Batcher, BatchLimits
-from ortmux.worker.scheduler.request import QueuedRequest
+from ortmux.worker.scheduler.request import BatchResult, QueuedRequest
 from ortmux.worker.scheduler.runner import batch_runner
 
 
@@ -102,14 +103,16 @@ class DataPlane:
     def get_model(self, name: str) -> BaseModel:
         return self.models.get(name)
 
-    def infer(self, request: InferenceRequest) -> InferenceResult:
-        """Validate, queue in the model's batcher, wait for the batch that carries the request."""
+    def submit(self, request: InferenceRequest) -> Future[InferenceResult]:
+        """Validate and queue a request in its model's batcher; the future completes with its
+        batch. Invalid requests raise here, before anything is queued."""
         model = self.models.get(request.model)
         validate_inputs(model.name, model.inputs, request.inputs)
         names = tuple(validate_output_names(model.name, model.outputs, request.output_names))
-        with ExitStack() as stack:
+        held = ExitStack()  # the adapter stays in use (never deleted) until the request is answered
+        try:
             adapter = (
-                stack.enter_context(self.adapters.use(model.name, request.adapter))
+                held.enter_context(self.adapters.use(model.name, request.adapter))
                 if request.adapter
                 else None
             )
@@ -126,21 +129,42 @@ class DataPlane:
                 group="" if self.mix_adapters else request.adapter,
             )
             self.batcher(model).submit(queued)
-            timeout = None if request.deadline is None else max(request.deadline - time.monotonic(), 0) + 1.0
-            try:
-                result = queued.future.result(timeout)
-            except FutureTimeout:
-                raise DeadlineExceeded("the request's deadline passed before its batch ran") from None
-        self.metrics.observe_inference(model.name, result.compute_seconds, queued.rows)
-        return InferenceResult(
-            model=model.name,
-            adapter=request.adapter,
-            outputs=result.outputs,
-            request_id=request.request_id,
-            queue_seconds=result.queue_seconds,
-            compute_seconds=result.compute_seconds,
-            batch_rows=result.batch_rows,
-        )
+        except BaseException:
+            held.close()
+            raise
+        answer: Future[InferenceResult] = Future()
+
+        def finish(done: Future[BatchResult]) -> None:
+            held.close()
+            error = done.exception()
+            if error is not None:
+                answer.set_exception(error)
+                return
+            result = done.result()
+            self.metrics.observe_inference(model.name, result.compute_seconds, queued.rows)
+            answer.set_result(
+                InferenceResult(
+                    model=model.name,
+                    adapter=request.adapter,
+                    outputs=result.outputs,
+                    request_id=request.request_id,
+                    queue_seconds=result.queue_seconds,
+                    compute_seconds=result.compute_seconds,
+                    batch_rows=result.batch_rows,
+                )
+            )
+
+        queued.future.add_done_callback(finish)
+        return answer
+
+    def infer(self, request: InferenceRequest) -> InferenceResult:
+        """Submit a request and wait for the batch that carries it."""
+        future = self.submit(request)
+        timeout = None if request.deadline is None else max(request.deadline - time.monotonic(), 0) + 1.0
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            raise DeadlineExceeded("the request's deadline passed before its batch ran") from None
 
     def register_adapter(self, header: UploadHeader, chunks: Iterable[bytes | UploadTrailer]) -> AdapterInfo:
         header, payload, pending = self.adapters.receive(header, chunks)

@@ -79,7 +79,12 @@ class Settings:
     mix_adapters: bool = _field(
         True, "Let rows of different LoRA adapters (and base rows) share one run; off: one adapter per run."
     )
-    grpc_workers: int = _field(32, "Threads serving gRPC calls.")
+    grpc_workers: int = _field(
+        32, "Threads serving gRPC calls; an open InferStream holds one for its lifetime."
+    )
+    stream_window: int = _field(
+        128, "Requests of one InferStream unanswered at once; the worker reads no more until one is answered."
+    )
     max_concurrent_rpcs: int = _field(
         2048, "Calls the server holds at once (running or waiting for a thread); more are refused."
     )
@@ -155,6 +160,7 @@ class Settings:
             "adapter_memory_bytes",
             "max_batch_size",
             "max_queue_size",
+            "stream_window",
         ):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"setting '{name}' must be 1 or more", field=name)

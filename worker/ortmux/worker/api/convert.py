@@ -10,10 +10,12 @@ from ortmux.common import tensors
 from ortmux.v1 import adapters_pb2, inference_pb2, models_pb2, tensor_pb2
 from ortmux.worker.adapters import formats
 from ortmux.worker.adapters.manager import AdapterInfo, UploadHeader, UploadTrailer
+from ortmux.worker.api.errors import to_rpc_status
 from ortmux.worker.dataplane import InferenceRequest, InferenceResult
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.specs import TensorSpec
 from ortmux.worker.errors import InvalidArgument
+from ortmux.worker.streaming import StreamAnswer
 
 
 def spec_to_proto(spec: TensorSpec) -> tensor_pb2.TensorSpec:
@@ -187,3 +189,15 @@ def path_upload_from_proto(request: adapters_pb2.RegisterAdapterFromPathRequest)
         replace=request.replace,
         module_mapping_json=request.module_mapping_json,
     )
+
+
+def stream_answer_to_proto(answer: StreamAnswer) -> inference_pb2.InferStreamResponse:
+    """One answer of a stream: its response, or its error as a google.rpc.Status, in-band."""
+    if answer.error is not None:
+        return inference_pb2.InferStreamResponse(
+            request_id=answer.request_id, error=to_rpc_status(answer.error)
+        )
+    assert answer.result is not None
+    response = result_to_proto(answer.result)
+    response.request_id = answer.request_id
+    return inference_pb2.InferStreamResponse(request_id=answer.request_id, response=response)

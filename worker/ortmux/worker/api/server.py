@@ -132,7 +132,9 @@ def create_server(
     )
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(dataplane), server)
     adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(dataplane), server)
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+        InferenceServicer(dataplane, settings.stream_window), server
+    )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -24,6 +25,7 @@ from ortmux.worker.api.pages import paginate
 from ortmux.worker.dataplane import DataPlane
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.errors import Unimplemented
+from ortmux.worker.streaming import AnswerStream, Incoming
 
 
 class ModelServicer(models_pb2_grpc.ModelServiceServicer):
@@ -100,8 +102,9 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, stream_window: int) -> None:
         self._dataplane = dataplane
+        self._stream_window = stream_window
 
     def Infer(
         self, request: inference_pb2.InferRequest, context: grpc.ServicerContext
@@ -114,5 +117,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def InferStream(
         self, request_iterator: Iterator[inference_pb2.InferRequest], context: grpc.ServicerContext
     ) -> Iterator[inference_pb2.InferStreamResponse]:
-        raise Unimplemented("streaming inference is not available in this worker version; use Infer")
-        yield  # a generator, like every stream handler
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+
+        def incoming() -> Iterator[Incoming]:
+            for message in request_iterator:
+                yield (
+                    message.request_id,
+                    partial(convert.request_from_proto, message, deadline, context.is_active),
+                )
+
+        answers = AnswerStream(incoming(), self._dataplane.submit, self._stream_window)
+        context.add_callback(answers.stop)
+        for answer in answers:
+            yield convert.stream_answer_to_proto(answer)

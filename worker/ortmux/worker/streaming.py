@@ -1,0 +1,122 @@
+"""A stream of inference requests answered as they complete, with a bounded window (no gRPC here).
+
+The stream reads a request only while fewer than ``window`` are unanswered, so a fast producer
+is held back by transport flow control instead of growing the worker's memory. Each request is
+answered once, in completion order, with its result or its own error; the stream ends after the
+input ends and every accepted request is answered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+
+from ortmux.worker.dataplane import InferenceRequest, InferenceResult
+from ortmux.worker.errors import InternalError, OrtmuxError
+
+log = logging.getLogger(__name__)
+
+# What a stream reads: a request id and a function building the request (it may raise an
+# OrtmuxError for a malformed message, which is answered in-band under that id).
+Incoming = tuple[str, Callable[[], InferenceRequest]]
+Submit = Callable[[InferenceRequest], "Future[InferenceResult]"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamAnswer:
+    request_id: str
+    result: InferenceResult | None = None
+    error: OrtmuxError | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _InputEnded:
+    accepted: int
+
+
+class _Stopped:
+    """The call ended (the client cancelled or went away): stop answering."""
+
+
+class AnswerStream:
+    """Answers for ``incoming`` requests in completion order, at most ``window`` unanswered.
+
+    Iterate it to get the answers; call ``stop()`` when the call ends early (from any thread):
+    reading stops, and requests already queued are dropped by the batcher through their own
+    ``is_active``.
+    """
+
+    def __init__(self, incoming: Iterator[Incoming], submit: Submit, window: int) -> None:
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self._incoming = incoming
+        self._submit = submit
+        self._answers: queue.Queue[StreamAnswer | _InputEnded | _Stopped] = queue.Queue()
+        self._slots = threading.Semaphore(window)
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._answers.put(_Stopped())
+        self._slots.release()  # a reader waiting for a slot wakes up and sees the stop
+
+    def __iter__(self) -> Iterator[StreamAnswer]:
+        reader = threading.Thread(target=self._read, name="ortmux-stream-reader", daemon=True)
+        reader.start()
+        answered = 0
+        accepted: int | None = None
+        try:
+            while accepted is None or answered < accepted:
+                item = self._answers.get()
+                if isinstance(item, _Stopped):
+                    return
+                if isinstance(item, _InputEnded):
+                    accepted = item.accepted
+                    continue
+                answered += 1
+                yield item
+                self._slots.release()
+        finally:
+            if not self._stopped.is_set():
+                self.stop()
+
+    def _read(self) -> None:
+        accepted = 0
+        try:
+            for request_id, build in self._incoming:
+                self._slots.acquire()
+                if self._stopped.is_set():
+                    return
+                accepted += 1
+                try:
+                    future = self._submit(build())
+                except OrtmuxError as error:
+                    self._answers.put(StreamAnswer(request_id, error=error))
+                    continue
+                except Exception:
+                    log.exception("unexpected error taking stream request %r", request_id)
+                    self._answers.put(StreamAnswer(request_id, error=_internal()))
+                    continue
+                future.add_done_callback(lambda done, rid=request_id: self._answers.put(_answer(rid, done)))
+        except Exception as error:  # the transport failed or the call was cancelled mid-read
+            log.debug("stream input ended early: %r", error)
+        finally:
+            self._answers.put(_InputEnded(accepted))
+
+
+def _answer(request_id: str, done: Future[InferenceResult]) -> StreamAnswer:
+    error = done.exception()
+    if error is None:
+        return StreamAnswer(request_id, result=done.result())
+    if isinstance(error, OrtmuxError):
+        return StreamAnswer(request_id, error=error)
+    log.error("unexpected error answering stream request %r", request_id, exc_info=error)
+    return StreamAnswer(request_id, error=_internal())
+
+
+def _internal() -> InternalError:
+    return InternalError("the worker hit an unexpected error; it is logged on the worker")
