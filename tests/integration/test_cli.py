@@ -107,3 +107,14 @@ def test_adapters_register_list_delete(worker: Worker, tmp_path: Path) -> None:
     deleted = _run("adapters", "delete", "--target", worker.address, "--model", "demo", "--id", "cli-a")
     assert (deleted.returncode, deleted.stdout) == (0, "deleted demo/cli-a\n")
     assert "cli-a" not in _run("adapters", "list", "--target", worker.address).stdout
+
+
+def test_large_uploads_show_a_progress_bar_and_errors_keep_their_code(worker: Worker, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\0" * (5 << 20))  # 5 MiB that no format accepts
+    result = _run(
+        "adapters", "register", "--target", worker.address, "--model", "demo", "--id", "junk", str(junk)
+    )
+    assert result.returncode == 1
+    assert "] 5/5 MiB\n" in result.stderr
+    assert "ortmux adapters register: INVALID_ARGUMENT: cannot tell the adapter format" in result.stderr

@@ -25,6 +25,18 @@ def test_readme_client_example_prints_what_readme_says(worker: Worker) -> None:
     assert printed.getvalue() == "".join(line[4:] + "\n" for line in expected.group(1).splitlines())
 
 
+def test_readme_streaming_example_prints_what_readme_says(worker: Worker) -> None:
+    section = README[README.index("### Streaming") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code.group(1).replace("localhost:50051", worker.address), "README.md", "exec"), {})
+    expected = re.search(r"```\n\nprints\n\n((?:    .*\n)+)", section)
+    assert expected
+    assert printed.getvalue() == "".join(line[4:] + "\n" for line in expected.group(1).splitlines())
+
+
 def test_readme_settings_table_lists_every_field() -> None:
     for field in Settings.fields():
         assert f"| `{field.name}` |" in README, field.name
