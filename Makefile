@@ -44,6 +44,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/latency.py
 	$(PY) bench/adapters.py
 	$(PY) bench/batching.py
+	$(PY) bench/streaming.py
 
 protos: $(STAMP)
 	$(PY) protos/generate.py
