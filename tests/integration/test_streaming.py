@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -169,3 +170,32 @@ def test_target_lists_must_be_host_and_port() -> None:
         Client(["localhost"])
     with pytest.raises(ValueError, match="empty"):
         Client([])
+
+
+def test_one_client_streams_from_many_threads_at_once(lora_worker: Worker) -> None:
+    inputs = _inputs(10, seed=4)
+    with Client(lora_worker.address) as client:
+        expected = [client.infer("demo", item)["logits"] for item in inputs]
+
+        def stream(adapter_index: int) -> list[np.ndarray]:
+            results = client.stream_infer(
+                (InferRequest("demo", item) for item in inputs), window=3, ordered=True
+            )
+            return [result.unwrap()["logits"] for result in results]
+
+        with ThreadPoolExecutor(4) as pool:
+            outcomes = list(pool.map(stream, range(4)))
+    for outcome in outcomes:
+        for got, want in zip(outcome, expected, strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_a_stream_past_its_deadline_raises_deadline_exceeded(lora_worker: Worker) -> None:
+    heavy = {"input_ids": np.ones((8, 256), dtype=np.int64)}
+    with Client(lora_worker.address, stream_timeout=0.05) as client, pytest.raises(OrtmuxError) as caught:
+        list(client.stream_infer(InferRequest("demo", heavy) for _ in range(500)))
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    with Client(lora_worker.address, stream_timeout=0.05) as client:  # a per-call timeout overrides it
+        assert (
+            len(list(client.stream_infer((InferRequest("demo", heavy) for _ in range(20)), timeout=60))) == 20
+        )
