@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ortmux.worker.dataplane import InferenceRequest, InferenceResult
-from ortmux.worker.errors import InvalidArgument, NotFound
+from ortmux.worker.errors import InvalidArgument, NotFound, Unavailable
 from ortmux.worker.streaming import AnswerStream, Incoming
 
 
@@ -117,3 +117,34 @@ def test_stop_ends_the_answers_and_frees_a_reader_waiting_for_a_slot() -> None:
 def test_window_must_be_positive() -> None:
     with pytest.raises(ValueError):
         AnswerStream(iter([]), Pending(), window=0)
+
+
+def test_drain_answers_what_was_taken_then_ends_unavailable() -> None:
+    def endless() -> Iterator[Incoming]:
+        index = 0
+        while True:
+            yield str(index), (lambda rid=str(index): _request(rid))
+            index += 1
+
+    pending = Pending()
+    stream = AnswerStream(endless(), pending, window=3)
+    answers: list[str] = []
+    failures: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            answers.extend(answer.request_id for answer in stream)
+        except Unavailable as error:
+            failures.append(error)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    _wait_for(lambda: len(pending.futures) == 3)
+    stream.drain()
+    time.sleep(0.1)
+    assert len(pending.futures) == 3  # nothing more is taken
+    for request_id in ["1", "0", "2"]:
+        pending.complete(request_id)
+    consumer.join(5)
+    assert answers == ["1", "0", "2"]
+    assert len(failures) == 1 and "answered the 3 requests it took" in failures[0].message

@@ -64,6 +64,8 @@ class DataPlane:
         self.mix_adapters = mix_adapters
         self._batchers: dict[str, Batcher] = {}
         self._lock = threading.Lock()
+        self._drain_callbacks: set[Callable[[], None]] = set()
+        self.draining = False
 
     def batcher(self, model: BaseModel) -> Batcher:
         with self._lock:
@@ -78,6 +80,24 @@ class DataPlane:
     def batchers(self) -> list[Batcher]:
         with self._lock:
             return list(self._batchers.values())
+
+    def on_drain(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` when the worker starts shutting down (at once if it has); returns a
+        function that forgets it."""
+        with self._lock:
+            draining = self.draining
+            self._drain_callbacks.add(callback)
+        if draining:
+            callback()
+        return lambda: self._drain_callbacks.discard(callback)
+
+    def drain(self) -> None:
+        """The worker is shutting down: open streams stop taking requests and answer what they took."""
+        with self._lock:
+            self.draining = True
+            callbacks = list(self._drain_callbacks)
+        for callback in callbacks:
+            callback()
 
     def close(self) -> None:
         """Stop taking requests; queued ones still run."""

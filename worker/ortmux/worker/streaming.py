@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 from ortmux.worker.dataplane import InferenceRequest, InferenceResult
-from ortmux.worker.errors import InternalError, OrtmuxError
+from ortmux.worker.errors import InternalError, OrtmuxError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class StreamAnswer:
 @dataclasses.dataclass(frozen=True)
 class _InputEnded:
     accepted: int
+    draining: bool = False  # the worker stopped reading because it is shutting down
 
 
 class _Stopped:
@@ -45,9 +46,11 @@ class _Stopped:
 class AnswerStream:
     """Answers for ``incoming`` requests in completion order, at most ``window`` unanswered.
 
-    Iterate it to get the answers; call ``stop()`` when the call ends early (from any thread):
+    Iterate it to get the answers. ``stop()`` (from any thread) is for a call that ended early:
     reading stops, and requests already queued are dropped by the batcher through their own
-    ``is_active``.
+    ``is_active``. ``drain()`` is for a worker shutting down: reading stops, every request taken
+    so far is answered, then the stream ends with UNAVAILABLE so the client sends the rest
+    elsewhere.
     """
 
     def __init__(self, incoming: Iterator[Incoming], submit: Submit, window: int) -> None:
@@ -58,24 +61,32 @@ class AnswerStream:
         self._answers: queue.Queue[StreamAnswer | _InputEnded | _Stopped] = queue.Queue()
         self._slots = threading.Semaphore(window)
         self._stopped = threading.Event()
+        self._taking = threading.Lock()  # taking a request and draining exclude each other
+        self._accepted = 0
+        self._ended = False
 
     def stop(self) -> None:
         self._stopped.set()
         self._answers.put(_Stopped())
         self._slots.release()  # a reader waiting for a slot wakes up and sees the stop
 
+    def drain(self) -> None:
+        with self._taking:
+            self._end(draining=True)
+        self._slots.release()
+
     def __iter__(self) -> Iterator[StreamAnswer]:
         reader = threading.Thread(target=self._read, name="ortmux-stream-reader", daemon=True)
         reader.start()
         answered = 0
-        accepted: int | None = None
+        ended: _InputEnded | None = None
         try:
-            while accepted is None or answered < accepted:
+            while ended is None or answered < ended.accepted:
                 item = self._answers.get()
                 if isinstance(item, _Stopped):
                     return
                 if isinstance(item, _InputEnded):
-                    accepted = item.accepted
+                    ended = ended or item
                     continue
                 answered += 1
                 yield item
@@ -83,29 +94,44 @@ class AnswerStream:
         finally:
             if not self._stopped.is_set():
                 self.stop()
+        if ended.draining:
+            raise Unavailable(
+                f"the worker is shutting down: it answered the {answered} requests it took from this "
+                "stream; send the others again (to another worker)",
+                retry_after=1.0,
+            )
 
     def _read(self) -> None:
-        accepted = 0
         try:
             for request_id, build in self._incoming:
                 self._slots.acquire()
-                if self._stopped.is_set():
-                    return
-                accepted += 1
-                try:
-                    future = self._submit(build())
-                except OrtmuxError as error:
-                    self._answers.put(StreamAnswer(request_id, error=error))
-                    continue
-                except Exception:
-                    log.exception("unexpected error taking stream request %r", request_id)
-                    self._answers.put(StreamAnswer(request_id, error=_internal()))
-                    continue
-                future.add_done_callback(lambda done, rid=request_id: self._answers.put(_answer(rid, done)))
+                with self._taking:
+                    if self._stopped.is_set() or self._ended:
+                        return
+                    self._accepted += 1
+                    self._take(request_id, build)
         except Exception as error:  # the transport failed or the call was cancelled mid-read
             log.debug("stream input ended early: %r", error)
         finally:
-            self._answers.put(_InputEnded(accepted))
+            with self._taking:
+                self._end(draining=False)
+
+    def _take(self, request_id: str, build: Callable[[], InferenceRequest]) -> None:
+        try:
+            future = self._submit(build())
+        except OrtmuxError as error:
+            self._answers.put(StreamAnswer(request_id, error=error))
+            return
+        except Exception:
+            log.exception("unexpected error taking stream request %r", request_id)
+            self._answers.put(StreamAnswer(request_id, error=_internal()))
+            return
+        future.add_done_callback(lambda done: self._answers.put(_answer(request_id, done)))
+
+    def _end(self, draining: bool) -> None:
+        if not self._ended:
+            self._ended = True
+            self._answers.put(_InputEnded(self._accepted, draining))
 
 
 def _answer(request_id: str, done: Future[InferenceResult]) -> StreamAnswer:

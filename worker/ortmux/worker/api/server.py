@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -77,8 +78,18 @@ class Worker:
             return
         self._stopped.set()
         self.health.enter_graceful_shutdown()
+        self.dataplane.drain()
         grace = self.settings.drain_grace_seconds if grace is None else grace
-        self.server.stop(grace).wait()
+        stopped = self.server.stop(grace)
+        # Health watches and reflection streams would hold the server for the whole grace; once
+        # the worker's own calls are done, end them at once.
+        deadline = time.monotonic() + grace
+        while (
+            not stopped.is_set() and time.monotonic() < deadline and self.metrics.calls_in_flight("/ortmux.")
+        ):
+            time.sleep(0.05)
+        if not stopped.is_set():
+            self.server.stop(0).wait()
         self.dataplane.close()
         self.metrics.close()
         log.info("worker stopped")

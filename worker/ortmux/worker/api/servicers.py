@@ -129,5 +129,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
         answers = AnswerStream(incoming(), self._dataplane.submit, self._stream_window)
         context.add_callback(answers.stop)
-        for answer in answers:
-            yield convert.stream_answer_to_proto(answer)
+        forget = self._dataplane.on_drain(answers.drain)
+        try:
+            for answer in answers:
+                yield convert.stream_answer_to_proto(answer)
+        finally:
+            forget()

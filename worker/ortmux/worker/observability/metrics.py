@@ -112,6 +112,11 @@ class Metrics:
         self.inference_seconds.labels(model).observe(seconds)
         self.inference_rows.labels(model).observe(rows)
 
+    def calls_in_flight(self, method_prefix: str) -> int:
+        """Calls being served whose method starts with ``method_prefix``."""
+        samples = self.rpcs_in_flight.collect()[0].samples
+        return int(sum(s.value for s in samples if s.labels["method"].startswith(method_prefix)))
+
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics on ``port`` (0: any free port) in a daemon thread; the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
