@@ -80,3 +80,33 @@ def test_metrics_report_model_accounting(worker: Worker) -> None:
     assert samples[("ortmux_model_sessions", demo)] == 2  # the LoRA graph and the base-only graph
     assert samples[("ortmux_model_loads_total", (("cache", "miss"), ("model", "demo")))] == 1
     assert samples[("ortmux_process_pss_bytes", ())] > 10_000_000
+
+
+def test_metrics_count_every_request_of_unary_calls_and_streams(
+    worker: Worker, client: Client, token_ids: np.ndarray
+) -> None:
+    from ortmux.client import InferRequest
+
+    def requests(code: str, model: str = "demo") -> float:
+        key = ("ortmux_requests_total", (("code", code), ("model", model), ("tenant", "default")))
+        return scrape(worker).get(key, 0.0)
+
+    ok, bad_dtype, unknown = requests("OK"), requests("INVALID_ARGUMENT"), requests("NOT_FOUND", "")
+    seconds = scrape(worker).get(("ortmux_request_duration_seconds_count", (("model", "demo"),)), 0.0)
+    client.infer("demo", {"input_ids": token_ids})
+    results = list(
+        client.stream_infer(
+            [
+                InferRequest("demo", {"input_ids": token_ids}),
+                InferRequest("demo", {"input_ids": token_ids}),
+                InferRequest("demo", {"input_ids": token_ids.astype(np.int32)}),
+                InferRequest("no-such-model", {"input_ids": token_ids}),
+            ]
+        )
+    )
+    assert [r.ok for r in results].count(True) == 2
+    assert requests("OK") - ok == 3
+    assert requests("INVALID_ARGUMENT") - bad_dtype == 1
+    assert requests("NOT_FOUND", "") - unknown == 1  # unknown names never become label values
+    assert scrape(worker)[("ortmux_request_duration_seconds_count", (("model", "demo"),))] - seconds == 4
+    assert scrape(worker)[("ortmux_requests_in_flight", (("model", "demo"),))] == 0

@@ -17,7 +17,7 @@ from ortmux.worker.adapters.manager import AdapterInfo, AdapterManager, UploadHe
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.registry import ModelRegistry
 from ortmux.worker.engine.specs import validate_inputs, validate_output_names
-from ortmux.worker.errors import DeadlineExceeded
+from ortmux.worker.errors import DeadlineExceeded, OrtmuxError
 from ortmux.worker.observability.metrics import Metrics
 from ortmux.worker.scheduler.batcher import Batcher, BatchLimits
 from ortmux.worker.scheduler.request import BatchResult, QueuedRequest
@@ -125,8 +125,36 @@ class DataPlane:
 
     def submit(self, request: InferenceRequest) -> Future[InferenceResult]:
         """Validate and queue a request in its model's batcher; the future completes with its
-        batch. Invalid requests raise here, before anything is queued."""
-        model = self.models.get(request.model)
+        batch. Invalid requests raise here, before anything is queued. Every request is counted
+        once, with its outcome, when it is answered."""
+        started = time.perf_counter()
+        tenant = request.tenant or "default"
+        try:
+            model = self.models.get(request.model)
+        except OrtmuxError as error:
+            self.metrics.observe_request("", tenant, error.code.name, time.perf_counter() - started)
+            raise
+        try:
+            future = self._queue(model, request)
+        except Exception as error:
+            code = error.code.name if isinstance(error, OrtmuxError) else "INTERNAL"
+            self.metrics.observe_request(model.name, tenant, code, time.perf_counter() - started)
+            raise
+        in_flight = self.metrics.requests_in_flight.labels(model.name)
+        in_flight.inc()
+
+        def answered(done: Future[InferenceResult]) -> None:
+            in_flight.dec()
+            error = done.exception()
+            code = (
+                "OK" if error is None else error.code.name if isinstance(error, OrtmuxError) else "INTERNAL"
+            )
+            self.metrics.observe_request(model.name, tenant, code, time.perf_counter() - started)
+
+        future.add_done_callback(answered)
+        return future
+
+    def _queue(self, model: BaseModel, request: InferenceRequest) -> Future[InferenceResult]:
         validate_inputs(model.name, model.inputs, request.inputs)
         names = tuple(validate_output_names(model.name, model.outputs, request.output_names))
         held = ExitStack()  # the adapter stays in use (never deleted) until the request is answered

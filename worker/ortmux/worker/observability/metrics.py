@@ -38,6 +38,25 @@ class Metrics:
         self.rpcs_in_flight = Gauge(
             "ortmux_rpcs_in_flight", "gRPC calls being served, by method.", ["method"], registry=self.registry
         )
+        self.requests = Counter(
+            "ortmux_requests",
+            "Inference requests answered (unary or streamed), by model, tenant and status code.",
+            ["model", "tenant", "code"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "ortmux_request_duration_seconds",
+            "Time from taking an inference request to its answer (queue and compute), by model.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.requests_in_flight = Gauge(
+            "ortmux_requests_in_flight",
+            "Inference requests taken and not answered yet (queued or running), by model.",
+            ["model"],
+            registry=self.registry,
+        )
         self.inference_seconds = Histogram(
             "ortmux_inference_compute_seconds",
             "Time ONNX Runtime spent on a run, by base model.",
@@ -57,8 +76,8 @@ class Metrics:
         )
         self.batch_rows = Histogram(
             "ortmux_batch_rows",
-            "Rows per batched run, by base model.",
-            ["model"],
+            "Rows per batched run, by base model and how many LoRA adapters the run mixed.",
+            ["model", "adapters"],
             buckets=_ROW_BUCKETS,
             registry=self.registry,
         )
@@ -100,13 +119,20 @@ class Metrics:
         self.registry.register(_AdapterCollector(adapters))
 
     def observe_batch(self, model: str, rows: int, adapters: int, seconds: float) -> None:
-        self.batch_rows.labels(model).observe(rows)
+        self.batch_rows.labels(model, _adapter_count_label(adapters)).observe(rows)
         self.batch_adapters.labels(model).observe(adapters)
         self.batch_seconds.labels(model).observe(seconds)
 
     def watch_batchers(self, batchers: Callable[[], Sequence[Any]]) -> None:
         """Report queue depth and dropped requests of every model's batcher at every scrape."""
         self.registry.register(_BatcherCollector(batchers))
+
+    def observe_request(self, model: str, tenant: str, code: str, seconds: float) -> None:
+        """One answered request; ``model`` is "" when the name was not a served model (keeping
+        label values bounded)."""
+        self.requests.labels(model, tenant, code).inc()
+        if model:
+            self.request_seconds.labels(model).observe(seconds)
 
     def observe_inference(self, model: str, seconds: float, rows: int) -> None:
         self.inference_seconds.labels(model).observe(seconds)
@@ -222,6 +248,14 @@ class _AdapterCollector(Collector):
             "Seconds spent parsing and checking adapters (registrations and reloads).",
             value=counters.load_seconds_total,
         )
+
+
+def _adapter_count_label(count: int) -> str:
+    """Adapter counts in a few ranges, so the label stays low-cardinality."""
+    for upper, label in ((0, "0"), (1, "1"), (4, "2-4"), (16, "5-16")):
+        if count <= upper:
+            return label
+    return "17+"
 
 
 def _process_pss_bytes() -> int | None:
