@@ -1,0 +1,150 @@
+"""The Helm chart: linted and rendered by Helm's own engine, every object checked against the
+Kubernetes JSON schemas, and its config read back by the worker's settings loader."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from ortmux.worker.settings import Settings
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "ortmux"
+MANAGED = {"host", "port", "metrics_port", "data_dir"}  # set by the chart, not by values.config
+KUBERNETES = "1.30.0"
+GPU_VALUES = {
+    "gpu": {"enabled": True, "count": 2},
+    "config": {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"], "drain_grace_seconds": 45},
+    "autoscaling": {"enabled": True, "targetQueueDepth": 8},
+    "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+    "persistence": {"enabled": True, "existingClaim": "shared-models"},
+    "nodeSelector": {"nvidia.com/gpu.present": "true"},
+    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+}
+
+
+def render(values: dict[str, Any] | None = None) -> dict[str, dict]:
+    """Rendered objects by kind, with the name for the kinds rendered more than once (Service)."""
+    with helm.Chart.load(str(CHART)) as chart:
+        chart.validate_schema(values or {})
+        manifests = chart.render(values or {}, name="rel", namespace="serving")
+    objects = {}
+    for path, text in manifests.items():
+        if not path.endswith(".yaml"):
+            continue
+        for document in yaml.safe_load_all(text):
+            if document:
+                key = document["kind"]
+                if key == "Service":
+                    key = f"Service/{document['metadata']['name']}"
+                assert key not in objects, key
+                objects[key] = document
+    return objects
+
+
+def test_chart_lints_clean() -> None:
+    report = helm.lint(str(CHART), strict=True, kube_version=f"v{KUBERNETES}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not problems, report
+
+
+@pytest.mark.parametrize("values", [{}, GPU_VALUES], ids=["default", "gpu"])
+def test_every_rendered_object_validates_against_the_kubernetes_schemas(values: dict) -> None:
+    objects = render(values)
+    for key, document in objects.items():
+        if key == "ServiceMonitor":  # a CRD: no schema ships with Kubernetes
+            assert document["apiVersion"] == "monitoring.coreos.com/v1"
+            assert document["spec"]["endpoints"][0]["port"] == "metrics"
+            continue
+        kubernetes_validate.validate(document, KUBERNETES, strict=True)
+    expected = {
+        "ConfigMap",
+        "Deployment",
+        "Service/rel-ortmux",
+        "Service/rel-ortmux-headless",
+        "PodDisruptionBudget",
+    }
+    assert expected <= set(objects)
+    if values:
+        assert {"HorizontalPodAutoscaler", "ServiceMonitor"} <= set(
+            objects
+        ) and "PersistentVolumeClaim" not in objects
+    else:
+        assert "PersistentVolumeClaim" in objects and "HorizontalPodAutoscaler" not in objects
+
+
+def test_rendered_config_is_what_the_worker_loads(tmp_path: Path) -> None:
+    values = {"config": {"max_queue_delay_ms": 2.5, "max_batch_size": 16, "models": ["m=/models/m.onnx"]}}
+    config = tmp_path / "ortmux.toml"
+    config.write_text(render(values)["ConfigMap"]["data"]["ortmux.toml"])
+    settings = Settings.load([], environ={}, config_file=config)
+    assert (settings.max_queue_delay_ms, settings.max_batch_size, settings.models) == (
+        2.5,
+        16,
+        ["m=/models/m.onnx"],
+    )
+    assert (settings.port, settings.metrics_port, str(settings.data_dir), settings.host) == (
+        50051,
+        9095,
+        "/data",
+        "0.0.0.0",
+    )
+    assert settings.adapter_memory_bytes == 2147483648  # an integer, though values hold numbers as floats
+
+
+def test_values_schema_knows_every_worker_setting_and_refuses_others() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(schema["properties"]["config"]["properties"]) == {f.name for f in Settings.fields()} - MANAGED
+    with helm.Chart.load(str(CHART)) as chart:
+        for bad in (
+            {"config": {"max_batch_sise": 4}},
+            {"config": {"port": 1}},
+            {"config": {"max_batch_size": "x"}},
+        ):
+            with pytest.raises(Exception):  # noqa: B017 - the SDK's schema error type
+                chart.validate_schema(bad)
+
+
+def test_deployment_drains_within_its_grace_runs_unprivileged_and_probes_by_grpc() -> None:
+    default = render()["Deployment"]["spec"]["template"]["spec"]
+    gpu = render(GPU_VALUES)["Deployment"]["spec"]["template"]["spec"]
+    assert default["terminationGracePeriodSeconds"] > 20 and gpu["terminationGracePeriodSeconds"] > 45
+    container = default["containers"][0]
+    assert default["securityContext"]["runAsNonRoot"] and default["securityContext"]["runAsUser"] != 0
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["startupProbe"]["grpc"]["port"] == container["readinessProbe"]["grpc"]["port"] == 50051
+    assert "nvidia.com/gpu" not in container["resources"].get("limits", {})
+    assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert gpu["volumes"][1]["persistentVolumeClaim"]["claimName"] == "shared-models"
+
+
+def test_chart_readme_describes_every_value() -> None:
+    readme = (CHART / "README.md").read_text()
+
+    def leaves(node: Any, prefix: str = "") -> list[str]:
+        opaque = {"config.", "resources.", "podSecurityContext.", "securityContext."}  # passed through whole
+        if isinstance(node, dict) and node and prefix not in opaque:
+            return [leaf for key, value in node.items() for leaf in leaves(value, f"{prefix}{key}.")]
+        return [prefix.rstrip(".")]
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    missing = [leaf for leaf in leaves(values) if f"`{leaf}`" not in readme]
+    assert not missing, missing
+    assert re.search(r"helm install", readme)
+
+
+def test_dockerfile_runs_unprivileged_with_the_data_dir_as_a_volume() -> None:
+    root = CHART.parents[1]
+    dockerfile = (root / "Dockerfile").read_text()
+    user = re.search(r"^USER (\d+)", dockerfile, re.M)
+    assert user and int(user.group(1)) != 0
+    assert "ARG BASE_IMAGE=" in dockerfile and 'VOLUME ["/data"]' in dockerfile
+    assert 'ENTRYPOINT ["ortmux", "serve"]' in dockerfile
+    for source in re.findall(r"^COPY (\S+)", dockerfile, re.M):
+        assert (root / source).exists(), source
