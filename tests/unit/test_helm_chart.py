@@ -54,7 +54,18 @@ def test_chart_lints_clean() -> None:
     assert not report["errors"] and not problems, report
 
 
-@pytest.mark.parametrize("values", [{}, GPU_VALUES], ids=["default", "gpu"])
+TLS_VALUES = {
+    "config": {
+        "tls_cert_file": "/tls/tls.crt",
+        "tls_key_file": "/tls/tls.key",
+        "api_keys_file": "/keys/keys.toml",
+    },
+    "extraVolumes": [{"name": "tls", "secret": {"secretName": "ortmux-tls"}}],
+    "extraVolumeMounts": [{"name": "tls", "mountPath": "/tls", "readOnly": True}],
+}
+
+
+@pytest.mark.parametrize("values", [{}, GPU_VALUES, TLS_VALUES], ids=["default", "gpu", "tls"])
 def test_every_rendered_object_validates_against_the_kubernetes_schemas(values: dict) -> None:
     objects = render(values)
     for key, document in objects.items():
@@ -71,11 +82,12 @@ def test_every_rendered_object_validates_against_the_kubernetes_schemas(values: 
         "PodDisruptionBudget",
     }
     assert expected <= set(objects)
-    if values:
-        assert {"HorizontalPodAutoscaler", "ServiceMonitor"} <= set(
-            objects
-        ) and "PersistentVolumeClaim" not in objects
-    else:
+    probe = objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert ("tcpSocket" if values is TLS_VALUES else "grpc") in probe
+    if values is GPU_VALUES:
+        assert {"HorizontalPodAutoscaler", "ServiceMonitor"} <= set(objects)
+        assert "PersistentVolumeClaim" not in objects
+    elif not values:
         assert "PersistentVolumeClaim" in objects and "HorizontalPodAutoscaler" not in objects
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
@@ -14,11 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from ortmux.worker.adapters.manager import AdapterInfo, AdapterManager, UploadHeader, UploadTrailer
+from ortmux.worker.adapters.store import DEFAULT_TENANT
+from ortmux.worker.audit import audit
+from ortmux.worker.auth import Identity
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.registry import ModelRegistry
 from ortmux.worker.engine.specs import validate_inputs, validate_output_names
-from ortmux.worker.errors import DeadlineExceeded, OrtmuxError
+from ortmux.worker.errors import DeadlineExceeded, OrtmuxError, ResourceExhausted
 from ortmux.worker.observability.metrics import Metrics
+from ortmux.worker.quotas import RequestQuotas
 from ortmux.worker.scheduler.batcher import Batcher, BatchLimits
 from ortmux.worker.scheduler.request import BatchResult, QueuedRequest
 from ortmux.worker.scheduler.runner import batch_runner
@@ -56,12 +61,16 @@ class DataPlane:
         metrics: Metrics,
         limits: BatchLimits | None = None,
         mix_adapters: bool = True,
+        quotas: RequestQuotas | None = None,
+        max_request_elements: int = 1 << 26,
     ) -> None:
         self.models = models
         self.adapters = adapters
         self.metrics = metrics
         self.limits = limits or BatchLimits()
         self.mix_adapters = mix_adapters
+        self.quotas = quotas or RequestQuotas()
+        self.max_request_elements = max_request_elements
         self._batchers: dict[str, Batcher] = {}
         self._lock = threading.Lock()
         self._drain_callbacks: set[Callable[[], None]] = set()
@@ -128,15 +137,22 @@ class DataPlane:
         batch. Invalid requests raise here, before anything is queued. Every request is counted
         once, with its outcome, when it is answered."""
         started = time.perf_counter()
-        tenant = request.tenant or "default"
+        tenant = request.tenant or DEFAULT_TENANT
         try:
             model = self.models.get(request.model)
         except OrtmuxError as error:
             self.metrics.observe_request("", tenant, error.code.name, time.perf_counter() - started)
             raise
         try:
+            self._check_size(request)
+            self.quotas.admit(tenant)
+        except OrtmuxError as error:
+            self.metrics.observe_request(model.name, tenant, error.code.name, time.perf_counter() - started)
+            raise
+        try:
             future = self._queue(model, request)
         except Exception as error:
+            self.quotas.release(tenant)
             code = error.code.name if isinstance(error, OrtmuxError) else "INTERNAL"
             self.metrics.observe_request(model.name, tenant, code, time.perf_counter() - started)
             raise
@@ -145,6 +161,7 @@ class DataPlane:
 
         def answered(done: Future[InferenceResult]) -> None:
             in_flight.dec()
+            self.quotas.release(tenant)
             error = done.exception()
             code = (
                 "OK" if error is None else error.code.name if isinstance(error, OrtmuxError) else "INTERNAL"
@@ -154,13 +171,24 @@ class DataPlane:
         future.add_done_callback(answered)
         return future
 
+    def _check_size(self, request: InferenceRequest) -> None:
+        elements = sum(int(np.prod(array.shape, dtype=np.int64)) for array in request.inputs.values())
+        if elements > self.max_request_elements:
+            raise ResourceExhausted(
+                f"the request carries {elements} tensor elements, over the limit of "
+                f"{self.max_request_elements} (max_request_elements)",
+                field="inputs",
+            )
+
     def _queue(self, model: BaseModel, request: InferenceRequest) -> Future[InferenceResult]:
         validate_inputs(model.name, model.inputs, request.inputs)
         names = tuple(validate_output_names(model.name, model.outputs, request.output_names))
         held = ExitStack()  # the adapter stays in use (never deleted) until the request is answered
         try:
             adapter = (
-                held.enter_context(self.adapters.use(model.name, request.adapter))
+                held.enter_context(
+                    self.adapters.use(model.name, request.adapter, request.tenant or DEFAULT_TENANT)
+                )
                 if request.adapter
                 else None
             )
@@ -214,18 +242,47 @@ class DataPlane:
         except FutureTimeout:
             raise DeadlineExceeded("the request's deadline passed before its batch ran") from None
 
-    def register_adapter(self, header: UploadHeader, chunks: Iterable[bytes | UploadTrailer]) -> AdapterInfo:
-        header, payload, pending = self.adapters.receive(header, chunks)
-        return self.adapters.register(header, payload, pending)
+    def register_adapter(
+        self, identity: Identity, header: UploadHeader, chunks: Iterable[bytes | UploadTrailer]
+    ) -> AdapterInfo:
+        header = dataclasses.replace(header, tenant=identity.tenant)
+        with _audited("adapter.register", identity, header.model, header.adapter_id):
+            header, payload, pending = self.adapters.receive(header, chunks)
+            return self.adapters.register(header, payload, pending)
 
-    def register_adapter_from_path(self, header: UploadHeader, path: Path) -> AdapterInfo:
-        return self.adapters.register_from_path(header, path)
+    def register_adapter_from_path(self, identity: Identity, header: UploadHeader, path: Path) -> AdapterInfo:
+        header = dataclasses.replace(header, tenant=identity.tenant)
+        with _audited(
+            "adapter.register_from_path", identity, header.model, header.adapter_id, path=str(path)
+        ):
+            identity.require_admin("registering an adapter from a path on the worker")
+            return self.adapters.register_from_path(header, path)
 
-    def get_adapter(self, model: str, adapter_id: str) -> AdapterInfo:
-        return self.adapters.get(model, adapter_id)
+    def get_adapter(self, identity: Identity, model: str, adapter_id: str) -> AdapterInfo:
+        return self.adapters.get(model, adapter_id, identity.tenant)
 
-    def list_adapters(self, model: str = "") -> list[AdapterInfo]:
-        return self.adapters.list(model)
+    def list_adapters(self, identity: Identity, model: str = "") -> list[AdapterInfo]:
+        return self.adapters.list(model, identity.tenant)
 
-    def delete_adapter(self, model: str, adapter_id: str) -> None:
-        self.adapters.delete(model, adapter_id)
+    def count_adapters(self, model: str) -> tuple[int, int]:
+        """(registered, resident) adapters of every tenant on ``model``."""
+        adapters = self.adapters.list(model, tenant=None)
+        return len(adapters), sum(1 for info in adapters if info.resident)
+
+    def delete_adapter(self, identity: Identity, model: str, adapter_id: str) -> None:
+        with _audited("adapter.delete", identity, model, adapter_id):
+            self.adapters.delete(model, adapter_id, identity.tenant)
+
+
+@contextlib.contextmanager
+def _audited(event: str, identity: Identity, model: str, adapter_id: str, **fields: str) -> Iterator[None]:
+    """Audit ``event`` once it is done, with its outcome."""
+    result = "INTERNAL"
+    try:
+        yield
+        result = "OK"
+    except OrtmuxError as error:
+        result = error.code.name
+        raise
+    finally:
+        audit(event, tenant=identity.tenant, result=result, model=model, adapter=adapter_id, **fields)

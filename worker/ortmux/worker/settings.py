@@ -92,6 +92,32 @@ class Settings:
     drain_grace_seconds: float = _field(
         20.0, "On SIGTERM, seconds in-flight work may take to finish before the server stops."
     )
+    api_keys: list[str] = _field(
+        [],
+        "API keys as SHA256:TENANT:ROLE (hex sha256 of the key; role tenant or admin); repeatable. "
+        "None here or in api_keys_file: single-tenant, no keys.",
+    )
+    api_keys_file: str = _field(
+        "", "TOML file of API keys ([[key]] sha256, tenant, role), read again whenever it changes."
+    )
+    tenant_max_adapters: int = _field(0, "Adapters one tenant may register on one model; 0: no quota.")
+    tenant_max_adapter_bytes: int = _field(
+        0, "Adapter bytes one tenant may store over all models; 0: no quota."
+    )
+    tenant_max_in_flight: int = _field(
+        0, "Inference requests one tenant may have queued or running; 0: no quota."
+    )
+    tenant_max_requests_per_second: float = _field(
+        0.0, "Inference requests per second one tenant may send (a token bucket); 0: no quota."
+    )
+    max_request_elements: int = _field(
+        1 << 26, "Most tensor elements one inference request may carry over all its inputs."
+    )
+    tls_cert_file: str = _field("", "PEM server certificate (chain); with tls_key_file, serve TLS only.")
+    tls_key_file: str = _field("", "PEM private key of tls_cert_file.")
+    tls_client_ca_file: str = _field(
+        "", "PEM CA bundle; set, clients must present a certificate it signed (mutual TLS)."
+    )
     log_level: str = _field("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
 
     def cache_path(self) -> Path:
@@ -161,9 +187,27 @@ class Settings:
             "max_batch_size",
             "max_queue_size",
             "stream_window",
+            "max_request_elements",
         ):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"setting '{name}' must be 1 or more", field=name)
+        for name in ("tenant_max_adapters", "tenant_max_adapter_bytes", "tenant_max_in_flight"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"setting '{name}' must be 0 or more", field=name)
+        if self.tenant_max_requests_per_second < 0:
+            raise InvalidArgument(
+                "setting 'tenant_max_requests_per_second' must be 0 or more",
+                field="tenant_max_requests_per_second",
+            )
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise InvalidArgument(
+                "settings 'tls_cert_file' and 'tls_key_file' go together", field="tls_cert_file"
+            )
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise InvalidArgument(
+                "setting 'tls_client_ca_file' needs tls_cert_file and tls_key_file",
+                field="tls_client_ca_file",
+            )
         if self.grpc_workers < 1:
             raise InvalidArgument("setting 'grpc_workers' must be 1 or more", field="grpc_workers")
 

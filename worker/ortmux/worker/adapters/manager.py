@@ -25,7 +25,7 @@ import numpy as np
 from ortmux.worker.adapters import formats
 from ortmux.worker.adapters.formats import Payload
 from ortmux.worker.adapters.lora_feeds import LoraWeights
-from ortmux.worker.adapters.store import AdapterMeta, AdapterStore, PendingAdapter
+from ortmux.worker.adapters.store import DEFAULT_TENANT, AdapterMeta, AdapterStore, PendingAdapter
 from ortmux.worker.adapters.targets import map_modules
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.errors import (
@@ -49,6 +49,8 @@ class AdapterLimits:
     max_adapter_bytes: int = 1 << 30
     max_upload_chunks: int = 1 << 20
     memory_budget_bytes: int = 2 << 30
+    tenant_max_adapters: int = 0  # per tenant and model; 0: no quota
+    tenant_max_adapter_bytes: int = 0  # stored bytes per tenant over all models; 0: no quota
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,7 @@ class UploadHeader:
     pinned: bool = False
     replace: bool = False
     module_mapping_json: str = ""
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +117,9 @@ class AdapterCounters:
     load_seconds_total: float = 0.0
 
 
+Key = tuple[str, str, str]  # (model, tenant, adapter id)
+
+
 def validate_adapter_id(adapter_id: str) -> None:
     if not ADAPTER_ID.match(adapter_id or ""):
         raise InvalidArgument(
@@ -131,13 +137,15 @@ class AdapterManager:
         self._model = models
         self.limits = limits
         self.counters = AdapterCounters()
-        self._records: dict[tuple[str, str], _Record] = {}
-        self._lru: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self._records: dict[Key, _Record] = {}
+        self._lru: collections.OrderedDict[Key, None] = collections.OrderedDict()
         self._resident_bytes = 0
-        self._pending: set[tuple[str, str]] = set()
+        self._pending: set[Key] = set()
         self._lock = threading.Condition()
         for meta in store.scan():
-            self._records[(meta.model, meta.adapter_id)] = _Record(meta, last_used_at=meta.created_at)
+            self._records[(meta.model, meta.tenant, meta.adapter_id)] = _Record(
+                meta, last_used_at=meta.created_at
+            )
         if self._records:
             log.info("%d adapters on disk; they load on first use", len(self._records))
 
@@ -267,7 +275,7 @@ class AdapterManager:
     ) -> AdapterInfo:
         model = self._model(header.model)
         validate_adapter_id(header.adapter_id)
-        key = (model.name, header.adapter_id)
+        key = (model.name, header.tenant, header.adapter_id)
         with self._lock:
             if key in self._pending:
                 raise Unavailable(
@@ -279,12 +287,14 @@ class AdapterManager:
                     "set replace to overwrite it",
                     field="adapter_id",
                 )
+            self._check_quotas(key, len(payload))
             self._pending.add(key)
         try:
             started = time.perf_counter()
             meta = AdapterMeta(
                 model=model.name,
                 adapter_id=header.adapter_id,
+                tenant=header.tenant,
                 format=header.format,
                 rank=0,
                 targets=[],
@@ -404,11 +414,11 @@ class AdapterManager:
     # -- use ---------------------------------------------------------------------------------------
 
     @contextmanager
-    def use(self, model: str, adapter_id: str) -> Iterator[Resident]:
+    def use(self, model: str, adapter_id: str, tenant: str = DEFAULT_TENANT) -> Iterator[Resident]:
         """Hold an adapter for one run: loaded if it was evicted, and never deleted meanwhile."""
-        key = (model, adapter_id)
+        key = (model, tenant, adapter_id)
         with self._lock:
-            record = self._live_record(model, adapter_id, field="adapter")
+            record = self._live_record(key, field="adapter")
             record.in_use += 1
             record.last_used_at = time.time()
         try:
@@ -418,7 +428,7 @@ class AdapterManager:
                 record.in_use -= 1
                 self._lock.notify_all()
 
-    def _ensure_resident(self, key: tuple[str, str], record: _Record) -> Resident:
+    def _ensure_resident(self, key: Key, record: _Record) -> Resident:
         with self._lock:
             if record.resident is not None:
                 self._lru.move_to_end(key)
@@ -434,14 +444,14 @@ class AdapterManager:
             self._make_resident(key, record, resident)
             return resident
 
-    def _make_resident(self, key: tuple[str, str], record: _Record, resident: Resident) -> None:
+    def _make_resident(self, key: Key, record: _Record, resident: Resident) -> None:
         record.resident = resident
         self._resident_bytes += resident.nbytes
         self._lru[key] = None
         self._lru.move_to_end(key)
         self._evict_over_budget(keep=key)
 
-    def _evict_over_budget(self, keep: tuple[str, str]) -> None:
+    def _evict_over_budget(self, keep: Key) -> None:
         for key in list(self._lru):
             if self._resident_bytes <= self.limits.memory_budget_bytes:
                 return
@@ -452,7 +462,7 @@ class AdapterManager:
             record.evicted = True
             self.counters.evictions += 1
 
-    def _drop_resident(self, key: tuple[str, str], record: _Record) -> None:
+    def _drop_resident(self, key: Key, record: _Record) -> None:
         if record.resident is not None:
             self._resident_bytes -= record.resident.nbytes
             record.resident = None
@@ -460,27 +470,27 @@ class AdapterManager:
 
     # -- queries and deletion ----------------------------------------------------------------------
 
-    def get(self, model: str, adapter_id: str) -> AdapterInfo:
+    def get(self, model: str, adapter_id: str, tenant: str = DEFAULT_TENANT) -> AdapterInfo:
         self._model(model)
         with self._lock:
-            record = self._live_record(model, adapter_id, field="adapter_id")
-            return self._info(record)
+            return self._info(self._live_record((model, tenant, adapter_id), field="adapter_id"))
 
-    def list(self, model: str = "") -> list[AdapterInfo]:
+    def list(self, model: str = "", tenant: str | None = DEFAULT_TENANT) -> list[AdapterInfo]:
+        """A tenant's adapters (``tenant=None``: every tenant's), on one model or all."""
         if model:
             self._model(model)
         with self._lock:
             return [
                 self._info(record)
                 for key, record in sorted(self._records.items())
-                if not record.deleting and (not model or key[0] == model)
+                if not record.deleting and (not model or key[0] == model) and tenant in (None, key[1])
             ]
 
-    def delete(self, model: str, adapter_id: str) -> None:
+    def delete(self, model: str, adapter_id: str, tenant: str = DEFAULT_TENANT) -> None:
         self._model(model)
-        key = (model, adapter_id)
+        key = (model, tenant, adapter_id)
         with self._lock:
-            record = self._live_record(model, adapter_id, field="adapter_id")
+            record = self._live_record(key, field="adapter_id")
             record.deleting = True
             self._pending.add(key)
             finished = self._lock.wait_for(lambda: record.in_use == 0, timeout=DELETE_WAIT_SECONDS)
@@ -491,7 +501,7 @@ class AdapterManager:
                     f"adapter '{adapter_id}' is still in use; retry the delete", retry_after=5.0
                 )
         try:
-            self.store.remove(model, adapter_id)
+            self.store.remove(*key)
         finally:
             with self._lock:
                 self._drop_resident(key, record)
@@ -507,10 +517,35 @@ class AdapterManager:
         with self._lock:
             return len(self._records), sum(1 for r in self._records.values() if r.resident is not None)
 
-    def _live_record(self, model: str, adapter_id: str, field: str) -> _Record:
-        """The record of a registered adapter that is not being deleted (call with the lock held)."""
-        record = self._records.get((model, adapter_id))
+    def _check_quotas(self, key: Key, size: int) -> None:
+        """Refuse a registration that would take its tenant over a quota (call with the lock held);
+        replacing an adapter counts its new size instead of its old one."""
+        model, tenant, _ = key
+        others = [k for k in (*self._records, *self._pending) if k[1] == tenant and k != key]
+        count_limit = self.limits.tenant_max_adapters
+        on_model = sum(1 for k in others if k[0] == model)
+        if count_limit and on_model >= count_limit:
+            raise ResourceExhausted(
+                f"tenant '{tenant}' has {on_model} adapters on model '{model}', its quota "
+                f"(tenant_max_adapters = {count_limit}); delete one first",
+                reason="QUOTA_ADAPTERS",
+            )
+        bytes_limit = self.limits.tenant_max_adapter_bytes
+        stored = sum(self._records[k].meta.size_bytes for k in others if k in self._records)
+        if bytes_limit and stored + size > bytes_limit:
+            raise ResourceExhausted(
+                f"tenant '{tenant}' stores {stored} bytes of adapters; {size} more would pass its quota "
+                f"(tenant_max_adapter_bytes = {bytes_limit})",
+                reason="QUOTA_ADAPTER_BYTES",
+            )
+
+    def _live_record(self, key: Key, field: str) -> _Record:
+        """The record of a registered adapter that is not being deleted (call with the lock held).
+
+        Another tenant's adapter is answered exactly like a missing one."""
+        record = self._records.get(key)
         if record is None or record.deleting:
+            model, _tenant, adapter_id = key
             raise NotFound(f"adapter '{adapter_id}' is not registered on model '{model}'", field=field)
         return record
 

@@ -1,4 +1,4 @@
-"""Adapters on disk: ``<root>/<model>/<adapter_id>/`` holding ``payload`` (the bytes exactly as
+"""Adapters on disk: ``<root>/<model>/<tenant>/<adapter_id>/`` holding ``payload`` (the bytes exactly as
 uploaded) and ``meta.json``.
 
 An upload streams into a staging directory while it arrives, so the payload is written once and
@@ -25,6 +25,7 @@ from ortmux.worker.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
+DEFAULT_TENANT = "default"  # the one tenant of a worker without API keys
 META_FILE = "meta.json"
 PAYLOAD_FILE = "payload"
 _WORK_DIRS = (".staging", ".trash")
@@ -43,6 +44,7 @@ class AdapterMeta:
     created_at: float
     files: list[tuple[str, int]]  # named files back to back in the payload; [] = one file or archive
     module_mapping_json: str = ""
+    tenant: str = DEFAULT_TENANT
 
     @classmethod
     def from_json(cls, data: bytes) -> AdapterMeta:
@@ -109,7 +111,7 @@ class PendingAdapter:
             handle.flush()
             os.fsync(handle.fileno())
         fsync_dir(self.directory)
-        target = self._store.directory(meta.model, meta.adapter_id)
+        target = self._store.directory(meta.model, meta.tenant, meta.adapter_id)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             self._store.trash(target)
@@ -133,21 +135,21 @@ class AdapterStore:
     def begin(self) -> PendingAdapter:
         return PendingAdapter(self)
 
-    def directory(self, model: str, adapter_id: str) -> Path:
-        return self.root / model / adapter_id
+    def directory(self, model: str, tenant: str, adapter_id: str) -> Path:
+        return self.root / model / tenant / adapter_id
 
-    def read_payload(self, model: str, adapter_id: str) -> bytes:
-        return (self.directory(model, adapter_id) / PAYLOAD_FILE).read_bytes()
+    def read_payload(self, model: str, tenant: str, adapter_id: str) -> bytes:
+        return (self.directory(model, tenant, adapter_id) / PAYLOAD_FILE).read_bytes()
 
-    def remove(self, model: str, adapter_id: str) -> None:
-        directory = self.directory(model, adapter_id)
+    def remove(self, model: str, tenant: str, adapter_id: str) -> None:
+        directory = self.directory(model, tenant, adapter_id)
         if directory.exists():
             self.trash(directory)
 
     def scan(self) -> Iterator[AdapterMeta]:
         """Every stored adapter; unreadable entries are logged and skipped."""
         for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for directory in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+            for directory in sorted(p for p in model_dir.glob("*/*") if p.is_dir()):
                 try:
                     yield AdapterMeta.from_json((directory / META_FILE).read_bytes())
                 except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -75,6 +75,7 @@ def request_from_proto(
     message: inference_pb2.InferRequest,
     deadline: float | None = None,
     is_active: Callable[[], bool] = lambda: True,
+    tenant: str = "",
 ) -> InferenceRequest:
     try:
         inputs = tensors.decode_many(message.inputs)
@@ -90,6 +91,7 @@ def request_from_proto(
         priority=message.priority,
         deadline=deadline,
         is_active=is_active,
+        tenant=tenant,
     )
 
 

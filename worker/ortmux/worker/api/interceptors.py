@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +12,8 @@ import grpc
 from grpc_status import rpc_status
 
 from ortmux.worker.api.errors import to_rpc_status
+from ortmux.worker.audit import audit
+from ortmux.worker.auth import SINGLE_TENANT, Identity, KeyRing
 from ortmux.worker.errors import InternalError, OrtmuxError
 from ortmux.worker.observability.metrics import Metrics
 
@@ -136,3 +139,66 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 self._finish(method, context, started, failed)
 
         return timed
+
+
+_identity: contextvars.ContextVar[Identity] = contextvars.ContextVar("ortmux_identity", default=SINGLE_TENANT)
+
+
+def current_identity() -> Identity:
+    """Who makes the call being served (set by AuthInterceptor for the handler's thread)."""
+    return _identity.get()
+
+
+def _api_key(context: grpc.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str) and value.lower().startswith("bearer "):
+            return value[7:].strip()
+        if key == "x-api-key" and isinstance(value, str):
+            return value.strip()
+    return None
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Resolves the caller's API key to an identity before the servicer runs; health checks and
+    reflection need no key. Innermost, so ErrorInterceptor answers UNAUTHENTICATED."""
+
+    _OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(self, keys: KeyRing) -> None:
+        self._keys = keys
+
+    def intercept_service(
+        self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(self._OPEN):
+            return handler
+        return _wrap_handler(handler, method, self._unary, self._stream)
+
+    def _identify(self, context: grpc.ServicerContext, method: str) -> Identity:
+        try:
+            return self._keys.identify(_api_key(context))
+        except OrtmuxError as error:
+            audit("auth.refused", tenant="", result=error.code.name, method=method, peer=context.peer() or "")
+            raise
+
+    def _unary(self, behavior: Behavior, method: str) -> Behavior:
+        def authenticated(request: Any, context: grpc.ServicerContext) -> Any:
+            token = _identity.set(self._identify(context, method))
+            try:
+                return behavior(request, context)
+            finally:
+                _identity.reset(token)
+
+        return authenticated
+
+    def _stream(self, behavior: Behavior, method: str) -> Behavior:
+        def authenticated(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            token = _identity.set(self._identify(context, method))
+            try:
+                yield from behavior(request, context)
+            finally:
+                _identity.reset(token)
+
+        return authenticated

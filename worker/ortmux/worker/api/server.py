@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,15 +24,18 @@ from ortmux.v1 import (
 )
 from ortmux.worker.adapters.manager import AdapterLimits, AdapterManager
 from ortmux.worker.adapters.store import AdapterStore
-from ortmux.worker.api.interceptors import ErrorInterceptor, MetricsInterceptor
+from ortmux.worker.api.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from ortmux.worker.api.servicers import AdapterServicer, InferenceServicer, ModelServicer
+from ortmux.worker.auth import KeyRing
 from ortmux.worker.dataplane import DataPlane
 from ortmux.worker.demo import DEMO_NAME, ensure_demo_model
 from ortmux.worker.engine.cache import ModelCache
 from ortmux.worker.engine.providers import resolve_providers
 from ortmux.worker.engine.registry import ModelRegistry
 from ortmux.worker.engine.runtime import RuntimeOptions, configure_process
+from ortmux.worker.errors import InvalidArgument
 from ortmux.worker.observability.metrics import Metrics
+from ortmux.worker.quotas import RequestQuotas
 from ortmux.worker.scheduler.batcher import BatchLimits
 from ortmux.worker.settings import Settings
 
@@ -118,6 +122,8 @@ def create_server(
         max_adapter_bytes=settings.max_adapter_bytes,
         max_upload_chunks=settings.max_upload_chunks,
         memory_budget_bytes=settings.adapter_memory_bytes,
+        tenant_max_adapters=settings.tenant_max_adapters,
+        tenant_max_adapter_bytes=settings.tenant_max_adapter_bytes,
     )
     adapters = AdapterManager(AdapterStore(settings.data_dir / "adapters"), models.get, limits)
     batching = BatchLimits(
@@ -126,7 +132,16 @@ def create_server(
         max_queue=settings.max_queue_size,
         fair_share_rows=settings.fair_share_rows,
     )
-    dataplane = DataPlane(models, adapters, metrics, batching, settings.mix_adapters)
+    quotas = RequestQuotas(settings.tenant_max_in_flight, settings.tenant_max_requests_per_second)
+    dataplane = DataPlane(
+        models, adapters, metrics, batching, settings.mix_adapters, quotas, settings.max_request_elements
+    )
+    keys = KeyRing(settings.api_keys, Path(settings.api_keys_file) if settings.api_keys_file else None)
+    if not keys.enabled:
+        log.warning(
+            "NO API KEYS CONFIGURED: this worker is single-tenant and every caller is an admin; "
+            "set api_keys or api_keys_file to have tenants"
+        )
     metrics.watch_models(dataplane.list_models)
     metrics.watch_adapters(adapters)
     metrics.watch_batchers(dataplane.batchers)
@@ -137,7 +152,7 @@ def create_server(
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="ortmux-grpc"),
-        interceptors=[MetricsInterceptor(metrics), ErrorInterceptor()],
+        interceptors=[MetricsInterceptor(metrics), ErrorInterceptor(), AuthInterceptor(keys)],
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -152,12 +167,29 @@ def create_server(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    credentials = _server_credentials(settings)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
     worker = Worker(settings, server, port, dataplane, metrics, health_servicer)
     worker._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     return server, port, worker
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from the settings' PEM files; mutual TLS when a client CA is given."""
+    if not settings.tls_cert_file:
+        return None
+    try:
+        key = Path(settings.tls_key_file).read_bytes()
+        chain = Path(settings.tls_cert_file).read_bytes()
+        client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    except OSError as exc:
+        raise InvalidArgument(f"TLS file {exc.filename}: {exc.strerror}", field="tls_cert_file") from None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
 
 
 def start_worker(settings: Settings, metrics_registry: CollectorRegistry | None = None) -> Worker:

@@ -21,6 +21,7 @@ from ortmux.v1 import (
     models_pb2_grpc,
 )
 from ortmux.worker.api import convert
+from ortmux.worker.api.interceptors import current_identity
 from ortmux.worker.api.pages import paginate
 from ortmux.worker.dataplane import DataPlane
 from ortmux.worker.engine.base_model import BaseModel
@@ -45,12 +46,12 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
         return self._model_info(self._dataplane.get_model(request.name))
 
     def _model_info(self, model: BaseModel) -> models_pb2.ModelInfo:
-        adapters = self._dataplane.list_adapters(model.name)
-        return convert.model_to_proto(model, len(adapters), sum(1 for info in adapters if info.resident))
+        return convert.model_to_proto(model, *self._dataplane.count_adapters(model.name))
 
     def LoadModel(
         self, request: models_pb2.LoadModelRequest, context: grpc.ServicerContext
     ) -> models_pb2.ModelInfo:
+        current_identity().require_admin("loading a base model")
         raise Unimplemented(
             "loading base models at runtime is not available in this worker version; use --model"
         )
@@ -58,6 +59,7 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
     def UnloadModel(
         self, request: models_pb2.UnloadModelRequest, context: grpc.ServicerContext
     ) -> models_pb2.UnloadModelResponse:
+        current_identity().require_admin("unloading a base model")
         raise Unimplemented("unloading base models at runtime is not available in this worker version")
 
 
@@ -69,26 +71,30 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
         self, request_iterator: Iterator[adapters_pb2.RegisterAdapterRequest], context: grpc.ServicerContext
     ) -> adapters_pb2.AdapterInfo:
         header, chunks = convert.upload_from_proto(request_iterator)
-        return convert.adapter_to_proto(self._dataplane.register_adapter(header, chunks))
+        return convert.adapter_to_proto(self._dataplane.register_adapter(current_identity(), header, chunks))
 
     def RegisterAdapterFromPath(
         self, request: adapters_pb2.RegisterAdapterFromPathRequest, context: grpc.ServicerContext
     ) -> adapters_pb2.AdapterInfo:
         header = convert.path_upload_from_proto(request)
         return convert.adapter_to_proto(
-            self._dataplane.register_adapter_from_path(header, Path(request.path))
+            self._dataplane.register_adapter_from_path(current_identity(), header, Path(request.path))
         )
 
     def GetAdapter(
         self, request: adapters_pb2.GetAdapterRequest, context: grpc.ServicerContext
     ) -> adapters_pb2.AdapterInfo:
-        return convert.adapter_to_proto(self._dataplane.get_adapter(request.model, request.adapter_id))
+        return convert.adapter_to_proto(
+            self._dataplane.get_adapter(current_identity(), request.model, request.adapter_id)
+        )
 
     def ListAdapters(
         self, request: adapters_pb2.ListAdaptersRequest, context: grpc.ServicerContext
     ) -> adapters_pb2.ListAdaptersResponse:
         page, next_token = paginate(
-            self._dataplane.list_adapters(request.model), request.page_size, request.page_token
+            self._dataplane.list_adapters(current_identity(), request.model),
+            request.page_size,
+            request.page_token,
         )
         return adapters_pb2.ListAdaptersResponse(
             adapters=[convert.adapter_to_proto(info) for info in page], next_page_token=next_token
@@ -97,7 +103,7 @@ class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):
     def DeleteAdapter(
         self, request: adapters_pb2.DeleteAdapterRequest, context: grpc.ServicerContext
     ) -> adapters_pb2.DeleteAdapterResponse:
-        self._dataplane.delete_adapter(request.model, request.adapter_id)
+        self._dataplane.delete_adapter(current_identity(), request.model, request.adapter_id)
         return adapters_pb2.DeleteAdapterResponse()
 
 
@@ -111,7 +117,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.InferResponse:
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        result = self._dataplane.infer(convert.request_from_proto(request, deadline, context.is_active))
+        tenant = current_identity().tenant
+        result = self._dataplane.infer(
+            convert.request_from_proto(request, deadline, context.is_active, tenant)
+        )
         return convert.result_to_proto(result)
 
     def InferStream(
@@ -119,12 +128,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> Iterator[inference_pb2.InferStreamResponse]:
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
+        tenant = current_identity().tenant  # read here: the stream's reader runs on its own thread
 
         def incoming() -> Iterator[Incoming]:
             for message in request_iterator:
                 yield (
                     message.request_id,
-                    partial(convert.request_from_proto, message, deadline, context.is_active),
+                    partial(convert.request_from_proto, message, deadline, context.is_active, tenant),
                 )
 
         answers = AnswerStream(incoming(), self._dataplane.submit, self._stream_window)
