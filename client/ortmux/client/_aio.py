@@ -44,6 +44,7 @@ class AsyncClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retry_attempts: int = 3,
         keepalive_seconds: float = 30.0,
+        api_key: str | None = None,
     ) -> None:
         options = channel_options(
             max_message_bytes, retry_attempts=retry_attempts, keepalive_seconds=keepalive_seconds
@@ -57,6 +58,7 @@ class AsyncClient:
         self.target = address
         self.timeout = timeout
         self.stream_timeout = stream_timeout
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._models = models_pb2_grpc.ModelServiceStub(self._channel)
         self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdapterServiceStub(self._channel)
@@ -109,7 +111,7 @@ class AsyncClient:
                 failures.append(exc)
 
         call = self._inference.InferStream(
-            outgoing(), timeout=self.stream_timeout if timeout is None else timeout
+            outgoing(), timeout=self.stream_timeout if timeout is None else timeout, metadata=self._metadata
         )
         try:
             async for message in call:
@@ -238,7 +240,9 @@ class AsyncClient:
 
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any, timeout: float | None) -> T:
         try:
-            return await method(request, timeout=self.timeout if timeout is None else timeout)
+            return await method(
+                request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise OrtmuxError.from_rpc_error(error) from None
 

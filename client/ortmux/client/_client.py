@@ -34,8 +34,10 @@ class Client:
     address it resolves to gets calls in turn), or a list of ``host:port``. ``timeout`` is the
     default deadline of unary calls in seconds (None: none) and ``stream_timeout`` that of a whole
     ``stream_infer``; every method takes ``timeout=`` to override it. Idempotent calls are retried
-    on UNAVAILABLE up to ``retry_attempts`` times in all (uploads and streams never are). Safe to
-    share between threads. Use as a context manager, or call ``close()``.
+    on UNAVAILABLE up to ``retry_attempts`` times in all (uploads and streams never are).
+    ``api_key`` is sent with every call (``authorization: Bearer``) to workers with tenants;
+    ``credentials`` (``grpc.ssl_channel_credentials``) for TLS and mutual TLS. Safe to share
+    between threads. Use as a context manager, or call ``close()``.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class Client:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retry_attempts: int = 3,
         keepalive_seconds: float = 30.0,
+        api_key: str | None = None,
     ) -> None:
         options = channel_options(
             max_message_bytes, retry_attempts=retry_attempts, keepalive_seconds=keepalive_seconds
@@ -61,6 +64,7 @@ class Client:
         self.target = address
         self.timeout = timeout
         self.stream_timeout = stream_timeout
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._models = models_pb2_grpc.ModelServiceStub(self._channel)
         self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdapterServiceStub(self._channel)
@@ -126,7 +130,7 @@ class Client:
                 failures.append(exc)
 
         call = self._inference.InferStream(
-            outgoing(), timeout=self.stream_timeout if timeout is None else timeout
+            outgoing(), timeout=self.stream_timeout if timeout is None else timeout, metadata=self._metadata
         )
         try:
             for message in call:
@@ -251,6 +255,8 @@ class Client:
 
     def _call(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(
+                request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise OrtmuxError.from_rpc_error(error) from None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -92,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
 def _add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=DEFAULT_TARGET, help=f"worker address (default {DEFAULT_TARGET})")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("ORTMUX_API_KEY"),
+        help="API key for a worker with tenants (default: $ORTMUX_API_KEY)",
+    )
 
 
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -137,7 +143,7 @@ def _models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ortmux.client import Client, OrtmuxError
 
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, api_key=args.api_key) as client:
             for summary in client.list_models():
                 info = client.model_info(summary.name)
                 print(info.name)
@@ -163,7 +169,7 @@ def _infer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except (OSError, ValueError) as exc:
             parser.error(f"--input {name}: cannot read {file}: {exc}")
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, api_key=args.api_key) as client:
             outputs = client.infer(args.model, inputs, adapter=args.adapter)
     except OrtmuxError as exc:
         print(f"ortmux infer: {exc.code.name}: {exc.message}", file=sys.stderr)
@@ -202,7 +208,7 @@ def _adapters_register(args: argparse.Namespace, parser: argparse.ArgumentParser
         except (OSError, ValueError) as exc:
             parser.error(f"--mapping {args.mapping}: {exc}")
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, api_key=args.api_key) as client:
             info = client.register_adapter(
                 args.model,
                 args.adapter_id,
@@ -227,7 +233,7 @@ def _adapters_list(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     from ortmux.client import Client, OrtmuxError
 
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, api_key=args.api_key) as client:
             adapters = client.list_adapters(args.model)
     except OrtmuxError as exc:
         print(f"ortmux adapters list: {exc.code.name}: {exc.message}", file=sys.stderr)
@@ -245,7 +251,7 @@ def _adapters_delete(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     from ortmux.client import Client, OrtmuxError
 
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, api_key=args.api_key) as client:
             client.delete_adapter(args.model, args.adapter_id)
     except OrtmuxError as exc:
         print(f"ortmux adapters delete: {exc.code.name}: {exc.message}", file=sys.stderr)
