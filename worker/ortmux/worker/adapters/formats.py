@@ -81,10 +81,21 @@ def _looks_like_tar(payload: Payload) -> bool:
     return len(payload) > 262 and payload[257:262] == b"ustar"
 
 
+MAX_ARCHIVE_MEMBERS = 256
+
+
+def _too_many_members() -> InvalidArgument:
+    return InvalidArgument(f"archive has more than {MAX_ARCHIVE_MEMBERS} members")
+
+
 def _unzip(payload: Payload, max_bytes: int) -> dict[str, bytes]:
+    # A member never expands past the size its header declares (zipfile stops there), so the
+    # declared total bounds what unpacking can produce.
     try:
         with zipfile.ZipFile(io.BytesIO(payload)) as archive:
             members = [info for info in archive.infolist() if not info.is_dir()]
+            if len(members) > MAX_ARCHIVE_MEMBERS:
+                raise _too_many_members()
             total = sum(info.file_size for info in members)
             if total > max_bytes:
                 raise InvalidArgument(f"archive expands to {total} bytes, over the {max_bytes}-byte limit")
@@ -101,7 +112,9 @@ def _untar(payload: Payload, max_bytes: int) -> dict[str, bytes]:
         with tarfile.open(fileobj=io.BytesIO(payload), mode="r:*") as archive:
             out: dict[str, bytes] = {}
             total = 0
-            for member in archive:
+            for count, member in enumerate(archive, start=1):
+                if count > MAX_ARCHIVE_MEMBERS:
+                    raise _too_many_members()
                 if not member.isfile():
                     continue
                 total += member.size

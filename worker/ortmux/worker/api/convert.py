@@ -71,12 +71,36 @@ def loading_model_to_proto(name: str) -> models_pb2.ModelInfo:
     return models_pb2.ModelInfo(name=name, state=models_pb2.MODEL_STATE_LOADING)
 
 
+MAX_NAME_CHARS = 256  # model, adapter, request id, tensor and output names
+MAX_NAMES = 256  # inputs or output names per request
+
+
+def _check_length(value: str, field: str) -> None:
+    if len(value) > MAX_NAME_CHARS:
+        raise InvalidArgument(
+            f"{field} is {len(value)} characters long, over the limit of {MAX_NAME_CHARS}", field=field
+        )
+
+
 def request_from_proto(
     message: inference_pb2.InferRequest,
     deadline: float | None = None,
     is_active: Callable[[], bool] = lambda: True,
     tenant: str = "",
 ) -> InferenceRequest:
+    _check_length(message.model, "model")
+    _check_length(message.adapter, "adapter")
+    _check_length(message.request_id, "request_id")
+    for field, names in (
+        ("inputs", [t.name for t in message.inputs]),
+        ("output_names", message.output_names),
+    ):
+        if len(names) > MAX_NAMES:
+            raise InvalidArgument(
+                f"{field} has {len(names)} entries, over the limit of {MAX_NAMES}", field=field
+            )
+        for name in names:
+            _check_length(name, field)
     try:
         inputs = tensors.decode_many(message.inputs)
     except tensors.TensorCodecError as exc:
