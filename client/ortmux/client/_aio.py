@@ -1,7 +1,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -175,7 +184,9 @@ class AsyncClient:
             chunk_bytes=chunk_bytes,
             progress=progress,
         )
-        return _convert.adapter_info(await self._call(self._adapters.RegisterAdapter, requests, timeout))
+        # Files are read and hashed in a worker thread, chunk by chunk, so the event loop keeps running.
+        uploads = _in_thread(requests)
+        return _convert.adapter_info(await self._call(self._adapters.RegisterAdapter, uploads, timeout))
 
     async def register_adapter_from_path(
         self,
@@ -254,3 +265,10 @@ async def _as_async(items: AsyncIterable[T] | Iterable[T]) -> AsyncIterator[T]:
     else:
         for item in items:
             yield item
+
+
+async def _in_thread(items: Iterator[T]) -> AsyncIterator[T]:
+    """The items of a blocking iterator, each produced in a worker thread."""
+    end = object()
+    while (item := await asyncio.to_thread(next, items, end)) is not end:
+        yield item  # type: ignore[misc]

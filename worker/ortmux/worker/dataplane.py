@@ -197,7 +197,7 @@ class DataPlane:
                 output_names=names,
                 lora=adapter.lora if adapter else {},
                 feeds=adapter.feeds if adapter else {},
-                fairness_key=request.tenant or request.adapter,
+                fairness_key=_fairness_key(request),
                 priority=request.priority,
                 deadline=request.deadline,
                 is_active=request.is_active,
@@ -286,3 +286,11 @@ def _audited(event: str, identity: Identity, model: str, adapter_id: str, **fiel
         raise
     finally:
         audit(event, tenant=identity.tenant, result=result, model=model, adapter=adapter_id, **fields)
+
+
+def _fairness_key(request: InferenceRequest) -> str:
+    """What the batcher draws round-robin across: tenants when the worker has them, else adapters
+    (a single-tenant worker's callers are all the default tenant)."""
+    if request.tenant and request.tenant != DEFAULT_TENANT:
+        return request.tenant
+    return request.adapter
