@@ -40,6 +40,13 @@ def _request(request_id: str, model: str = "m") -> InferenceRequest:
     return InferenceRequest(model=model, inputs={"x": np.zeros(1)}, request_id=request_id)
 
 
+def _endless() -> Iterator[Incoming]:
+    index = 0
+    while True:
+        yield str(index), (lambda rid=str(index): _request(rid))
+        index += 1
+
+
 def _wait_for(condition, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -95,14 +102,8 @@ def test_errors_are_answered_in_band_and_the_stream_goes_on() -> None:
 
 
 def test_stop_ends_the_answers_and_frees_a_reader_waiting_for_a_slot() -> None:
-    def endless() -> Iterator[Incoming]:
-        index = 0
-        while True:
-            yield str(index), (lambda rid=str(index): _request(rid))
-            index += 1
-
     pending = Pending()
-    stream = AnswerStream(endless(), pending, window=2)
+    stream = AnswerStream(_endless(), pending, window=2)
     answers = []
     consumer = threading.Thread(target=lambda: answers.extend(stream))
     consumer.start()
@@ -120,14 +121,8 @@ def test_window_must_be_positive() -> None:
 
 
 def test_drain_answers_what_was_taken_then_ends_unavailable() -> None:
-    def endless() -> Iterator[Incoming]:
-        index = 0
-        while True:
-            yield str(index), (lambda rid=str(index): _request(rid))
-            index += 1
-
     pending = Pending()
-    stream = AnswerStream(endless(), pending, window=3)
+    stream = AnswerStream(_endless(), pending, window=3)
     answers: list[str] = []
     failures: list[BaseException] = []
 

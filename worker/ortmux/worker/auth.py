@@ -20,12 +20,12 @@ import logging
 import re
 import threading
 import time
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
 from ortmux.worker.adapters.store import DEFAULT_TENANT
 from ortmux.worker.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from ortmux.worker.files import read_toml
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +129,7 @@ class KeyRing:
 
     @staticmethod
     def _read(path: Path) -> dict[str, Identity]:
-        try:
-            with path.open("rb") as handle:
-                document = tomllib.load(handle)
-        except OSError as exc:
-            raise InvalidArgument(f"API keys file {path}: {exc.strerror}", field="api_keys_file") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise InvalidArgument(
-                f"API keys file {path} is not valid TOML: {exc}", field="api_keys_file"
-            ) from None
+        document = read_toml(path, "API keys file", "api_keys_file")
         keys = {}
         for index, entry in enumerate(document.get("key", [])):
             source = f"{path} key {index + 1}"

@@ -1,10 +1,15 @@
-"""Files the worker writes: always atomically (temp file, fsync, rename, fsync of the directory)."""
+"""Files the worker writes, always atomically (temp file, fsync, rename, fsync of the directory),
+and the TOML files it reads."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import tomllib
 from pathlib import Path
+from typing import Any
+
+from ortmux.worker.errors import InvalidArgument
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -30,3 +35,14 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def read_toml(path: Path, what: str, field: str) -> dict[str, Any]:
+    """A TOML document, or InvalidArgument naming ``what`` it is and the setting that points to it."""
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise InvalidArgument(f"{what} {path}: {exc.strerror}", field=field) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"{what} {path} is not valid TOML: {exc}", field=field) from None

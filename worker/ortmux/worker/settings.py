@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import tomllib
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ortmux.worker.errors import InvalidArgument
+from ortmux.worker.files import read_toml
 
 ENV_PREFIX = "ORTMUX_"
 CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
@@ -267,13 +267,7 @@ def _read_environ(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as handle:
-            values = tomllib.load(handle)
-    except OSError as exc:
-        raise InvalidArgument(f"config file {path}: {exc.strerror}", field="config") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidArgument(f"config file {path} is not valid TOML: {exc}", field="config") from None
+    values = read_toml(path, "config file", "config")
     known = {field.name for field in Settings.fields()}
     unknown = sorted(set(values) - known)
     if unknown:
