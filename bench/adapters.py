@@ -151,6 +151,7 @@ def main() -> None:
     ids = {"input_ids": np.random.default_rng(0).integers(0, 8000, (1, 8), dtype=np.int64)}
     times: dict[str, list[float]] = {
         "lora": [],
+        "lora_path": [],
         "override": [],
         "override_path": [],
         "recipe_lora": [],
@@ -177,6 +178,11 @@ def main() -> None:
             started = time.perf_counter()
             client.infer("bench", ids)
             base_ms.append((time.perf_counter() - started) * 1000)
+
+            started = time.perf_counter()
+            client.register_adapter_from_path("bench", f"lora-path-{run}", str(peft.resolve()))
+            client.infer("bench", ids, adapter=f"lora-path-{run}")
+            times["lora_path"].append(time.perf_counter() - started)
 
             started = time.perf_counter()
             client.register_adapter("bench", f"override-{run}", override)
@@ -214,10 +220,16 @@ def main() -> None:
     worker.stop()
 
     lora, recipe_lora = median(times["lora"]), median(times["recipe_lora"])
+    lora_path = median(times["lora_path"])
     override, recipe_override = median(times["override"]), median(times["recipe_override"])
     override_path = median(times["override_path"])
     rows = [
         ["LoRA rank 16, 48 projections (ortmux, uploaded)", lora * 1000, lora / recipe_lora],
+        [
+            "LoRA rank 16, 48 projections (ortmux, from a worker path)",
+            lora_path * 1000,
+            lora_path / recipe_lora,
+        ],
         ["LoRA, per-adapter session recipe", recipe_lora * 1000, 1.0],
         ["override of 2 weights (ortmux, uploaded)", override * 1000, override / recipe_override],
         [
