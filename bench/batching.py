@@ -34,14 +34,20 @@ MODES = {
 }
 
 
-def load(address: str, clients: int, seconds: float, use_adapters: bool) -> tuple[float, list[float]]:
+# Two tenants for the fairness part: the worker there runs with API keys.
+TENANT_KEYS = {"flood": "flood-key", "light": "light-key"}
+
+
+def load(
+    address: str, clients: int, seconds: float, use_adapters: bool, api_key: str | None = None
+) -> tuple[float, list[float]]:
     """Requests per second and latencies (ms) of ``clients`` threads sending back to back."""
     from ortmux.client import Client
 
     latencies: list[float] = []
     lock = threading.Lock()
     stop = time.monotonic() + seconds
-    with Client(address) as client:
+    with Client(address, api_key=api_key) as client:
 
         def worker(seed: int) -> None:
             rng = random.Random(seed)
@@ -65,26 +71,28 @@ def load(address: str, clients: int, seconds: float, use_adapters: bool) -> tupl
     return len(latencies) / elapsed, latencies
 
 
-def start(work: Path, flags: list[str]) -> WorkerProcess:
+def start(work: Path, flags: list[str], api_keys: tuple[str | None, ...] = (None,)) -> WorkerProcess:
+    """A worker with the 64 adapters registered for each caller of ``api_keys`` (None: no key)."""
     from ortmux.client import Client
 
     worker = WorkerProcess("--data-dir", str(work / "data"), "--model", f"bench={bench_model()}", *flags)
-    with Client(worker.address) as client:
-        registered = {a.adapter_id for a in client.list_adapters("bench")}
-        for index in range(ADAPTERS):
-            if f"a{index}" not in registered:
-                client.register_adapter(
-                    "bench", f"a{index}", write_peft(work / "files" / f"a{index}", seed=index)
-                )
+    for api_key in api_keys:
+        with Client(worker.address, api_key=api_key) as client:
+            registered = {a.adapter_id for a in client.list_adapters("bench")}
+            for index in range(ADAPTERS):
+                if f"a{index}" not in registered:
+                    client.register_adapter(
+                        "bench", f"a{index}", write_peft(work / "files" / f"a{index}", seed=index)
+                    )
     return worker
 
 
 def flood(address: str, done: threading.Event, count: list[int]) -> None:
-    """One tenant (adapter a0) sending from 16 threads until ``done``; ``count[0]`` counts answers."""
+    """The flood tenant sending from 16 threads until ``done``; ``count[0]`` counts answers."""
     from ortmux.client import Client
 
     ids = {"input_ids": np.zeros((1, 8), dtype=np.int64)}
-    with Client(address) as client:
+    with Client(address, api_key=TENANT_KEYS["flood"]) as client:
 
         def spam() -> None:
             while not done.is_set():
@@ -138,18 +146,25 @@ def main() -> None:
         f"(c) / (d) = {results[('c', top)][0] / results[('d', top)][0]:.2f}"
     )
 
+    from ortmux.worker.auth import key_digest
+
+    keys = [
+        flag
+        for tenant, key in TENANT_KEYS.items()
+        for flag in ("--api-keys", f"{key_digest(key)}:{tenant}:tenant")
+    ]
     fairness_rows = []
     for cap in (0, 1):
-        worker = start(work, ["--fair-share-rows", str(cap)])
+        worker = start(work, ["--fair-share-rows", str(cap), *keys], tuple(TENANT_KEYS.values()))
         try:
-            _rate, idle = load(worker.address, 1, args.seconds, True)
+            _rate, idle = load(worker.address, 1, args.seconds, True, TENANT_KEYS["light"])
             flood_done = threading.Event()
             flood_count = [0]
             flooder = threading.Thread(target=flood, args=(worker.address, flood_done, flood_count))
             flooder.start()
             time.sleep(1.0)
             counted = flood_count[0]
-            _rate, busy = load(worker.address, 1, args.seconds, True)
+            _rate, busy = load(worker.address, 1, args.seconds, True, TENANT_KEYS["light"])
             flood_rate = (flood_count[0] - counted) / args.seconds
             flood_done.set()
             flooder.join()
@@ -158,7 +173,7 @@ def main() -> None:
         idle_p50, busy_p50 = float(np.percentile(idle, 50)), float(np.percentile(busy, 50))
         label = "no cap (default)" if cap == 0 else f"--fair-share-rows {cap}"
         fairness_rows.append([label, idle_p50, busy_p50, busy_p50 / idle_p50, flood_rate])
-    print("\nFairness: one tenant (adapter a0) floods from 16 threads; another sends one request at a time")
+    print("\nFairness: tenant 'flood' sends from 16 threads; tenant 'light' one request at a time (API keys)")
     print(
         table(
             ["setting", "other p50 idle ms", "other p50 in flood ms", "x idle", "flood requests/s"],
