@@ -110,3 +110,20 @@ def test_metrics_count_every_request_of_unary_calls_and_streams(
     assert requests("NOT_FOUND", "") - unknown == 1  # unknown names never become label values
     assert scrape(worker)[("ortmux_request_duration_seconds_count", (("model", "demo"),))] - seconds == 4
     assert scrape(worker)[("ortmux_requests_in_flight", (("model", "demo"),))] == 0
+
+
+def test_every_metric_the_worker_exports_is_documented_in_readme(worker: Worker, client: Client) -> None:
+    from pathlib import Path
+
+    client.infer("demo", {"input_ids": np.zeros((1, 2), dtype=np.int64)})  # every lazily labelled family
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Metrics") :]
+    families = {
+        name.rsplit("_", 1)[0] if name.endswith(("_bucket", "_count", "_sum", "_created")) else name
+        for name, _ in scrape(worker)
+    }
+    families = {name for name in families if name.startswith("ortmux_")}
+    missing = sorted(
+        name for name in families if f"`{name}`" not in section and f"`{name}_total`" not in section
+    )
+    assert not missing, missing

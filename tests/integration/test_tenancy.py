@@ -274,3 +274,26 @@ def test_tls_and_mutual_tls(certificates: Path, tmp_path: Path) -> None:
             assert _error(lambda: client.list_models()).code == grpc.StatusCode.UNAVAILABLE
     finally:
         running.stop(0)
+
+
+def test_single_tenant_mode_warns_and_byte_quota_applies_to_the_default_tenant(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    peft = write_peft(tmp_path / "peft")
+    size = sum(p.stat().st_size for p in peft.iterdir())
+    with caplog.at_level(logging.WARNING):
+        running = start_worker(
+            worker_settings(tmp_path / "data", "--tenant-max-adapter-bytes", str(size + 10))
+        )
+    try:
+        assert any("NO API KEYS CONFIGURED" in r.getMessage() for r in caplog.records)
+        with Client(running.address) as client:  # no key needed
+            client.register_adapter("demo", "first", peft)
+            error = _error(lambda: client.register_adapter("demo", "second", peft))
+            assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.reason == "QUOTA_ADAPTER_BYTES"
+            assert "tenant_max_adapter_bytes" in error.message
+            client.register_adapter("demo", "first", peft, replace=True)  # a replacement counts once
+            client.delete_adapter("demo", "first")
+            client.register_adapter("demo", "second", peft)
+    finally:
+        running.stop(0)
