@@ -109,24 +109,58 @@ def test_tenants_never_see_or_use_each_others_adapters(tenant_worker: Worker, tm
 
 
 def test_only_admins_manage_models_or_read_worker_paths(tenant_worker: Worker, tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     from ortmux.v1 import models_pb2, models_pb2_grpc
 
     peft = write_peft(tmp_path / "peft")
+    demo_file = tenant_worker.dataplane.get_model("demo").path
     with _client(tenant_worker, "acme") as acme, _client(tenant_worker, "root") as root:
         error = _error(lambda: acme.register_adapter_from_path("demo", "p", str(peft)))
         assert error.code == grpc.StatusCode.PERMISSION_DENIED
         assert root.register_adapter_from_path("demo", "p", str(peft)).adapter_id == "p"
         root.delete_adapter("demo", "p")
-    with grpc.insecure_channel(tenant_worker.address) as channel:
-        stub = models_pb2_grpc.ModelServiceStub(channel)
-        request = models_pb2.LoadModelRequest(name="m", path="/m.onnx")
-        for key, code in (
-            (KEYS["acme"], grpc.StatusCode.PERMISSION_DENIED),
-            (KEYS["root"], grpc.StatusCode.UNIMPLEMENTED),
-        ):
-            with pytest.raises(grpc.RpcError) as caught:
-                stub.LoadModel(request, timeout=10, metadata=(("authorization", f"Bearer {key}"),))
-            assert caught.value.code() == code
+
+    def call(key: str, method: str, request: object) -> tuple[grpc.StatusCode, object]:
+        with grpc.insecure_channel(tenant_worker.address) as channel:
+            stub = models_pb2_grpc.ModelServiceStub(channel)
+            try:
+                reply = getattr(stub, method)(
+                    request, timeout=60, metadata=(("authorization", f"Bearer {key}"),)
+                )
+                return grpc.StatusCode.OK, reply
+            except grpc.RpcError as error:
+                return error.code(), None
+
+    def health(service: str) -> int:
+        with grpc.insecure_channel(tenant_worker.address) as channel:
+            try:
+                return (
+                    health_pb2_grpc.HealthStub(channel)
+                    .Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                    .status
+                )
+            except grpc.RpcError as error:
+                return -1 if error.code() == grpc.StatusCode.NOT_FOUND else -2
+
+    load = models_pb2.LoadModelRequest(name="second", path=str(demo_file))
+    unload = models_pb2.UnloadModelRequest(name="second")
+    assert call(KEYS["acme"], "LoadModel", load)[0] == grpc.StatusCode.PERMISSION_DENIED
+    missing = models_pb2.LoadModelRequest(name="second", path=str(tmp_path / "none.onnx"))
+    assert call(KEYS["root"], "LoadModel", missing)[0] == grpc.StatusCode.NOT_FOUND
+    bad_name = models_pb2.LoadModelRequest(name="../x", path=str(demo_file))
+    assert call(KEYS["root"], "LoadModel", bad_name)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    code, info = call(KEYS["root"], "LoadModel", load)
+    assert code == grpc.StatusCode.OK and info.name == "second"
+    assert call(KEYS["root"], "LoadModel", load)[0] == grpc.StatusCode.ALREADY_EXISTS
+    assert health("ortmux.model.second") == health_pb2.HealthCheckResponse.SERVING
+    with _client(tenant_worker, "acme") as acme:
+        np.testing.assert_array_equal(acme.infer("second", IDS)["logits"], acme.infer("demo", IDS)["logits"])
+        assert call(KEYS["acme"], "UnloadModel", unload)[0] == grpc.StatusCode.PERMISSION_DENIED
+        assert call(KEYS["root"], "UnloadModel", unload)[0] == grpc.StatusCode.OK
+        assert _error(lambda: acme.infer("second", IDS)).code == grpc.StatusCode.NOT_FOUND
+    assert health("ortmux.model.second") == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert call(KEYS["root"], "UnloadModel", unload)[0] == grpc.StatusCode.NOT_FOUND
 
 
 def test_adapter_quota_refuses_past_the_limit_and_recovers(tenant_worker: Worker, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -21,12 +22,14 @@ from ortmux.worker.auth import Identity
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.registry import ModelRegistry
 from ortmux.worker.engine.specs import validate_inputs, validate_output_names
-from ortmux.worker.errors import DeadlineExceeded, OrtmuxError, ResourceExhausted
+from ortmux.worker.errors import DeadlineExceeded, InvalidArgument, NotFound, OrtmuxError, ResourceExhausted
 from ortmux.worker.observability.metrics import Metrics
 from ortmux.worker.quotas import RequestQuotas
 from ortmux.worker.scheduler.batcher import Batcher, BatchLimits
 from ortmux.worker.scheduler.request import BatchResult, QueuedRequest
 from ortmux.worker.scheduler.runner import batch_runner
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,7 @@ class DataPlane:
         self._batchers: dict[str, Batcher] = {}
         self._lock = threading.Lock()
         self._drain_callbacks: set[Callable[[], None]] = set()
+        self._model_callbacks: list[Callable[[], None]] = []
         self.draining = False
 
     def batcher(self, model: BaseModel) -> Batcher:
@@ -122,6 +126,42 @@ class DataPlane:
                 self.metrics.queue_seconds.labels(model).observe(started - request.enqueued_at)
 
         return observe
+
+    def load_model(self, identity: Identity, name: str, path: Path) -> BaseModel:
+        """Load a base model at runtime (admins only); returns once it serves."""
+        with _audited("model.load", identity, name, "", path=str(path)):
+            identity.require_admin("loading a base model")
+            if not MODEL_NAME.match(name):
+                raise InvalidArgument(
+                    f"model name {name!r} is invalid: use 1-64 letters, digits, '.', '_' or '-', "
+                    "starting with a letter or digit",
+                    field="name",
+                )
+            if not path.is_file():
+                raise NotFound(f"no model file at {path}", field="path")
+            model = self.models.load(name, path)
+            self._notify_models()
+            return model
+
+    def unload_model(self, identity: Identity, name: str) -> None:
+        """Stop serving a model (admins only): new requests are refused, queued ones still run.
+        Its adapters stay on disk and serve again if a model of that name is loaded."""
+        with _audited("model.unload", identity, name, ""):
+            identity.require_admin("unloading a base model")
+            self.models.unload(name)
+            with self._lock:
+                batcher = self._batchers.pop(name, None)
+            if batcher is not None:
+                batcher.close()
+            self._notify_models()
+
+    def on_models_changed(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after a model is loaded or unloaded at runtime."""
+        self._model_callbacks.append(callback)
+
+    def _notify_models(self) -> None:
+        for callback in self._model_callbacks:
+            callback()
 
     def list_models(self) -> list[BaseModel]:
         return self.models.all()

@@ -47,6 +47,7 @@ SERVICE_NAMES = (
     inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
 )
 OVERALL_HEALTH = ""
+MODEL_HEALTH_PREFIX = "ortmux.model."
 
 
 @dataclasses.dataclass
@@ -61,6 +62,7 @@ class Worker:
     health: health.HealthServicer
     metrics_port: int | None = None
     _stopped: threading.Event = dataclasses.field(default_factory=threading.Event)
+    _model_health_names: set[str] = dataclasses.field(default_factory=set)
 
     @property
     def address(self) -> str:
@@ -101,6 +103,21 @@ class Worker:
     def _set_health(self, status: int) -> None:
         for service in (OVERALL_HEALTH, *SERVICE_NAMES):
             self.health.set(service, status)
+        self._set_model_health()
+
+    def _set_model_health(self) -> None:
+        """``ortmux.model.<name>`` is SERVING while that model serves and the worker is not draining."""
+        served = {model.name for model in self.dataplane.list_models()}
+        for name in served | self._model_health_names:
+            serving = name in served and not self._stopped.is_set()
+            self.health.set(
+                MODEL_HEALTH_PREFIX + name,
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
+        self._model_health_names |= served
+        self.metrics.models_loaded.set(len(served))
 
 
 def create_server(
@@ -174,6 +191,7 @@ def create_server(
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
     worker = Worker(settings, server, port, dataplane, metrics, health_servicer)
     worker._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    dataplane.on_models_changed(worker._set_model_health)
     return server, port, worker
 
 

@@ -25,7 +25,6 @@ from ortmux.worker.api.interceptors import current_identity
 from ortmux.worker.api.pages import paginate
 from ortmux.worker.dataplane import DataPlane
 from ortmux.worker.engine.base_model import BaseModel
-from ortmux.worker.errors import Unimplemented
 from ortmux.worker.streaming import AnswerStream, Incoming
 
 
@@ -51,16 +50,15 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
     def LoadModel(
         self, request: models_pb2.LoadModelRequest, context: grpc.ServicerContext
     ) -> models_pb2.ModelInfo:
-        current_identity().require_admin("loading a base model")
-        raise Unimplemented(
-            "loading base models at runtime is not available in this worker version; use --model"
+        return self._model_info(
+            self._dataplane.load_model(current_identity(), request.name, Path(request.path))
         )
 
     def UnloadModel(
         self, request: models_pb2.UnloadModelRequest, context: grpc.ServicerContext
     ) -> models_pb2.UnloadModelResponse:
-        current_identity().require_admin("unloading a base model")
-        raise Unimplemented("unloading base models at runtime is not available in this worker version")
+        self._dataplane.unload_model(current_identity(), request.name)
+        return models_pb2.UnloadModelResponse()
 
 
 class AdapterServicer(adapters_pb2_grpc.AdapterServiceServicer):

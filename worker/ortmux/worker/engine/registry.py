@@ -70,6 +70,16 @@ class ModelRegistry:
             f"model '{name}' is not served here; served: {', '.join(known) or 'none'}", field="model"
         )
 
+    def unload(self, name: str) -> BaseModel:
+        """Stop serving a model; its sessions close once the last run holding them ends."""
+        with self._lock:
+            if name in self._loading:
+                raise Unavailable(f"model '{name}' is loading; unload it once it is ready", retry_after=1.0)
+            model = self._models.pop(name, None)
+        if model is None:
+            raise NotFound(f"model '{name}' is not served here", field="name")
+        return model
+
     def all(self) -> list[BaseModel]:
         with self._lock:
             return [self._models[name] for name in sorted(self._models)]
