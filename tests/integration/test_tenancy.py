@@ -154,8 +154,13 @@ def test_only_admins_manage_models_or_read_worker_paths(tenant_worker: Worker, t
     assert code == grpc.StatusCode.OK and info.name == "second"
     assert call(KEYS["root"], "LoadModel", load)[0] == grpc.StatusCode.ALREADY_EXISTS
     assert health("ortmux.model.second") == health_pb2.HealthCheckResponse.SERVING
-    with _client(tenant_worker, "acme") as acme:
+    with _client(tenant_worker, "acme") as acme, _client(tenant_worker, "root") as root:
         np.testing.assert_array_equal(acme.infer("second", IDS)["logits"], acme.infer("demo", IDS)["logits"])
+        root.unload_model("second")  # the client's twins of the same calls
+        assert root.load_model("second", str(demo_file)).name == "second"
+        assert (
+            _error(lambda: acme.load_model("third", str(demo_file))).code == grpc.StatusCode.PERMISSION_DENIED
+        )
         assert call(KEYS["acme"], "UnloadModel", unload)[0] == grpc.StatusCode.PERMISSION_DENIED
         assert call(KEYS["root"], "UnloadModel", unload)[0] == grpc.StatusCode.OK
         assert _error(lambda: acme.infer("second", IDS)).code == grpc.StatusCode.NOT_FOUND

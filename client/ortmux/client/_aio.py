@@ -80,6 +80,16 @@ class AsyncClient:
         response = await self._call(self._models.GetModel, models_pb2.GetModelRequest(name=model), timeout)
         return _convert.model_info(response)
 
+    async def load_model(self, model: str, worker_path: str, *, timeout: float | None = None) -> ModelInfo:
+        """Load a base model from an ``.onnx`` file on the worker (admin key); returns once it
+        serves. The first load of a model optimizes it, which can take minutes: pass ``timeout``."""
+        request = models_pb2.LoadModelRequest(name=model, path=str(worker_path))
+        return _convert.model_info(await self._call(self._models.LoadModel, request, timeout))
+
+    async def unload_model(self, model: str, *, timeout: float | None = None) -> None:
+        """Stop serving a base model (admin key); its queued requests still run."""
+        await self._call(self._models.UnloadModel, models_pb2.UnloadModelRequest(name=model), timeout)
+
     async def infer(
         self,
         model: str,

@@ -80,6 +80,16 @@ class Client:
             self._call(self._models.GetModel, models_pb2.GetModelRequest(name=model), timeout)
         )
 
+    def load_model(self, model: str, worker_path: str, *, timeout: float | None = None) -> ModelInfo:
+        """Load a base model from an ``.onnx`` file on the worker (admin key); returns once it
+        serves. The first load of a model optimizes it, which can take minutes: pass ``timeout``."""
+        request = models_pb2.LoadModelRequest(name=model, path=str(worker_path))
+        return _convert.model_info(self._call(self._models.LoadModel, request, timeout))
+
+    def unload_model(self, model: str, *, timeout: float | None = None) -> None:
+        """Stop serving a base model (admin key); its queued requests still run."""
+        self._call(self._models.UnloadModel, models_pb2.UnloadModelRequest(name=model), timeout)
+
     def infer(
         self,
         model: str,
