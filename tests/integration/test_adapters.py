@@ -130,6 +130,28 @@ def test_adapters_survive_a_restart(tmp_path: Path) -> None:
     np.testing.assert_array_equal(before, after)
 
 
+def test_adapters_stored_before_tenants_existed_move_to_the_default_tenant(tmp_path: Path) -> None:
+    first = start_worker(worker_settings(tmp_path / "data"))
+    try:
+        with Client(first.address) as client:
+            client.register_adapter("demo", "old", write_peft(tmp_path / "peft"))
+            before = client.infer("demo", {"input_ids": IDS}, adapter="old")["logits"]
+    finally:
+        first.stop(0)
+    model_dir = tmp_path / "data" / "adapters" / "demo"
+    (model_dir / "default" / "old").rename(model_dir / "old")  # the layout without tenants
+    (model_dir / "default").rmdir()
+    second = start_worker(worker_settings(tmp_path / "data"))
+    try:
+        with Client(second.address) as client:
+            np.testing.assert_array_equal(
+                client.infer("demo", {"input_ids": IDS}, adapter="old")["logits"], before
+            )
+    finally:
+        second.stop(0)
+    assert (model_dir / "default" / "old" / "meta.json").is_file() and not (model_dir / "old").exists()
+
+
 def _npz(tensors: dict[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **tensors)

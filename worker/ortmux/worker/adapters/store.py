@@ -131,6 +131,23 @@ class AdapterStore:
         for name in _WORK_DIRS:
             shutil.rmtree(root / name, ignore_errors=True)
             (root / name).mkdir(parents=True, exist_ok=True)
+        self._adopt_untenanted()
+
+    def _adopt_untenanted(self) -> None:
+        """Move adapters stored before tenants existed (``<model>/<id>/``) to the default tenant."""
+        for meta in sorted(self.root.glob(f"*/*/{META_FILE}")):
+            directory, model_dir = meta.parent, meta.parent.parent
+            if model_dir.name.startswith("."):
+                continue
+            target = model_dir / DEFAULT_TENANT / directory.name
+            if target.exists():
+                log.error("adapter %s has a twin at %s; left where it is", directory, target)
+                continue
+            target.parent.mkdir(exist_ok=True)
+            os.rename(directory, target)
+            fsync_dir(model_dir)
+            fsync_dir(target.parent)
+            log.info("adapter %s/%s moved to tenant '%s'", model_dir.name, directory.name, DEFAULT_TENANT)
 
     def begin(self) -> PendingAdapter:
         return PendingAdapter(self)
