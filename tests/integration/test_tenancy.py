@@ -336,3 +336,24 @@ def test_single_tenant_mode_warns_and_byte_quota_applies_to_the_default_tenant(
             client.register_adapter("demo", "second", peft)
     finally:
         running.stop(0)
+
+
+def test_worker_paths_confine_what_admins_may_read(tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    peft = write_peft(allowed / "peft")
+    outside = write_peft(tmp_path / "outside")
+    (allowed / "link").symlink_to(outside)  # a link out of the allowed directory is still outside
+    running = start_worker(worker_settings(tmp_path / "data", "--worker-paths", str(allowed)))
+    try:
+        with Client(running.address, retry_attempts=1) as client:
+            assert client.register_adapter_from_path("demo", "in", str(peft)).adapter_id == "in"
+            for path in (outside, allowed / "link", allowed / ".." / "outside"):
+                error = _error(lambda p=path: client.register_adapter_from_path("demo", "out", str(p)))
+                assert error.code == grpc.StatusCode.PERMISSION_DENIED and "worker_paths" in error.message
+            demo = running.dataplane.get_model("demo").path
+            assert (
+                _error(lambda: client.load_model("second", str(demo))).code
+                == grpc.StatusCode.PERMISSION_DENIED
+            )
+    finally:
+        running.stop(0)

@@ -22,7 +22,14 @@ from ortmux.worker.auth import Identity
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.registry import ModelRegistry
 from ortmux.worker.engine.specs import validate_inputs, validate_output_names
-from ortmux.worker.errors import DeadlineExceeded, InvalidArgument, NotFound, OrtmuxError, ResourceExhausted
+from ortmux.worker.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    OrtmuxError,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from ortmux.worker.observability.metrics import Metrics
 from ortmux.worker.quotas import RequestQuotas
 from ortmux.worker.scheduler.batcher import Batcher, BatchLimits
@@ -66,6 +73,7 @@ class DataPlane:
         mix_adapters: bool = True,
         quotas: RequestQuotas | None = None,
         max_request_elements: int = 1 << 26,
+        worker_paths: Sequence[Path] = (),
     ) -> None:
         self.models = models
         self.adapters = adapters
@@ -74,6 +82,7 @@ class DataPlane:
         self.mix_adapters = mix_adapters
         self.quotas = quotas or RequestQuotas()
         self.max_request_elements = max_request_elements
+        self.worker_paths = tuple(Path(p).resolve() for p in worker_paths)
         self._batchers: dict[str, Batcher] = {}
         self._lock = threading.Lock()
         self._drain_callbacks: set[Callable[[], None]] = set()
@@ -137,6 +146,7 @@ class DataPlane:
                     "starting with a letter or digit",
                     field="name",
                 )
+            path = self._readable(path)
             if not path.is_file():
                 raise NotFound(f"no model file at {path}", field="path")
             model = self.models.load(name, path)
@@ -154,6 +164,15 @@ class DataPlane:
             if batcher is not None:
                 batcher.close()
             self._notify_models()
+
+    def _readable(self, path: Path) -> Path:
+        """``path`` resolved, when it lies under one of ``worker_paths`` (or any path without them)."""
+        resolved = path.resolve()
+        if self.worker_paths and not any(resolved.is_relative_to(root) for root in self.worker_paths):
+            raise PermissionDenied(
+                f"{path} is outside the directories this worker reads from (worker_paths)", field="path"
+            )
+        return resolved
 
     def on_models_changed(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after a model is loaded or unloaded at runtime."""
@@ -296,7 +315,7 @@ class DataPlane:
             "adapter.register_from_path", identity, header.model, header.adapter_id, path=str(path)
         ):
             identity.require_admin("registering an adapter from a path on the worker")
-            return self.adapters.register_from_path(header, path)
+            return self.adapters.register_from_path(header, self._readable(path))
 
     def get_adapter(self, identity: Identity, model: str, adapter_id: str) -> AdapterInfo:
         return self.adapters.get(model, adapter_id, identity.tenant)

@@ -113,6 +113,11 @@ class Settings:
     max_request_elements: int = _field(
         1 << 26, "Most tensor elements one inference request may carry over all its inputs."
     )
+    worker_paths: list[str] = _field(
+        [],
+        "Directories LoadModel and RegisterAdapterFromPath may read from (admins only either way); "
+        "repeatable. Empty: any path the worker can read.",
+    )
     tls_cert_file: str = _field("", "PEM server certificate (chain); with tls_key_file, serve TLS only.")
     tls_key_file: str = _field("", "PEM private key of tls_cert_file.")
     tls_client_ca_file: str = _field(

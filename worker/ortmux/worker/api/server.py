@@ -151,7 +151,14 @@ def create_server(
     )
     quotas = RequestQuotas(settings.tenant_max_in_flight, settings.tenant_max_requests_per_second)
     dataplane = DataPlane(
-        models, adapters, metrics, batching, settings.mix_adapters, quotas, settings.max_request_elements
+        models,
+        adapters,
+        metrics,
+        batching,
+        settings.mix_adapters,
+        quotas,
+        settings.max_request_elements,
+        [Path(p) for p in settings.worker_paths],
     )
     keys = KeyRing(settings.api_keys, Path(settings.api_keys_file) if settings.api_keys_file else None)
     if not keys.enabled:
