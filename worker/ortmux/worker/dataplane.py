@@ -197,23 +197,19 @@ class DataPlane:
         once, with its outcome, when it is answered."""
         started = time.perf_counter()
         tenant = request.tenant or DEFAULT_TENANT
+        model_label = ""  # a name no model has never becomes a label value
+        admitted = False
         try:
             model = self.models.get(request.model)
-        except OrtmuxError as error:
-            self.metrics.observe_request("", tenant, error.code.name, time.perf_counter() - started)
-            raise
-        try:
+            model_label = model.name
             self._check_size(request)
             self.quotas.admit(tenant)
-        except OrtmuxError as error:
-            self.metrics.observe_request(model.name, tenant, error.code.name, time.perf_counter() - started)
-            raise
-        try:
-            future = self._queue(model, request)
+            admitted = True
+            future = self._queue(model, request, tenant)
         except Exception as error:
-            self.quotas.release(tenant)
-            code = error.code.name if isinstance(error, OrtmuxError) else "INTERNAL"
-            self.metrics.observe_request(model.name, tenant, code, time.perf_counter() - started)
+            if admitted:
+                self.quotas.release(tenant)
+            self.metrics.observe_request(model_label, tenant, _outcome(error), time.perf_counter() - started)
             raise
         in_flight = self.metrics.requests_in_flight.labels(model.name)
         in_flight.inc()
@@ -221,10 +217,7 @@ class DataPlane:
         def answered(done: Future[InferenceResult]) -> None:
             in_flight.dec()
             self.quotas.release(tenant)
-            error = done.exception()
-            code = (
-                "OK" if error is None else error.code.name if isinstance(error, OrtmuxError) else "INTERNAL"
-            )
+            code = _outcome(done.exception())
             self.metrics.observe_request(model.name, tenant, code, time.perf_counter() - started)
 
         future.add_done_callback(answered)
@@ -239,15 +232,13 @@ class DataPlane:
                 field="inputs",
             )
 
-    def _queue(self, model: BaseModel, request: InferenceRequest) -> Future[InferenceResult]:
+    def _queue(self, model: BaseModel, request: InferenceRequest, tenant: str) -> Future[InferenceResult]:
         validate_inputs(model.name, model.inputs, request.inputs)
         names = tuple(validate_output_names(model.name, model.outputs, request.output_names))
         held = ExitStack()  # the adapter stays in use (never deleted) until the request is answered
         try:
             adapter = (
-                held.enter_context(
-                    self.adapters.use(model.name, request.adapter, request.tenant or DEFAULT_TENANT)
-                )
+                held.enter_context(self.adapters.use(model.name, request.adapter, tenant))
                 if request.adapter
                 else None
             )
@@ -336,15 +327,14 @@ class DataPlane:
 @contextlib.contextmanager
 def _audited(event: str, identity: Identity, model: str, adapter_id: str, **fields: str) -> Iterator[None]:
     """Audit ``event`` once it is done, with its outcome."""
-    result = "INTERNAL"
     try:
         yield
-        result = "OK"
-    except OrtmuxError as error:
-        result = error.code.name
+    except BaseException as error:
+        audit(
+            event, tenant=identity.tenant, result=_outcome(error), model=model, adapter=adapter_id, **fields
+        )
         raise
-    finally:
-        audit(event, tenant=identity.tenant, result=result, model=model, adapter=adapter_id, **fields)
+    audit(event, tenant=identity.tenant, result="OK", model=model, adapter=adapter_id, **fields)
 
 
 def _fairness_key(request: InferenceRequest) -> str:
@@ -353,3 +343,10 @@ def _fairness_key(request: InferenceRequest) -> str:
     if request.tenant and request.tenant != DEFAULT_TENANT:
         return request.tenant
     return request.adapter
+
+
+def _outcome(error: BaseException | None) -> str:
+    """A request's outcome as a status code name: OK, the error's code, or INTERNAL."""
+    if error is None:
+        return "OK"
+    return error.code.name if isinstance(error, OrtmuxError) else "INTERNAL"
