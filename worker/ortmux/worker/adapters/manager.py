@@ -363,7 +363,7 @@ class AdapterManager:
             sites = map_modules(
                 model.lora_sites, [m.module for m in parsed.peft_modules], parsed.module_mapping
             )
-            lora = {}
+            weights_of = {}
             for module in parsed.peft_modules:
                 site = sites[module.module]
                 if module.a.shape[1] != site.in_features or module.b.shape[0] != site.out_features:
@@ -373,15 +373,12 @@ class AdapterManager:
                         f"{site.out_features}",
                         field="adapter_model.safetensors",
                     )
-                if site.weight in lora:
+                if site.weight in weights_of:
                     raise InvalidArgument(
                         f"two modules map to weight '{site.weight}'", field="target_modules"
                     )
-                dtype = np.float32
-                lora[site.weight] = LoraWeights(
-                    a=np.ascontiguousarray(module.a.T, dtype=dtype),
-                    b=np.ascontiguousarray(module.b.T * module.scale, dtype=dtype),
-                )
+                weights_of[site.weight] = module
+            lora = _lora_factors(weights_of)
             nbytes = sum(weights.nbytes for weights in lora.values())
             rank = max(weights.rank for weights in lora.values())
             return Resident(lora=lora, nbytes=nbytes), rank, sorted(lora)
@@ -565,6 +562,23 @@ class AdapterManager:
             last_used_at=record.last_used_at,
             sha256=meta.sha256,
         )
+
+
+def _lora_factors(modules: dict[str, formats.PeftModule]) -> dict[str, LoraWeights]:
+    """Each module's factors as a run feeds them, A [in, r] and B * scale [r, out], carved out of
+    one float32 block: one allocation per adapter, each factor written in a single pass."""
+    block = np.empty(sum(m.a.size + m.b.size for m in modules.values()), dtype=np.float32)
+    lora, offset = {}, 0
+    for weight, module in modules.items():
+        (rank, fan_in), (fan_out, _) = module.a.shape, module.b.shape
+        a = block[offset : offset + fan_in * rank].reshape(fan_in, rank)
+        offset += a.size
+        b = block[offset : offset + rank * fan_out].reshape(rank, fan_out)
+        offset += b.size
+        np.copyto(a, module.a.T, casting="same_kind")
+        np.multiply(module.b.T, module.scale, out=b, casting="same_kind")
+        lora[weight] = LoraWeights(a=a, b=b)
+    return lora
 
 
 def _check_file_list(files: tuple[tuple[str, int], ...], total: int) -> None:

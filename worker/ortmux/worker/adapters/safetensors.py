@@ -7,6 +7,7 @@ Layout: 8-byte little-endian header length N, N bytes of JSON header
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping
 
@@ -63,7 +64,7 @@ def _tensor(source: str, name: str, info: object, body: memoryview) -> np.ndarra
     begin, end = offsets
     if not 0 <= begin <= end <= len(body):
         raise InvalidArgument(f"{source}: tensor '{name}' data [{begin}, {end}) lies outside the file")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     raw = body[begin:end]
     if dtype_name == "BF16":
         if len(raw) != count * 2:

@@ -63,7 +63,8 @@ class PendingAdapter:
     """An adapter being written: its payload streams into a staging directory.
 
     Written bytes are synced to disk in the background every ``SYNC_EVERY_BYTES`` while the upload
-    goes on, so the final fsync only has the tail left to flush.
+    goes on, and the tail while the adapter is checked; :meth:`commit` waits for those syncs, so
+    nothing moves into place before its bytes are on disk.
     """
 
     SYNC_EVERY_BYTES = 4 << 20
@@ -72,9 +73,10 @@ class PendingAdapter:
         self._store = store
         self.directory = store.root / ".staging" / uuid.uuid4().hex
         self.directory.mkdir()
-        self._handle = open(self.directory / PAYLOAD_FILE, "w+b", buffering=0)  # noqa: SIM115 (closed in finish/abort)
+        self._handle = open(self.directory / PAYLOAD_FILE, "w+b", buffering=0)  # noqa: SIM115 (closed in commit/abort)
         self._unsynced = 0
         self._sync: threading.Thread | None = None
+        self._sync_error: OSError | None = None
 
     def write(self, chunk: bytes | memoryview) -> None:
         view = memoryview(chunk)
@@ -82,30 +84,43 @@ class PendingAdapter:
             view = view[self._handle.write(view) :]
         self._unsynced += len(chunk)
         if self._unsynced >= self.SYNC_EVERY_BYTES and (self._sync is None or not self._sync.is_alive()):
-            self._unsynced = 0
-            self._sync = threading.Thread(target=os.fdatasync, args=(self._handle.fileno(),), daemon=True)
-            self._sync.start()
+            self._sync_in_background()
 
     def finish(self) -> mmap.mmap:
-        """The payload is complete: flush it to disk and map it read-only.
+        """The payload is complete: map it read-only and flush what is not on disk yet meanwhile.
 
         The map reads the pages just written from the page cache; joining the chunks instead
         would fault in and copy a fresh buffer the size of the upload.
         """
         self._join_sync()
-        os.fsync(self._handle.fileno())
-        try:
-            return mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ)
-        finally:
-            self._handle.close()
+        self._sync_in_background()
+        return mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def _sync_in_background(self) -> None:
+        self._unsynced = 0
+        fd = self._handle.fileno()
+
+        def sync() -> None:
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:  # reported once per file: kept for commit to raise
+                self._sync_error = exc
+
+        self._sync = threading.Thread(target=sync, name="ortmux-adapter-sync", daemon=True)
+        self._sync.start()
 
     def _join_sync(self) -> None:
         if self._sync is not None:
             self._sync.join()
             self._sync = None
+        if self._sync_error is not None:
+            raise self._sync_error
 
     def commit(self, meta: AdapterMeta) -> None:
-        """Write the meta and move the adapter into place atomically."""
+        """Wait for the payload to be on disk, write the meta and move the adapter into place
+        atomically."""
+        self._join_sync()
+        self._handle.close()
         with open(self.directory / META_FILE, "wb") as handle:
             handle.write(meta.to_json())
             handle.flush()
@@ -119,7 +134,8 @@ class PendingAdapter:
         fsync_dir(target.parent)
 
     def abort(self) -> None:
-        self._join_sync()
+        if self._sync is not None:
+            self._sync.join()
         if not self._handle.closed:
             self._handle.close()
         shutil.rmtree(self.directory, ignore_errors=True)
