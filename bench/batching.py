@@ -7,6 +7,7 @@ small requests (1 x 8 tokens) back to back, every request with a uniformly rando
 ``--seconds``. Modes: (a) batching off, (b) batches of one adapter only, (c) mixed-adapter
 batches, (d) base-only requests with batching (the ceiling). Then fairness: one tenant floods
 the queue from 16 threads while another sends one request at a time; its p50 against idle.
+Last, in this process, where the time of one full mixed batch goes, against a base-only batch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from adapters import write_peft
+from adapters import LORA_MODULES, write_peft
 from common import OUT, WorkerProcess, bench_model, table
 
 ADAPTERS = 64
@@ -106,13 +107,81 @@ def flood(address: str, done: threading.Event, count: list[int]) -> None:
             thread.join()
 
 
+def mixed_batch_parts(work: Path, rows: int, runs: int = 5) -> None:
+    """In-process, as the batcher runs them: a base-only batch of ``rows`` requests against one
+    whose every row has its own rank-16 adapter on all 48 projections, split into gathering each
+    row's LoRA factors into the run's inputs and the run itself. Medians of ``runs``."""
+    from ortmux.worker.adapters.lora_feeds import FeedBuffers, LoraWeights, RowSpan, build_feeds
+    from ortmux.worker.adapters.targets import map_modules
+    from ortmux.worker.engine.cache import ModelCache
+    from ortmux.worker.engine.registry import ModelRegistry
+    from ortmux.worker.engine.runtime import RuntimeOptions, configure_process
+
+    configure_process(0)
+    registry = ModelRegistry(RuntimeOptions(providers=("CPUExecutionProvider",)), ModelCache(work / "cache"))
+    model = registry.load("bench", bench_model())
+    sites = map_modules(model.lora_sites, LORA_MODULES).values()  # what the bench's adapters target
+    rng = np.random.default_rng(0)
+    spans = [
+        RowSpan(
+            row,
+            row + 1,
+            {
+                site.weight: LoraWeights(
+                    a=rng.standard_normal((site.in_features, 16), dtype=np.float32) * 0.02,
+                    b=rng.standard_normal((16, site.out_features), dtype=np.float32) * 0.02,
+                )
+                for site in sites
+            },
+        )
+        for row in range(rows)
+    ]
+    inputs = {"input_ids": rng.integers(0, 8000, (rows, 8), dtype=np.int64)}
+    buffers = FeedBuffers()
+    factor_bytes = sum(weights.nbytes for span in spans for weights in span.weights.values())
+
+    def timed_ms(function) -> float:
+        function()  # warm: buffers allocated, shapes seen
+        samples = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            function()
+            samples.append((time.perf_counter() - started) * 1000)
+        return float(np.median(samples))
+
+    base = timed_ms(lambda: model.run(inputs))
+    gather = timed_ms(lambda: build_feeds(model.lora_inputs, rows, spans, buffers))
+    mixed = timed_ms(lambda: model.run(inputs, lora_spans=spans, buffers=buffers))
+    run = mixed - gather
+    print(
+        f"\nOne batch of {rows} requests (1x8 tokens), in-process, median of {runs}: "
+        f"every row its own adapter ({factor_bytes / 1e6:.0f} MB of LoRA factors per batch)"
+    )
+    print(
+        table(
+            ["part", "ms", "x base-only batch"],
+            [
+                ["base-only batch (what (d) runs)", base, 1.0],
+                ["mixed batch: gather each row's factors into the run's inputs", gather, gather / base],
+                ["mixed batch: the run (base + per-row low-rank products)", run, run / base],
+                ["mixed batch, all", mixed, mixed / base],
+            ],
+        )
+    )
+    print(f"Gathering moves {factor_bytes / gather / 1e6:.1f} GB/s; base-only / mixed = {base / mixed:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all modes; medians are shown")
+    parser.add_argument("--only-parts", action="store_true", help="only the in-process batch breakdown")
     args = parser.parse_args()
     work = OUT / "batching-bench"
+    if args.only_parts:
+        mixed_batch_parts(work, max(args.clients))
+        return
     samples: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
     for _round in range(args.repeats):  # modes interleaved, so drift of the machine hits them alike
         for mode, (_label, flags, use_adapters) in MODES.items():
@@ -180,6 +249,7 @@ def main() -> None:
             fairness_rows,
         )
     )
+    mixed_batch_parts(work, max(args.clients))
 
 
 if __name__ == "__main__":

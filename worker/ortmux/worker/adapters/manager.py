@@ -175,7 +175,7 @@ class AdapterManager:
         digest = hashlib.sha256()
         received = 0
         trailer: UploadTrailer | None = None
-        pending = self.store.begin()
+        pending = self.store.begin(header.total_bytes)
         try:
             for count, part in enumerate(parts, start=1):
                 if trailer is not None:
@@ -255,17 +255,20 @@ class AdapterManager:
             header = dataclasses.replace(header, files=tuple((p.name, p.stat().st_size) for p in sources))
         digest = hashlib.sha256()
         block = memoryview(bytearray(1 << 20))  # one reused buffer: no fresh pages to fault in
-        pending = self.store.begin()
+        pending = self.store.begin(size)
+        changed = FailedPrecondition(f"{path} changed while it was being read", field="path")
         try:
             copied = 0
             for source in sources:
                 with source.open("rb") as handle:
-                    while (count := handle.readinto(block)) and copied <= size:
+                    while count := handle.readinto(block):
                         copied += count
+                        if copied > size:
+                            raise changed
                         digest.update(block[:count])
                         pending.write(block[:count])
             if copied != size:
-                raise FailedPrecondition(f"{path} changed while it was being read", field="path")
+                raise changed
             return self._register(header, pending.finish(), digest.hexdigest(), pending)
         finally:
             pending.abort()

@@ -11,16 +11,18 @@ a crash never leaves half an adapter where a worker would load it.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
 import logging
 import mmap
 import os
 import shutil
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from ortmux.worker.adapters.formats import Payload
 from ortmux.worker.files import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -60,67 +62,76 @@ class AdapterMeta:
 
 
 class PendingAdapter:
-    """An adapter being written: its payload streams into a staging directory.
+    """An adapter being received: its bytes gather in memory, where it is parsed from, and go to a
+    staging directory as they arrive, written around the page cache (``O_DIRECT``) where the file
+    system allows it.
 
-    Written bytes are synced to disk in the background every ``SYNC_EVERY_BYTES`` while the upload
-    goes on, and the tail while the adapter is checked; :meth:`commit` waits for those syncs, so
-    nothing moves into place before its bytes are on disk.
+    Buffered writes would first fill fresh page-cache pages with a copy of every byte, then flush
+    them; writing straight from the buffer skips that copy, and the adapter keeps one copy in
+    memory instead of two. :meth:`finish` syncs what is left; :meth:`commit` moves it into place.
     """
 
-    SYNC_EVERY_BYTES = 4 << 20
+    FLUSH_BYTES = 1 << 20  # written in whole multiples of this (a multiple of any block size)
 
-    def __init__(self, store: AdapterStore) -> None:
+    def __init__(self, store: AdapterStore, size: int) -> None:
         self._store = store
+        self._size = size
+        self._filled = 0
+        self._written = 0
+        # Private anonymous memory, page-aligned as direct I/O needs; untouched pages cost nothing.
+        self._buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE) if size else None
         self.directory = store.root / ".staging" / uuid.uuid4().hex
         self.directory.mkdir()
-        self._handle = open(self.directory / PAYLOAD_FILE, "w+b", buffering=0)  # noqa: SIM115 (closed in commit/abort)
-        self._unsynced = 0
-        self._sync: threading.Thread | None = None
-        self._sync_error: OSError | None = None
+        path = self.directory / PAYLOAD_FILE
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self._fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o644)
+        except OSError as exc:  # a file system without direct I/O (tmpfs, some overlays)
+            if exc.errno != errno.EINVAL:
+                raise
+            self._fd = os.open(path, flags, 0o644)
+        self._closed = False
 
     def write(self, chunk: bytes | memoryview) -> None:
-        view = memoryview(chunk)
-        while view:
-            view = view[self._handle.write(view) :]
-        self._unsynced += len(chunk)
-        if self._unsynced >= self.SYNC_EVERY_BYTES and (self._sync is None or not self._sync.is_alive()):
-            self._sync_in_background()
+        count = len(chunk)
+        if self._filled + count > self._size:
+            raise ValueError(f"{self._filled + count} bytes passed the declared {self._size}")
+        assert self._buffer is not None
+        self._buffer[self._filled : self._filled + count] = chunk
+        self._filled += count
+        if self._filled - self._written >= self.FLUSH_BYTES:
+            self._write_out(self._filled - self._filled % self.FLUSH_BYTES)
 
-    def finish(self) -> mmap.mmap:
-        """The payload is complete: map it read-only and flush what is not on disk yet meanwhile.
+    def finish(self) -> Payload:
+        """The payload is complete: its last bytes go to disk and the file is synced; returns the
+        received bytes (parse them, or keep views of them: they live as long as those views)."""
+        if self._filled != self._size:
+            raise ValueError(f"payload has {self._filled} of {self._size} bytes")
+        if self._written < self._size:
+            self._write_out(self._size)
+        os.fdatasync(self._fd)
+        return self._buffer if self._buffer is not None else b""
 
-        The map reads the pages just written from the page cache; joining the chunks instead
-        would fault in and copy a fresh buffer the size of the upload.
-        """
-        self._join_sync()
-        self._sync_in_background()
-        return mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ)
-
-    def _sync_in_background(self) -> None:
-        self._unsynced = 0
-        fd = self._handle.fileno()
-
-        def sync() -> None:
-            try:
-                os.fdatasync(fd)
-            except OSError as exc:  # reported once per file: kept for commit to raise
-                self._sync_error = exc
-
-        self._sync = threading.Thread(target=sync, name="ortmux-adapter-sync", daemon=True)
-        self._sync.start()
-
-    def _join_sync(self) -> None:
-        if self._sync is not None:
-            self._sync.join()
-            self._sync = None
-        if self._sync_error is not None:
-            raise self._sync_error
+    def _write_out(self, end: int) -> None:
+        """Write bytes [written, end) at the file's offset ``written`` (kept block-aligned)."""
+        assert self._buffer is not None
+        with memoryview(self._buffer) as whole:
+            if end % self.FLUSH_BYTES == 0:
+                _write_all(self._fd, whole[self._written : end], self._written)
+            else:  # the tail: direct I/O takes whole blocks, so pad a copy and cut the file after
+                tail = mmap.mmap(-1, -(-(end - self._written) // mmap.PAGESIZE) * mmap.PAGESIZE)
+                try:
+                    tail[: end - self._written] = whole[self._written : end]
+                    with memoryview(tail) as padded:
+                        _write_all(self._fd, padded, self._written)
+                finally:
+                    tail.close()
+                os.ftruncate(self._fd, end)
+        self._written = end
 
     def commit(self, meta: AdapterMeta) -> None:
-        """Wait for the payload to be on disk, write the meta and move the adapter into place
-        atomically."""
-        self._join_sync()
-        self._handle.close()
+        """Write the meta and move the adapter into place atomically (after :meth:`finish`)."""
+        self._close()
         with open(self.directory / META_FILE, "wb") as handle:
             handle.write(meta.to_json())
             handle.flush()
@@ -134,11 +145,28 @@ class PendingAdapter:
         fsync_dir(target.parent)
 
     def abort(self) -> None:
-        if self._sync is not None:
-            self._sync.join()
-        if not self._handle.closed:
-            self._handle.close()
+        self._close()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+
+def _write_all(fd: int, view: memoryview, offset: int) -> None:
+    """``pwrite`` every byte of ``view`` at ``offset``; falls back to buffered I/O where the file
+    system refuses direct I/O at the first write."""
+    while view:
+        try:
+            count = os.pwrite(fd, view, offset)
+        except OSError as exc:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if exc.errno != errno.EINVAL or not flags & getattr(os, "O_DIRECT", 0):
+                raise
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+            continue
+        view, offset = view[count:], offset + count
 
 
 class AdapterStore:
@@ -165,8 +193,9 @@ class AdapterStore:
             fsync_dir(target.parent)
             log.info("adapter %s/%s moved to tenant '%s'", model_dir.name, directory.name, DEFAULT_TENANT)
 
-    def begin(self) -> PendingAdapter:
-        return PendingAdapter(self)
+    def begin(self, size: int) -> PendingAdapter:
+        """Start receiving an adapter of ``size`` bytes."""
+        return PendingAdapter(self, size)
 
     def directory(self, model: str, tenant: str, adapter_id: str) -> Path:
         return self.root / model / tenant / adapter_id

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 
 import onnxruntime as ort
@@ -27,7 +28,8 @@ _configured: tuple[int, int] | None = None
 
 
 def configure_process(intra_op_threads: int, inter_op_threads: int = 1) -> tuple[int, int]:
-    """Set the global pool sizes and register the shared CPU allocator, once per process.
+    """Set the global pool sizes and register the shared CPU allocator, once per process; and
+    stop numpy asking for transparent huge pages (see :func:`_no_huge_page_advice`).
 
     Later calls keep the first sizes (ONNX Runtime cannot change them) and log a warning when
     they ask for others. Returns the sizes in force.
@@ -36,6 +38,7 @@ def configure_process(intra_op_threads: int, inter_op_threads: int = 1) -> tuple
     with _lock:
         wanted = (intra_op_threads, inter_op_threads)
         if _configured is None:
+            _no_huge_page_advice()
             ort.set_global_thread_pool_sizes(intra_op_threads, inter_op_threads)
             cpu = ort.OrtMemoryInfo(
                 "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
@@ -46,6 +49,24 @@ def configure_process(intra_op_threads: int, inter_op_threads: int = 1) -> tuple
         elif wanted != _configured:
             log.warning("thread pool sizes %s asked for, but %s are already in force", wanted, _configured)
         return _configured
+
+
+def _no_huge_page_advice() -> None:
+    """numpy advises huge pages for every array of 4 MiB or more. Where the kernel then compacts
+    memory on the faulting thread (``transparent_hugepage/defrag`` = ``madvise``, a common
+    default), taking such an array can stall for tens of milliseconds: an adapter's factors, a
+    batch's inputs. Plain pages cost the same every time. (``NUMPY_MADVISE_HUGEPAGE=1`` in the
+    environment keeps numpy's advice.)"""
+    if os.environ.get("NUMPY_MADVISE_HUGEPAGE"):
+        return
+    try:
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except ImportError:  # numpy < 2
+        try:
+            from numpy.core.multiarray import _set_madvise_hugepage
+        except ImportError:
+            return
+    _set_madvise_hugepage(False)
 
 
 @dataclasses.dataclass(frozen=True)
