@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adapters import LORA_MODULES, write_peft
-from common import OUT, WorkerProcess, bench_model, table
+from common import OUT, WorkerProcess, bench_model, median, table, timed
 
 ADAPTERS = 64
 MODES = {
@@ -142,12 +142,7 @@ def mixed_batch_parts(work: Path, rows: int, runs: int = 5) -> None:
 
     def timed_ms(function) -> float:
         function()  # warm: buffers allocated, shapes seen
-        samples = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            function()
-            samples.append((time.perf_counter() - started) * 1000)
-        return float(np.median(samples))
+        return median([timed(function)[0] * 1000 for _ in range(runs)])
 
     base = timed_ms(lambda: model.run(inputs))
     gather = timed_ms(lambda: build_feeds(model.lora_inputs, rows, spans, buffers))

@@ -26,7 +26,7 @@ PEFT_LORA = "peft_lora"
 ORT_ADAPTER = "ort_adapter"
 WEIGHT_OVERRIDE = "weight_override"
 
-# An upload as received: bytes, or the staged file mapped read-only.
+# An upload as received: bytes, or the memory it was gathered in (see store.PendingAdapter).
 Payload = bytes | mmap.mmap
 
 PEFT_CONFIG = "adapter_config.json"
