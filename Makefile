@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed
 DATA_DIR ?= ortmux-data
 SERVE_ARGS ?=
 
+# Generated code comes from a pinned protoc in a venv of its own (see protos/generate.py).
+PROTOC_VENV ?= .venv-protoc
+PROTOC_TOOLS := 'grpcio-tools==1.72.2' 'googleapis-common-protos>=1.66'
+PROTOC_STAMP := $(PROTOC_VENV)/.installed
+
 .PHONY: install serve test lint format protos bench clean
 
 $(STAMP): pyproject.toml
@@ -14,14 +19,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[worker,test]'
 	touch $(STAMP)
 
+$(PROTOC_STAMP): Makefile
+	$(PYTHON) -m venv $(PROTOC_VENV)
+	$(PROTOC_VENV)/bin/python -m pip install --quiet $(PROTOC_TOOLS)
+	touch $(PROTOC_STAMP)
+
 install: $(STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/ortmux serve --data-dir $(DATA_DIR) $(SERVE_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(PROTOC_STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	ORTMUX_PROTOC_PYTHON=$(PROTOC_VENV)/bin/python $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -46,8 +56,8 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/batching.py
 	$(PY) bench/streaming.py
 
-protos: $(STAMP)
-	$(PY) protos/generate.py
+protos: $(PROTOC_STAMP)
+	$(PROTOC_VENV)/bin/python protos/generate.py
 
 clean:
-	rm -rf $(VENV) $(DATA_DIR) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(PROTOC_VENV) $(DATA_DIR) .pytest_cache .ruff_cache build *.egg-info

@@ -111,9 +111,9 @@ def mixed_batch_parts(work: Path, rows: int, runs: int = 5) -> None:
     """In-process, as the batcher runs them: a base-only batch of ``rows`` requests against one
     whose every row has its own rank-16 adapter on all 48 projections, split into gathering each
     row's LoRA factors into the run's inputs and the run itself. Medians of ``runs``."""
-    from ortmux.worker.adapters.lora_feeds import FeedBuffers, LoraWeights, RowSpan, build_feeds
-    from ortmux.worker.adapters.targets import map_modules
     from ortmux.worker.engine.cache import ModelCache
+    from ortmux.worker.engine.lora.feeds import FeedBuffers, LoraWeights, RowSpan, build_feeds
+    from ortmux.worker.engine.lora.targets import map_modules
     from ortmux.worker.engine.registry import ModelRegistry
     from ortmux.worker.engine.runtime import RuntimeOptions, configure_process
 

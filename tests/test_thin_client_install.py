@@ -1,26 +1,80 @@
-"""`pip install .` with no extras gives a working client and no ONNX Runtime."""
+"""The thin client installs without ONNX Runtime, on the protobuf and grpcio versions it declares,
+and beside the ecosystem's clients (tritonclient pins protobuf < 7); each install calls a real
+worker."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
 import venv
 from pathlib import Path
 
 import pytest
 
+from ortmux.worker.api.server import Worker
+
 REPO = Path(__file__).resolve().parents[1]
 
+# Run in the venv under test against the worker of this test session.
+CALL_WORKER = """
+import sys, numpy as np
+from ortmux.client import Client
+with Client(sys.argv[1], timeout=30) as client:
+    logits = client.infer("demo", {"input_ids": np.array([[1, 2, 3]], dtype=np.int64)})["logits"]
+    print("logits", logits.shape, [m.name for m in client.list_models()])
+"""
 
-@pytest.mark.slow
-def test_plain_install_imports_the_client_without_onnxruntime(tmp_path: Path) -> None:
-    env_dir = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=True).create(env_dir)
-    python = env_dir / "bin" / "python"
+
+@pytest.fixture(scope="session")
+def client_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(REPO)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-w",
+            str(out),
+            str(REPO),
+        ],
         check=True,
         timeout=600,
     )
+    return next(out.glob("ortmux-*.whl"))
+
+
+def _venv(path: Path, *requirements: str) -> Path:
+    venv.EnvBuilder(with_pip=True).create(path)
+    python = path / "bin" / "python"
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *requirements],
+        check=True,
+        timeout=600,
+    )
+    return python
+
+
+def _run(python: Path, *args: str) -> str:
+    result = subprocess.run([str(python), *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _versions(python: Path, *names: str) -> dict[str, str]:
+    lines = _run(python, "-m", "pip", "list", "--format=freeze").lower().splitlines()
+    found = dict(line.split("==", 1) for line in lines if "==" in line)
+    return {name: found.get(name, "") for name in names}
+
+
+@pytest.mark.slow
+def test_plain_install_imports_the_client_without_onnxruntime(
+    tmp_path: Path, client_wheel: Path, worker: Worker
+) -> None:
+    python = _venv(tmp_path / "venv", str(client_wheel))
     probe = (
         "import importlib.util, ortmux.client as c;"
         "from ortmux.client import Client, AsyncClient, OrtmuxError;"
@@ -29,11 +83,27 @@ def test_plain_install_imports_the_client_without_onnxruntime(tmp_path: Path) ->
         "import sys; assert 'onnxruntime' not in sys.modules;"
         "print(sorted(c.__all__))"
     )
-    result = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "Client" in result.stdout
-    listed = subprocess.run(
-        [str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, check=True
-    ).stdout.lower()
+    assert "Client" in _run(python, "-c", probe)
+    listed = _run(python, "-m", "pip", "list", "--format=freeze").lower()
     assert "onnxruntime" not in listed
     assert "prometheus" not in listed
+    assert _versions(python, "protobuf")["protobuf"].startswith("7.")  # the newest it allows
+    assert "logits (1, 3, 1000) ['demo']" in _run(python, "-W", "error", "-c", CALL_WORKER, worker.address)
+
+
+@pytest.mark.slow
+def test_the_client_runs_on_the_oldest_protobuf_and_grpcio_it_declares(
+    tmp_path: Path, client_wheel: Path, worker: Worker
+) -> None:
+    python = _venv(tmp_path / "venv", "protobuf==6.30.0", "grpcio==1.72.2", str(client_wheel))
+    assert _versions(python, "protobuf", "grpcio") == {"protobuf": "6.30.0", "grpcio": "1.72.2"}
+    assert "logits (1, 3, 1000) ['demo']" in _run(python, "-W", "error", "-c", CALL_WORKER, worker.address)
+
+
+@pytest.mark.slow
+def test_the_client_installs_beside_tritonclient(tmp_path: Path, client_wheel: Path, worker: Worker) -> None:
+    python = _venv(tmp_path / "venv", "tritonclient[grpc]==2.73.0", str(client_wheel))
+    _run(python, "-m", "pip", "check")
+    assert _versions(python, "protobuf")["protobuf"] < "7"
+    _run(python, "-W", "error", "-c", "import ortmux.client, tritonclient.grpc")
+    assert "logits (1, 3, 1000) ['demo']" in _run(python, "-W", "error", "-c", CALL_WORKER, worker.address)

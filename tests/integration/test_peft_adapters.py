@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from ortmux.client import Client
-from ortmux.worker.adapters.lora_feeds import RowSpan
 from ortmux.worker.api.server import Worker, start_worker
+from ortmux.worker.engine.lora.feeds import RowSpan
 
 from ..conftest import worker_settings
 

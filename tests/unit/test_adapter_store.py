@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 from ortmux.worker.adapters.store import PAYLOAD_FILE, AdapterMeta, AdapterStore
+from ortmux.worker.errors import ResourceExhausted
+
+from ..conftest import small_tmpfs
 
 
 def _meta(adapter_id: str, size: int) -> AdapterMeta:
@@ -96,3 +99,51 @@ def test_a_failed_sync_fails_the_upload_and_leaves_nothing(
     assert list(store.scan()) == []
     assert not (store.directory("m", "default", "a") / PAYLOAD_FILE).exists()
     assert not any((tmp_path / ".staging").iterdir())
+
+
+@pytest.mark.parametrize("size", [1, 4096, (3 << 20) + 123])
+def test_uploads_past_the_upload_memory_go_to_their_staging_file(root: Path, size: int) -> None:
+    store = AdapterStore(root, upload_memory_bytes=1 << 20)
+    holder = store.begin(1 << 20)  # takes all of it
+    assert holder.in_memory and store.upload_memory.held_bytes == 1 << 20
+    data = os.urandom(size)
+    pending = _write(store, data)
+    assert not pending.in_memory and store.upload_memory.spilled == 1
+    received = pending.finish()
+    assert received[:] == data  # a read-only mapping of the staged file
+    pending.commit(_meta("a", size))
+    assert store.read_payload("m", "default", "a") == data
+    holder.abort()
+    assert store.upload_memory.held_bytes == 0
+    assert not any((root / ".staging").iterdir())
+
+
+def test_upload_memory_comes_back_after_commit_and_abort(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, upload_memory_bytes=10 << 20)
+    committed, aborted = _write(store, os.urandom(3 << 20)), _write(store, os.urandom(5 << 20))
+    assert store.upload_memory.held_bytes == 8 << 20
+    committed.finish()
+    committed.commit(_meta("a", 3 << 20))
+    aborted.abort()
+    assert store.upload_memory.held_bytes == 0
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_full_disk_is_resource_exhausted_and_leaves_nothing(tmp_path: Path, in_memory: bool) -> None:
+    with small_tmpfs(tmp_path / "small", 2 << 20) as small:
+        store = AdapterStore(small, upload_memory_bytes=(8 << 20) if in_memory else 1)
+        pending = store.begin(4 << 20)
+        assert pending.in_memory == in_memory
+        with pytest.raises(ResourceExhausted, match=r"adapter storage at .* is full") as caught:
+            for _ in range(4):
+                pending.write(os.urandom(1 << 20))
+            pending.finish()
+        assert caught.value.reason == "STORAGE_FULL"
+        pending.abort()  # every buffer released (a BufferError here was the old failure)
+        assert store.upload_memory.held_bytes == 0
+        assert not any((small / ".staging").iterdir())
+        data = os.urandom(100_000)  # the store still works once the space is there
+        pending = _write(store, data)
+        pending.finish()
+        pending.commit(_meta("a", len(data)))
+        assert store.read_payload("m", "default", "a") == data

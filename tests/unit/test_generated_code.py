@@ -1,18 +1,36 @@
-"""The checked-in generated code must equal a fresh run of protos/generate.py."""
+"""The checked-in generated code must equal a fresh run of protos/generate.py under its pinned
+protoc (grpcio-tools 1.72.2, in a venv of its own: ``make test`` builds it and names it in
+ORTMUX_PROTOC_PYTHON; without it the test builds one)."""
 
 from __future__ import annotations
 
 import filecmp
+import os
 import subprocess
-import sys
+import venv
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKED_IN = REPO / "client" / "ortmux" / "v1"
 
 
-def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(REPO / "protos" / "generate.py"), str(tmp_path)], check=True)
+@pytest.fixture(scope="session")
+def protoc_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    given = os.environ.get("ORTMUX_PROTOC_PYTHON")
+    if given:
+        return given
+    env_dir = tmp_path_factory.mktemp("protoc-venv")
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = str(env_dir / "bin" / "python")
+    tools = ["grpcio-tools==1.72.2", "googleapis-common-protos>=1.66"]
+    subprocess.run([python, "-m", "pip", "install", "--quiet", *tools], check=True, timeout=600)
+    return python
+
+
+def test_generated_code_is_up_to_date(tmp_path: Path, protoc_python: str) -> None:
+    subprocess.run([protoc_python, str(REPO / "protos" / "generate.py"), str(tmp_path)], check=True)
     fresh = tmp_path / "ortmux" / "v1"
     fresh_names = sorted(p.name for p in fresh.iterdir() if p.suffix in {".py", ".pyi"})
     checked_names = sorted(p.name for p in CHECKED_IN.iterdir() if p.suffix in {".py", ".pyi"})

@@ -1,5 +1,3 @@
-import datetime
-
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -49,7 +47,7 @@ class AdapterUploadHeader(_message.Message):
     pinned: bool
     replace: bool
     module_mapping_json: str
-    def __init__(self, model: _Optional[str] = ..., adapter_id: _Optional[str] = ..., format: _Optional[_Union[AdapterFormat, str]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., files: _Optional[_Iterable[_Union[UploadFile, _Mapping]]] = ..., pinned: _Optional[bool] = ..., replace: _Optional[bool] = ..., module_mapping_json: _Optional[str] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., adapter_id: _Optional[str] = ..., format: _Optional[_Union[AdapterFormat, str]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., files: _Optional[_Iterable[_Union[UploadFile, _Mapping]]] = ..., pinned: bool = ..., replace: bool = ..., module_mapping_json: _Optional[str] = ...) -> None: ...
 
 class AdapterUploadTrailer(_message.Message):
     __slots__ = ("sha256",)
@@ -83,7 +81,7 @@ class RegisterAdapterFromPathRequest(_message.Message):
     pinned: bool
     replace: bool
     module_mapping_json: str
-    def __init__(self, model: _Optional[str] = ..., adapter_id: _Optional[str] = ..., format: _Optional[_Union[AdapterFormat, str]] = ..., path: _Optional[str] = ..., pinned: _Optional[bool] = ..., replace: _Optional[bool] = ..., module_mapping_json: _Optional[str] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., adapter_id: _Optional[str] = ..., format: _Optional[_Union[AdapterFormat, str]] = ..., path: _Optional[str] = ..., pinned: bool = ..., replace: bool = ..., module_mapping_json: _Optional[str] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
     __slots__ = ("model", "adapter_id", "format", "rank", "targets", "size_bytes", "resident", "resident_bytes", "pinned", "created_at", "last_used_at", "sha256")
@@ -111,7 +109,7 @@ class AdapterInfo(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     last_used_at: _timestamp_pb2.Timestamp
     sha256: str
-    def __init__(self, model: _Optional[str] = ..., adapter_id: _Optional[str] = ..., format: _Optional[_Union[AdapterFormat, str]] = ..., rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., resident: _Optional[bool] = ..., resident_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sha256: _Optional[str] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., adapter_id: _Optional[str] = ..., format: _Optional[_Union[AdapterFormat, str]] = ..., rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., resident: bool = ..., resident_bytes: _Optional[int] = ..., pinned: bool = ..., created_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class GetAdapterRequest(_message.Message):
     __slots__ = ("model", "adapter_id")

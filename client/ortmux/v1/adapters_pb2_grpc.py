@@ -5,7 +5,7 @@ import warnings
 
 from ortmux.v1 import adapters_pb2 as ortmux_dot_v1_dot_adapters__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in ortmux/v1/adapters_pb2_grpc.py depends on'
+        + f' but the generated code in ortmux/v1/adapters_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class AdapterServiceStub:
+class AdapterServiceStub(object):
     """Adapters: LoRA deltas or replaced weights applied to a base model per request.
     """
 
@@ -62,7 +62,7 @@ class AdapterServiceStub:
                 _registered_method=True)
 
 
-class AdapterServiceServicer:
+class AdapterServiceServicer(object):
     """Adapters: LoRA deltas or replaced weights applied to a base model per request.
     """
 
@@ -135,7 +135,7 @@ def add_AdapterServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class AdapterService:
+class AdapterService(object):
     """Adapters: LoRA deltas or replaced weights applied to a base model per request.
     """
 

@@ -5,7 +5,7 @@ import warnings
 
 from ortmux.v1 import inference_pb2 as ortmux_dot_v1_dot_inference__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in ortmux/v1/inference_pb2_grpc.py depends on'
+        + f' but the generated code in ortmux/v1/inference_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class InferenceServiceStub:
+class InferenceServiceStub(object):
     """Runs base models, with or without an adapter. Errors of unary calls travel as the gRPC
     status with google.rpc.Status details (ErrorInfo, BadRequest, RetryInfo, ...).
     """
@@ -48,7 +48,7 @@ class InferenceServiceStub:
                 _registered_method=True)
 
 
-class InferenceServiceServicer:
+class InferenceServiceServicer(object):
     """Runs base models, with or without an adapter. Errors of unary calls travel as the gRPC
     status with google.rpc.Status details (ErrorInfo, BadRequest, RetryInfo, ...).
     """
@@ -88,7 +88,7 @@ def add_InferenceServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class InferenceService:
+class InferenceService(object):
     """Runs base models, with or without an adapter. Errors of unary calls travel as the gRPC
     status with google.rpc.Status details (ErrorInfo, BadRequest, RetryInfo, ...).
     """

@@ -60,7 +60,7 @@ class ModelStats(_message.Message):
     cache_hit: bool
     adapters: int
     resident_adapters: int
-    def __init__(self, arena_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., load_seconds: _Optional[float] = ..., cache_hit: _Optional[bool] = ..., adapters: _Optional[int] = ..., resident_adapters: _Optional[int] = ...) -> None: ...
+    def __init__(self, arena_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., load_seconds: _Optional[float] = ..., cache_hit: bool = ..., adapters: _Optional[int] = ..., resident_adapters: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "state", "inputs", "outputs", "adapter_targets", "stats", "sha256", "providers", "max_batch_size")

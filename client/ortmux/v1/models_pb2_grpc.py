@@ -5,7 +5,7 @@ import warnings
 
 from ortmux.v1 import models_pb2 as ortmux_dot_v1_dot_models__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in ortmux/v1/models_pb2_grpc.py depends on'
+        + f' but the generated code in ortmux/v1/models_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class ModelServiceStub:
+class ModelServiceStub(object):
     """Base models served by a worker. Every adapter belongs to exactly one base model.
     """
 
@@ -57,7 +57,7 @@ class ModelServiceStub:
                 _registered_method=True)
 
 
-class ModelServiceServicer:
+class ModelServiceServicer(object):
     """Base models served by a worker. Every adapter belongs to exactly one base model.
     """
 
@@ -120,7 +120,7 @@ def add_ModelServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class ModelService:
+class ModelService(object):
     """Base models served by a worker. Every adapter belongs to exactly one base model.
     """
 

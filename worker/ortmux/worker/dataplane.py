@@ -20,6 +20,7 @@ from ortmux.worker.adapters.store import DEFAULT_TENANT
 from ortmux.worker.audit import audit
 from ortmux.worker.auth import Identity
 from ortmux.worker.engine.base_model import BaseModel
+from ortmux.worker.engine.lora.feeds import DEFAULT_FEED_MEMORY_BYTES, FeedBuffers, FeedPool
 from ortmux.worker.engine.registry import ModelRegistry
 from ortmux.worker.engine.specs import validate_inputs, validate_output_names
 from ortmux.worker.errors import (
@@ -74,6 +75,7 @@ class DataPlane:
         quotas: RequestQuotas | None = None,
         max_request_elements: int = 1 << 26,
         worker_paths: Sequence[Path] = (),
+        feed_pool: FeedPool | None = None,
     ) -> None:
         self.models = models
         self.adapters = adapters
@@ -83,7 +85,9 @@ class DataPlane:
         self.quotas = quotas or RequestQuotas()
         self.max_request_elements = max_request_elements
         self.worker_paths = tuple(Path(p).resolve() for p in worker_paths)
+        self.feed_pool = feed_pool or FeedPool(DEFAULT_FEED_MEMORY_BYTES)
         self._batchers: dict[str, Batcher] = {}
+        self._feed_buffers: dict[str, FeedBuffers] = {}
         self._lock = threading.Lock()
         self._drain_callbacks: set[Callable[[], None]] = set()
         self._model_callbacks: list[Callable[[], None]] = []
@@ -93,8 +97,9 @@ class DataPlane:
         with self._lock:
             batcher = self._batchers.get(model.name)
             if batcher is None:
+                buffers = self._feed_buffers[model.name] = FeedBuffers(self.feed_pool)
                 batcher = Batcher(
-                    model.name, batch_runner(model), self.limits, self._observe_batch(model.name)
+                    model.name, batch_runner(model, buffers), self.limits, self._observe_batch(model.name)
                 )
                 self._batchers[model.name] = batcher
             return batcher
@@ -161,8 +166,11 @@ class DataPlane:
             self.models.unload(name)
             with self._lock:
                 batcher = self._batchers.pop(name, None)
+                buffers = self._feed_buffers.pop(name, None)
             if batcher is not None:
                 batcher.close()
+            if buffers is not None:
+                buffers.close()
             self._notify_models()
 
     def _readable(self, path: Path) -> Path:

@@ -62,6 +62,16 @@ class Settings:
     adapter_memory_bytes: int = _field(
         2 << 30, "Memory budget of resident adapters; least recently used unpinned ones are evicted past it."
     )
+    feed_memory_bytes: int = _field(
+        1 << 30,
+        "Memory of the LoRA factor arrays fed to runs, all models together; past it a run uses arrays "
+        "of its own, freed when it ends.",
+    )
+    upload_memory_bytes: int = _field(
+        512 << 20,
+        "Memory all adapter uploads in progress may hold together; past it an upload is received "
+        "into its staging file instead of memory.",
+    )
     max_batch_size: int = _field(32, "Most rows one batched run takes; 1 turns batching off.")
     max_queue_delay_ms: float = _field(
         0.0,
@@ -189,6 +199,8 @@ class Settings:
             "max_adapter_bytes",
             "max_upload_chunks",
             "adapter_memory_bytes",
+            "feed_memory_bytes",
+            "upload_memory_bytes",
             "max_batch_size",
             "max_queue_size",
             "stream_window",

@@ -24,10 +24,10 @@ import numpy as np
 
 from ortmux.worker.adapters import formats
 from ortmux.worker.adapters.formats import Payload
-from ortmux.worker.adapters.lora_feeds import LoraWeights
 from ortmux.worker.adapters.store import DEFAULT_TENANT, AdapterMeta, AdapterStore, PendingAdapter
-from ortmux.worker.adapters.targets import map_modules
 from ortmux.worker.engine.base_model import BaseModel
+from ortmux.worker.engine.lora.feeds import LoraWeights
+from ortmux.worker.engine.lora.targets import map_modules
 from ortmux.worker.errors import (
     AlreadyExists,
     FailedPrecondition,

@@ -10,6 +10,7 @@ a crash never leaves half an adapter where a worker would load it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -18,11 +19,13 @@ import logging
 import mmap
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from ortmux.worker.adapters.formats import Payload
+from ortmux.worker.errors import ResourceExhausted
 from ortmux.worker.files import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,47 @@ DEFAULT_TENANT = "default"  # the one tenant of a worker without API keys
 META_FILE = "meta.json"
 PAYLOAD_FILE = "payload"
 _WORK_DIRS = (".staging", ".trash")
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+DEFAULT_UPLOAD_MEMORY_BYTES = 512 << 20
+
+
+@contextlib.contextmanager
+def storage_errors(root: Path) -> Iterator[None]:
+    """A full file system (or quota) as RESOURCE_EXHAUSTED naming the storage; other OS errors
+    pass through."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _FULL:
+            raise
+        raise ResourceExhausted(
+            f"adapter storage at {root} is full ({exc.strerror}); delete adapters or give the "
+            "volume more space",
+            reason="STORAGE_FULL",
+            retry_after=30.0,
+        ) from None
+
+
+class UploadMemory:
+    """The bytes that uploads in progress hold in memory, all of them together."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.held_bytes = 0
+        self.spilled = 0  # uploads received into their staging file because memory was taken
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        with self._lock:
+            if self.held_bytes + size > self.limit_bytes:
+                self.spilled += 1
+                return False
+            self.held_bytes += size
+            return True
+
+    def give_back(self, size: int) -> None:
+        with self._lock:
+            self.held_bytes -= size
 
 
 @dataclasses.dataclass
@@ -62,13 +106,14 @@ class AdapterMeta:
 
 
 class PendingAdapter:
-    """An adapter being received: its bytes gather in memory, where it is parsed from, and go to a
-    staging directory as they arrive, written around the page cache (``O_DIRECT``) where the file
-    system allows it.
+    """An adapter being received into a staging directory as its bytes arrive.
 
-    Buffered writes would first fill fresh page-cache pages with a copy of every byte, then flush
-    them; writing straight from the buffer skips that copy, and the adapter keeps one copy in
-    memory instead of two. :meth:`finish` syncs what is left; :meth:`commit` moves it into place.
+    While the store's upload memory allows, the bytes gather in memory, where the adapter is
+    parsed from, and go to the staging file around the page cache (``O_DIRECT``) where the file
+    system allows it: buffered writes would first fill fresh page-cache pages with a copy of every
+    byte, then flush them. Past that memory the upload is written straight to its staging file and
+    parsed from a read-only mapping of it, so uploads never hold more memory than the limit.
+    :meth:`finish` syncs what is left; :meth:`commit` moves it into place; :meth:`abort` removes it.
     """
 
     FLUSH_BYTES = 1 << 20  # written in whole multiples of this (a multiple of any block size)
@@ -78,25 +123,46 @@ class PendingAdapter:
         self._size = size
         self._filled = 0
         self._written = 0
-        # Private anonymous memory, page-aligned as direct I/O needs; untouched pages cost nothing.
-        self._buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE) if size else None
-        self.directory = store.root / ".staging" / uuid.uuid4().hex
-        self.directory.mkdir()
-        path = self.directory / PAYLOAD_FILE
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        try:
-            self._fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o644)
-        except OSError as exc:  # a file system without direct I/O (tmpfs, some overlays)
-            if exc.errno != errno.EINVAL:
-                raise
-            self._fd = os.open(path, flags, 0o644)
+        self._fd = -1
         self._closed = False
+        self._committed = False
+        self._held = size if store.upload_memory.take(size) else 0
+        self._buffer: mmap.mmap | None = None
+        self.directory = store.root / ".staging" / uuid.uuid4().hex
+        try:
+            with storage_errors(store.root):
+                self.directory.mkdir()
+                path = self.directory / PAYLOAD_FILE
+                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+                if self._held:
+                    # Private anonymous memory, page-aligned as direct I/O needs; untouched pages
+                    # cost nothing.
+                    self._buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE) if size else None
+                    try:
+                        self._fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o644)
+                    except OSError as exc:  # a file system without direct I/O (tmpfs, some overlays)
+                        if exc.errno != errno.EINVAL:
+                            raise
+                if self._fd < 0:
+                    self._fd = os.open(path, flags, 0o644)
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def in_memory(self) -> bool:
+        return bool(self._held)
 
     def write(self, chunk: bytes | memoryview) -> None:
         count = len(chunk)
         if self._filled + count > self._size:
             raise ValueError(f"{self._filled + count} bytes passed the declared {self._size}")
-        assert self._buffer is not None
+        if self._buffer is None:
+            with storage_errors(self._store.root):
+                _write_all(self._fd, memoryview(chunk), self._filled)
+            self._filled += count
+            self._written = self._filled
+            return
         self._buffer[self._filled : self._filled + count] = chunk
         self._filled += count
         if self._filled - self._written >= self.FLUSH_BYTES:
@@ -107,17 +173,21 @@ class PendingAdapter:
         received bytes (parse them, or keep views of them: they live as long as those views)."""
         if self._filled != self._size:
             raise ValueError(f"payload has {self._filled} of {self._size} bytes")
-        if self._written < self._size:
-            self._write_out(self._size)
-        os.fdatasync(self._fd)
-        return self._buffer if self._buffer is not None else b""
+        with storage_errors(self._store.root):
+            if self._written < self._size:
+                self._write_out(self._size)
+            os.fdatasync(self._fd)
+        if self._buffer is not None:
+            return self._buffer
+        return mmap.mmap(self._fd, self._size, prot=mmap.PROT_READ) if self._size else b""
 
     def _write_out(self, end: int) -> None:
         """Write bytes [written, end) at the file's offset ``written`` (kept block-aligned)."""
         assert self._buffer is not None
-        with memoryview(self._buffer) as whole:
+        with storage_errors(self._store.root), memoryview(self._buffer) as whole:
             if end % self.FLUSH_BYTES == 0:
-                _write_all(self._fd, whole[self._written : end], self._written)
+                with whole[self._written : end] as part:
+                    _write_all(self._fd, part, self._written)
             else:  # the tail: direct I/O takes whole blocks, so pad a copy and cut the file after
                 tail = mmap.mmap(-1, -(-(end - self._written) // mmap.PAGESIZE) * mmap.PAGESIZE)
                 try:
@@ -132,46 +202,64 @@ class PendingAdapter:
     def commit(self, meta: AdapterMeta) -> None:
         """Write the meta and move the adapter into place atomically (after :meth:`finish`)."""
         self._close()
-        with open(self.directory / META_FILE, "wb") as handle:
-            handle.write(meta.to_json())
-            handle.flush()
-            os.fsync(handle.fileno())
-        fsync_dir(self.directory)
-        target = self._store.directory(meta.model, meta.tenant, meta.adapter_id)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        with storage_errors(self._store.root):
+            with open(self.directory / META_FILE, "wb") as handle:
+                handle.write(meta.to_json())
+                handle.flush()
+                os.fsync(handle.fileno())
+            fsync_dir(self.directory)
+            target = self._store.directory(meta.model, meta.tenant, meta.adapter_id)
+            target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             self._store.trash(target)
         os.rename(self.directory, target)
         fsync_dir(target.parent)
+        self._committed = True
 
     def abort(self) -> None:
+        """Remove what was staged and release its memory (no-op after commit: the committed
+        adapter may be served from the payload :meth:`finish` returned)."""
         self._close()
+        if self._committed:
+            return
         shutil.rmtree(self.directory, ignore_errors=True)
+        if self._buffer is not None:
+            with contextlib.suppress(BufferError):  # views still in use: it goes when they do
+                self._buffer.close()
+            self._buffer = None
 
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
-            os.close(self._fd)
+            if self._fd >= 0:
+                os.close(self._fd)
+            if self._held:
+                self._store.upload_memory.give_back(self._held)
+                self._held = 0
 
 
 def _write_all(fd: int, view: memoryview, offset: int) -> None:
     """``pwrite`` every byte of ``view`` at ``offset``; falls back to buffered I/O where the file
-    system refuses direct I/O at the first write."""
-    while view:
-        try:
-            count = os.pwrite(fd, view, offset)
-        except OSError as exc:
-            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-            if exc.errno != errno.EINVAL or not flags & getattr(os, "O_DIRECT", 0):
-                raise
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
-            continue
-        view, offset = view[count:], offset + count
+    system refuses direct I/O at the first write. Every slice it takes is released before it
+    returns or raises, so the caller can close the memory behind ``view`` even after an error."""
+    done = 0
+    while done < len(view):
+        with view[done:] as rest:
+            try:
+                count = os.pwrite(fd, rest, offset + done)
+            except OSError as exc:
+                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+                if exc.errno != errno.EINVAL or not flags & getattr(os, "O_DIRECT", 0):
+                    raise
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                continue
+        done += count
 
 
 class AdapterStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, upload_memory_bytes: int = DEFAULT_UPLOAD_MEMORY_BYTES) -> None:
         self.root = root
+        self.upload_memory = UploadMemory(upload_memory_bytes)
         for name in _WORK_DIRS:
             shutil.rmtree(root / name, ignore_errors=True)
             (root / name).mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from ortmux.worker.auth import KeyRing
 from ortmux.worker.dataplane import DataPlane
 from ortmux.worker.demo import DEMO_NAME, ensure_demo_model
 from ortmux.worker.engine.cache import ModelCache
+from ortmux.worker.engine.lora.feeds import FeedPool
 from ortmux.worker.engine.providers import resolve_providers
 from ortmux.worker.engine.registry import ModelRegistry
 from ortmux.worker.engine.runtime import RuntimeOptions, configure_process
@@ -142,7 +143,8 @@ def create_server(
         tenant_max_adapters=settings.tenant_max_adapters,
         tenant_max_adapter_bytes=settings.tenant_max_adapter_bytes,
     )
-    adapters = AdapterManager(AdapterStore(settings.data_dir / "adapters"), models.get, limits)
+    store = AdapterStore(settings.data_dir / "adapters", settings.upload_memory_bytes)
+    adapters = AdapterManager(store, models.get, limits)
     batching = BatchLimits(
         max_batch_rows=settings.max_batch_size,
         max_delay=settings.max_queue_delay_ms / 1000,
@@ -159,6 +161,7 @@ def create_server(
         quotas,
         settings.max_request_elements,
         [Path(p) for p in settings.worker_paths],
+        FeedPool(settings.feed_memory_bytes),
     )
     keys = KeyRing(settings.api_keys, Path(settings.api_keys_file) if settings.api_keys_file else None)
     if not keys.enabled:
@@ -169,6 +172,7 @@ def create_server(
     metrics.watch_models(dataplane.list_models)
     metrics.watch_adapters(adapters)
     metrics.watch_batchers(dataplane.batchers)
+    metrics.watch_memory(dataplane.feed_pool, store.upload_memory)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import shutil
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -14,15 +16,6 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from ortmux.worker.adapters.lora_feeds import FeedBuffers, RowSpan, build_feeds
-from ortmux.worker.adapters.lora_graph import (
-    REWRITE_VERSION,
-    LoraInput,
-    has_batch_dimension,
-    rewrite,
-    strip_branches,
-)
-from ortmux.worker.adapters.targets import LoraSite
 from ortmux.worker.engine.arena import Arena
 from ortmux.worker.engine.cache import (
     BASE_MODEL_FILE,
@@ -34,6 +27,15 @@ from ortmux.worker.engine.cache import (
     mark_overridable,
     optimize_into,
 )
+from ortmux.worker.engine.lora.feeds import FeedBuffers, RowSpan, build_feeds
+from ortmux.worker.engine.lora.graph import (
+    REWRITE_VERSION,
+    LoraInput,
+    has_batch_dimension,
+    rewrite,
+    strip_branches,
+)
+from ortmux.worker.engine.lora.targets import LoraSite
 from ortmux.worker.engine.providers import CUDA
 from ortmux.worker.engine.runtime import RuntimeOptions
 from ortmux.worker.engine.specs import TensorSpec, leading_rows, validate_inputs, validate_output_names
@@ -120,6 +122,8 @@ class BaseModel:
         self.run_options = ort.RunOptions()
         self.run_options.log_severity_level = 4  # failures are raised to the caller and logged here
         self.entry, self._base = self._open()
+        if not self.entry.cached:  # built aside because the cache was full: removed with the model
+            weakref.finalize(self, shutil.rmtree, str(self.entry.directory), True)
         # Base-only runs use the graph without LoRA branches; both map the same data file.
         base_graph = self.entry.directory / BASE_MODEL_FILE
         self._plain = self.new_session(graph=base_graph) if base_graph.is_file() else self._base

@@ -10,6 +10,7 @@ an entry that is partial, corrupt or built for another key is logged, discarded 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -40,10 +41,15 @@ MANIFEST_FILE = "manifest.json"
 _SAMPLES = 32
 _SAMPLE_BYTES = 64 * 1024
 _HEARTBEAT_SECONDS = 15.0
+_FULL_BELOW_BYTES = 16 << 20  # a build that failed with less free space than this ran out of it
 
 
 class CacheEntryInvalid(Exception):
     """An entry on disk that must not be used; the message says why."""
+
+
+class CacheUnwritable(Exception):
+    """The cache's file system is full: an entry could not be written there."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +85,7 @@ class CacheEntry:
     hit: bool
     build_seconds: float
     extra: dict  # what the builder recorded about the optimized model (kept in the manifest)
+    cached: bool = True  # False: built in a temporary directory because the cache was full
 
     @property
     def model_path(self) -> Path:
@@ -173,7 +180,10 @@ class ModelCache:
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)
         value = digest.hexdigest()
-        write_atomically(memo, value.encode())
+        try:
+            write_atomically(memo, value.encode())
+        except OSError as exc:  # only a memo: the next load hashes again
+            log.warning("cannot record the content hash of %s in %s: %s", model_path, memo, exc.strerror)
         return value
 
     def get_or_build(
@@ -184,7 +194,32 @@ class ModelCache:
         label: str = "",
     ) -> CacheEntry:
         """The entry for ``key``. On a miss ``build(directory)`` writes MODEL_FILE (and DATA_FILE)
-        and returns a JSON-able dict kept in the manifest and handed back on every hit."""
+        and returns a JSON-able dict kept in the manifest and handed back on every hit.
+
+        When the cache's file system is full the entry is built in a temporary directory instead
+        (``cached`` False; the caller removes it when done) and the next load tries the cache again.
+        """
+        try:
+            return self._get_or_build(key, build, label or key.digest)
+        except CacheUnwritable as full:
+            log.warning("%s; %s is served from an uncached build", full, label or key.digest)
+            started = time.perf_counter()
+            directory = Path(tempfile.mkdtemp(prefix=f"ortmux-uncached-{key.digest[:12]}-"))
+            try:
+                extra = build(directory)
+            except BaseException:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
+            return CacheEntry(
+                key,
+                directory,
+                hit=False,
+                build_seconds=time.perf_counter() - started,
+                extra=extra,
+                cached=False,
+            )
+
+    def _get_or_build(self, key: CacheKey, build: Callable[[Path], dict], label: str) -> CacheEntry:
         directory = self.root / key.digest
         try:
             return CacheEntry(key, directory, hit=True, build_seconds=0.0, extra=self.verify(directory, key))
@@ -199,7 +234,7 @@ class ModelCache:
             except CacheEntryInvalid:
                 self.discard(directory)
             started = time.perf_counter()
-            extra = self._build(directory, key, build, label or key.digest)
+            extra = self._build(directory, key, build, label)
             return CacheEntry(
                 key, directory, hit=False, build_seconds=time.perf_counter() - started, extra=extra
             )
@@ -242,7 +277,12 @@ class ModelCache:
         shutil.rmtree(trash, ignore_errors=True)
 
     def _build(self, directory: Path, key: CacheKey, build: Callable[[Path], dict], label: str) -> dict:
-        staging = Path(tempfile.mkdtemp(prefix=f".build-{key.digest}-", dir=self.root))
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f".build-{key.digest}-", dir=self.root))
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheUnwritable(f"model cache {self.root} is full ({exc.strerror})") from None
+            raise
         try:
             with _heartbeat(label):
                 extra = build(staging)
@@ -258,6 +298,16 @@ class ModelCache:
             os.rename(staging, directory)
             fsync_dir(self.root)
             return extra
+        except Exception as exc:
+            # ONNX Runtime reports a failed write without its errno: a build that failed with
+            # (next to) no space left on the cache's file system ran out of it.
+            full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            if full or _free_bytes(self.root) < _FULL_BELOW_BYTES:
+                raise CacheUnwritable(
+                    f"model cache {self.root} is full ({_free_bytes(self.root)} bytes free after "
+                    f"a failed build: {exc})"
+                ) from None
+            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -269,6 +319,11 @@ class ModelCache:
                 yield
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _free_bytes(path: Path) -> int:
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
 
 
 @contextmanager

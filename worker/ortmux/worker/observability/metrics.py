@@ -118,6 +118,10 @@ class Metrics:
         """Report adapter counts, resident bytes, registrations, evictions and reloads at every scrape."""
         self.registry.register(_AdapterCollector(adapters))
 
+    def watch_memory(self, feeds: Any, uploads: Any) -> None:
+        """Report the bounded memory pools (LoRA feed arrays, uploads in progress) at every scrape."""
+        self.registry.register(_MemoryCollector(feeds, uploads))
+
     def observe_batch(self, model: str, rows: int, adapters: int, seconds: float) -> None:
         self.batch_rows.labels(model, _adapter_count_label(adapters)).observe(rows)
         self.batch_adapters.labels(model).observe(adapters)
@@ -247,6 +251,46 @@ class _AdapterCollector(Collector):
             "ortmux_adapter_load_seconds",
             "Seconds spent parsing and checking adapters (registrations and reloads).",
             value=counters.load_seconds_total,
+        )
+
+
+class _MemoryCollector(Collector):
+    def __init__(self, feeds: Any, uploads: Any) -> None:
+        self._feeds = feeds
+        self._uploads = uploads
+
+    def collect(self) -> Iterator[Metric]:
+        feeds, uploads = self._feeds, self._uploads
+        yield GaugeMetricFamily(
+            "ortmux_feed_memory_bytes", "Bytes of LoRA feed arrays kept for reuse.", value=feeds.held_bytes
+        )
+        yield GaugeMetricFamily(
+            "ortmux_feed_memory_limit_bytes", "The bound on LoRA feed arrays.", value=feeds.limit_bytes
+        )
+        yield CounterMetricFamily(
+            "ortmux_feed_memory_evictions",
+            "Times a model's feed arrays were dropped to make room for another's.",
+            value=feeds.evictions,
+        )
+        yield CounterMetricFamily(
+            "ortmux_feed_transient_runs",
+            "Runs that needed more feed memory than the bound and used arrays of their own.",
+            value=feeds.transient_runs,
+        )
+        yield GaugeMetricFamily(
+            "ortmux_upload_memory_bytes",
+            "Bytes that adapter uploads in progress hold in memory.",
+            value=uploads.held_bytes,
+        )
+        yield GaugeMetricFamily(
+            "ortmux_upload_memory_limit_bytes",
+            "The bound on memory held by uploads in progress.",
+            value=uploads.limit_bytes,
+        )
+        yield CounterMetricFamily(
+            "ortmux_upload_spills",
+            "Uploads received into their staging file because upload memory was taken.",
+            value=uploads.spilled,
         )
 
 

@@ -10,7 +10,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from ortmux.worker.adapters.lora_feeds import LoraWeights
+from ortmux.worker.engine.lora.feeds import LoraWeights
 from ortmux.worker.engine.specs import leading_rows
 
 _sequence = itertools.count()

@@ -18,7 +18,7 @@ import dataclasses
 import onnx
 from onnx import helper
 
-from ortmux.worker.adapters.targets import LoraSite, find_sites
+from ortmux.worker.engine.lora.targets import LoraSite, find_sites
 
 REWRITE_VERSION = 2
 RANK_DIM = "ortmux_lora_rank"
