@@ -24,11 +24,15 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_models_lists_demo_with_inputs_and_outputs(worker: Worker) -> None:
     result = _run("models", "--target", worker.address)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
+    lines = result.stdout.splitlines()
+    assert lines[:4] == [
         "demo",
         "  input  input_ids: int64[-1, -1]",
         "  output logits: float32[-1, -1, 1000]",
+        "  adaptable projections: 13",
     ]
+    q_proj = "layers.0.self_attn.q_proj  128 -> 128  weight layers.0.self_attn.q_proj.weight"
+    assert f"    {q_proj}  (initializer, rows)" in lines
 
 
 def test_infer_prints_output_shapes_and_saves_them(worker: Worker, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from ortmux.client._types import (
     ModelInfo,
     ModelStats,
     TensorInfo,
+    UnadaptableInfo,
 )
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "ModelStats",
     "OrtmuxError",
     "TensorInfo",
+    "UnadaptableInfo",
 ]

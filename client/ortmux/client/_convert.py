@@ -9,7 +9,14 @@ import grpc
 import numpy as np
 
 from ortmux.client._errors import OrtmuxError
-from ortmux.client._types import AdapterInfo, AdapterTargetInfo, ModelInfo, ModelStats, TensorInfo
+from ortmux.client._types import (
+    AdapterInfo,
+    AdapterTargetInfo,
+    ModelInfo,
+    ModelStats,
+    TensorInfo,
+    UnadaptableInfo,
+)
 from ortmux.common import tensors
 from ortmux.v1 import adapters_pb2, inference_pb2, models_pb2
 
@@ -64,6 +71,10 @@ def model_info(message: models_pb2.ModelInfo) -> ModelInfo:
                 kind=models_pb2.AdapterTargetKind.Name(target.kind)
                 .removeprefix("ADAPTER_TARGET_KIND_")
                 .lower(),
+                rule=target.rule,
+                node=target.node,
+                layout=target.layout,
+                aliases=tuple(target.aliases),
             )
             for target in message.adapter_targets
         ),
@@ -78,6 +89,17 @@ def model_info(message: models_pb2.ModelInfo) -> ModelInfo:
         ),
         sha256=message.sha256,
         providers=tuple(message.providers),
+        unadaptable=tuple(
+            UnadaptableInfo(
+                node=item.node,
+                op_type=item.op_type,
+                weight=item.weight,
+                module=item.module,
+                reason=item.reason,
+            )
+            for item in message.unadaptable
+        ),
+        fused_nodes=tuple(message.fused_nodes),
     )
 
 

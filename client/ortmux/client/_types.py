@@ -27,6 +27,21 @@ class AdapterTargetInfo:
     module: str
     shape: tuple[int, ...]
     kind: str
+    rule: str = ""  # which signal of the export named the module
+    node: str = ""
+    layout: str = ""  # rows, matrix or flattened (LoRA targets)
+    aliases: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class UnadaptableInfo:
+    """A MatMul/Gemm on a weight that no LoRA branch can take, and why."""
+
+    node: str
+    op_type: str
+    weight: str
+    module: str
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +67,8 @@ class ModelInfo:
     stats: ModelStats
     sha256: str
     providers: tuple[str, ...]
+    unadaptable: tuple[UnadaptableInfo, ...] = ()
+    fused_nodes: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,20 +29,42 @@ ADAPTER_TARGET_KIND_LORA: AdapterTargetKind
 ADAPTER_TARGET_KIND_OVERRIDE: AdapterTargetKind
 
 class AdapterTarget(_message.Message):
-    __slots__ = ("weight", "module", "shape", "kind", "in_features", "out_features")
+    __slots__ = ("weight", "module", "shape", "kind", "in_features", "out_features", "rule", "node", "layout", "aliases")
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     MODULE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     IN_FEATURES_FIELD_NUMBER: _ClassVar[int]
     OUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
     weight: str
     module: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     kind: AdapterTargetKind
     in_features: int
     out_features: int
-    def __init__(self, weight: _Optional[str] = ..., module: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., kind: _Optional[_Union[AdapterTargetKind, str]] = ..., in_features: _Optional[int] = ..., out_features: _Optional[int] = ...) -> None: ...
+    rule: str
+    node: str
+    layout: str
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, weight: _Optional[str] = ..., module: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., kind: _Optional[_Union[AdapterTargetKind, str]] = ..., in_features: _Optional[int] = ..., out_features: _Optional[int] = ..., rule: _Optional[str] = ..., node: _Optional[str] = ..., layout: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UnadaptableProjection(_message.Message):
+    __slots__ = ("node", "op_type", "weight", "module", "reason")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    OP_TYPE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    op_type: str
+    weight: str
+    module: str
+    reason: str
+    def __init__(self, node: _Optional[str] = ..., op_type: _Optional[str] = ..., weight: _Optional[str] = ..., module: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ModelStats(_message.Message):
     __slots__ = ("arena_bytes", "cache_bytes", "sessions", "load_seconds", "cache_hit", "adapters", "resident_adapters")
@@ -63,7 +85,7 @@ class ModelStats(_message.Message):
     def __init__(self, arena_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., load_seconds: _Optional[float] = ..., cache_hit: bool = ..., adapters: _Optional[int] = ..., resident_adapters: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "state", "inputs", "outputs", "adapter_targets", "stats", "sha256", "providers", "max_batch_size")
+    __slots__ = ("name", "state", "inputs", "outputs", "adapter_targets", "stats", "sha256", "providers", "max_batch_size", "unadaptable", "fused_nodes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +95,8 @@ class ModelInfo(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    UNADAPTABLE_FIELD_NUMBER: _ClassVar[int]
+    FUSED_NODES_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: ModelState
     inputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
@@ -82,7 +106,9 @@ class ModelInfo(_message.Message):
     sha256: str
     providers: _containers.RepeatedScalarFieldContainer[str]
     max_batch_size: int
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., adapter_targets: _Optional[_Iterable[_Union[AdapterTarget, _Mapping]]] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., sha256: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    unadaptable: _containers.RepeatedCompositeFieldContainer[UnadaptableProjection]
+    fused_nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., adapter_targets: _Optional[_Iterable[_Union[AdapterTarget, _Mapping]]] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., sha256: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., unadaptable: _Optional[_Iterable[_Union[UnadaptableProjection, _Mapping]]] = ..., fused_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -45,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     models.set_defaults(handler=_models)
     _add_target(models)
 
+    inspect = commands.add_parser(
+        "inspect",
+        help="list a model file's adaptable projections as PEFT names them (before training)",
+    )
+    inspect.set_defaults(handler=_inspect)
+    inspect.add_argument("model_path", type=Path, metavar="MODEL.onnx")
+
     infer = commands.add_parser("infer", help="run one request and summarise its outputs")
     infer.set_defaults(handler=_infer)
     _add_target(infer)
@@ -139,6 +146,54 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _print_projections(
+    adaptable: Sequence[tuple[str, str, int, int, str, str]],
+    unadaptable: Sequence[tuple[str, str, str, str]],
+    fused: Sequence[str],
+) -> None:
+    """The LoRA view of a model: what adapters can target (module as PEFT names it) and what not."""
+    print(f"  adaptable projections: {len(adaptable)}")
+    if adaptable:
+        width = max(len(row[0] or "?") for row in adaptable)
+        for module, weight, in_features, out_features, rule, layout in adaptable:
+            print(
+                f"    {module or '?':{width}s}  {in_features} -> {out_features}  weight {weight}  "
+                f"({rule or 'unnamed'}, {layout})"
+            )
+    if unadaptable:
+        print(f"  projections that cannot take a LoRA branch: {len(unadaptable)}")
+        for node, op_type, module, reason in unadaptable:
+            print(f"    {op_type} {node}{f' ({module})' if module else ''}: {reason}")
+    if fused:
+        print(f"  fused nodes no branch can reach: {', '.join(fused)}")
+
+
+def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        import onnx
+
+        from ortmux.worker.engine.lora.targets import find_sites
+    except ImportError as exc:
+        print(f"ortmux inspect needs the worker extra (pip install 'ortmux[worker]'): {exc}", file=sys.stderr)
+        return 2
+    try:
+        model = onnx.load(str(args.model_path), load_external_data=False)
+    except Exception as exc:
+        print(f"ortmux inspect: {args.model_path} cannot be read: {exc}", file=sys.stderr)
+        return 1
+    report = find_sites(model)
+    print(args.model_path)
+    _print_projections(
+        [(s.module, s.weight, s.in_features, s.out_features, s.rule, s.layout) for s in report.sites],
+        [(u.node, u.op_type, u.module, u.reason) for u in report.unadaptable],
+        report.fused,
+    )
+    modules = sorted({site.module.rsplit(".", 1)[-1] for site in report.sites if site.module})
+    if modules:
+        print(f"  PEFT target_modules: {', '.join(modules)}")
+    return 0
+
+
 def _models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ortmux.client import Client, OrtmuxError
 
@@ -150,6 +205,12 @@ def _models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 for label, specs in (("input ", info.inputs), ("output", info.outputs)):
                     for spec in specs:
                         print(f"  {label} {spec.name}: {spec.dtype}{list(spec.shape)}")
+                lora = [t for t in info.adapter_targets if t.kind == "lora"]
+                _print_projections(
+                    [(t.module, t.weight, t.shape[0], t.shape[1], t.rule, t.layout) for t in lora],
+                    [(u.node, u.op_type, u.module, u.reason) for u in info.unadaptable],
+                    info.fused_nodes,
+                )
     except OrtmuxError as exc:
         print(f"ortmux models: {exc.code.name}: {exc.message}", file=sys.stderr)
         return 1

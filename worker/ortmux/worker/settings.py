@@ -50,6 +50,12 @@ class Settings:
         "ONNX Runtime graph optimization applied once when a model enters the cache: disable, basic, "
         "extended or all.",
     )
+    base_graph: str = _field(
+        "shared",
+        "Graph of base-only runs: shared (the LoRA graph without its branches, one copy of the weights) "
+        "or separate (the original graph optimized on its own: keeps the fusions LoRA branches block, "
+        "costs a second weight file).",
+    )
     overridable: list[str] = _field(
         [],
         "Glob over initializer names kept overridable (not folded or prepacked), for override adapters.",
@@ -185,6 +191,11 @@ class Settings:
                 f"setting 'optimization_level' must be one of {', '.join(levels)}, "
                 f"got '{self.optimization_level}'",
                 field="optimization_level",
+            )
+        if self.base_graph not in ("shared", "separate"):
+            raise InvalidArgument(
+                f"setting 'base_graph' must be shared or separate, got '{self.base_graph}'",
+                field="base_graph",
             )
         if self.intra_op_threads < 0:
             raise InvalidArgument("setting 'intra_op_threads' must be 0 or more", field="intra_op_threads")

@@ -358,13 +358,17 @@ class AdapterManager:
     ) -> tuple[Resident, int, list[str]]:
         """The resident form of a parsed adapter on ``model``, with its rank and target weights."""
         if parsed.format == formats.PEFT_LORA:
-            if not model.lora_inputs:
+            if not model.lora_inputs and not model.unadaptable and not model.fused:
                 raise FailedPrecondition(
-                    f"model '{model.name}' takes no LoRA adapters "
-                    "(it has no projection with a batch dimension)"
+                    f"model '{model.name}' takes no LoRA adapters: it has no MatMul or Gemm on a "
+                    "weight, or its inputs share no dynamic batch dimension"
                 )
             sites = map_modules(
-                model.lora_sites, [m.module for m in parsed.peft_modules], parsed.module_mapping
+                model.lora_sites,
+                [m.module for m in parsed.peft_modules],
+                parsed.module_mapping,
+                model.unadaptable,
+                model.fused,
             )
             weights_of = {}
             for module in parsed.peft_modules:

@@ -36,6 +36,10 @@ def model_to_proto(model: BaseModel, adapters: int = 0, resident_adapters: int =
             kind=models_pb2.ADAPTER_TARGET_KIND_LORA,
             in_features=site.in_features,
             out_features=site.out_features,
+            rule=site.rule,
+            node=site.node,
+            layout=site.layout,
+            aliases=site.aliases,
         )
         for site in model.lora_sites
     ]
@@ -64,6 +68,17 @@ def model_to_proto(model: BaseModel, adapters: int = 0, resident_adapters: int =
         ),
         sha256=model.sha256,
         providers=model.providers,
+        unadaptable=[
+            models_pb2.UnadaptableProjection(
+                node=item.node,
+                op_type=item.op_type,
+                weight=item.weight,
+                module=item.module,
+                reason=item.reason,
+            )
+            for item in model.unadaptable
+        ],
+        fused_nodes=model.fused,
     )
 
 

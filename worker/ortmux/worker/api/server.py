@@ -134,6 +134,7 @@ def create_server(
         providers=tuple(resolve_providers(settings.providers)),
         intra_op_threads=settings.intra_op_threads,
         optimization_level=settings.optimization_level,
+        base_graph=settings.base_graph,
     )
     models = ModelRegistry(runtime, ModelCache(settings.cache_path()), settings.overridable)
     limits = AdapterLimits(

@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from ortmux.worker.engine.cache import CacheEntry
+from ortmux.worker.engine.cache import BASE_DATA_FILE, CacheEntry
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ class Arena:
         self, entry: CacheEntry, *, device: str = "cpu", owned: Collection[str] | None = None
     ) -> None:
         self.device = device
-        self.mapped_bytes = entry.data_path.stat().st_size if entry.data_path.is_file() else 0
+        data_files = (entry.data_path, entry.directory / BASE_DATA_FILE)
+        self.mapped_bytes = sum(path.stat().st_size for path in data_files if path.is_file())
         self._host: dict[str, np.ndarray] = {}
         self._values: dict[str, ort.OrtValue] = {}
         self.owned_bytes = 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import fnmatch
 import logging
 import shutil
@@ -18,6 +20,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from ortmux.worker.engine.arena import Arena
 from ortmux.worker.engine.cache import (
+    BASE_DATA_FILE,
     BASE_MODEL_FILE,
     MODEL_FILE,
     CacheEntry,
@@ -35,7 +38,7 @@ from ortmux.worker.engine.lora.graph import (
     rewrite,
     strip_branches,
 )
-from ortmux.worker.engine.lora.targets import LoraSite
+from ortmux.worker.engine.lora.targets import LoraSite, SiteReport, Unadaptable, find_sites
 from ortmux.worker.engine.providers import CUDA
 from ortmux.worker.engine.runtime import RuntimeOptions
 from ortmux.worker.engine.specs import TensorSpec, leading_rows, validate_inputs, validate_output_names
@@ -117,7 +120,9 @@ class BaseModel:
             optimization_level=runtime.optimization_level,
             cpu=cpu_signature(),
             overridable=self.overridable,
-            rewrite=f"lora-{REWRITE_VERSION}" if has_batch_dimension(source_model) else "",
+            rewrite=f"lora-{REWRITE_VERSION}-{runtime.base_graph}"
+            if has_batch_dimension(source_model)
+            else "",
         )
         self.run_options = ort.RunOptions()
         self.run_options.log_severity_level = 4  # failures are raised to the caller and logged here
@@ -168,15 +173,27 @@ class BaseModel:
     def lora_sites(self) -> list[LoraSite]:
         return [lora.site for lora in self.lora_inputs]
 
-    def _rewrite(self, graph: onnx.ModelProto) -> tuple[onnx.ModelProto, list[LoraInput]]:
+    @property
+    def unadaptable(self) -> list[Unadaptable]:
+        """MatMul/Gemm projections that cannot take a LoRA branch, with the reason."""
+        return [Unadaptable(**values) for values in self.entry.extra.get("unadaptable", [])]
+
+    @property
+    def fused(self) -> list[str]:
+        """Fused nodes (ONNX Runtime's Attention, ...) whose projection weights no branch reaches."""
+        return list(self.entry.extra.get("fused", []))
+
+    def _rewrite(self, graph: onnx.ModelProto) -> tuple[onnx.ModelProto, list[LoraInput], SiteReport]:
         """Every adaptable projection gets a LoRA branch (done once, when the cache builds)."""
         if not self.key.rewrite:
-            return graph, []
+            return graph, [], SiteReport([], [], [])
         try:
-            return rewrite(graph)
+            report = find_sites(graph)
+            rewritten, inputs = rewrite(graph, report)
+            return rewritten, inputs, report
         except Exception as exc:  # a graph the rewrite cannot handle is served without LoRA
             log.warning("model '%s' is served without LoRA adapters: %s", self.name, exc)
-            return graph, []
+            return graph, [], SiteReport([], [], [])
 
     def _open(self) -> tuple[CacheEntry, ModelSession]:
         """The cache entry and the base session; an entry that fails to load is rebuilt once."""
@@ -203,7 +220,7 @@ class BaseModel:
         log.info("optimizing model '%s' from %s (large models take minutes)", self.name, self.path)
         options = self.runtime.session_options(self.runtime.graph_optimization_level())
         assert self._graph is not None, "the graph is kept until the first successful load"
-        graph, lora_inputs = self._rewrite(self._graph)
+        graph, lora_inputs, report = self._rewrite(self._graph)
         try:
             optimize_into(
                 graph, self.path.parent, directory, options=options, providers=self.runtime.providers
@@ -212,13 +229,65 @@ class BaseModel:
             raise InvalidArgument(
                 f"model '{self.name}' at {self.path} does not load: {exc}", field="path"
             ) from None
+        extra: dict = {
+            "lora_inputs": [lora.to_json() for lora in lora_inputs],
+            "unadaptable": [dataclasses.asdict(item) for item in report.unadaptable],
+            "fused": report.fused,
+        }
         if lora_inputs:
-            optimized = onnx.load(str(directory / MODEL_FILE), load_external_data=False)
-            try:
-                onnx.save(strip_branches(optimized, lora_inputs), str(directory / BASE_MODEL_FILE))
-            except ValueError as exc:  # base-only runs then use the full graph, feeding nothing
-                log.warning("model '%s': %s", self.name, exc)
-        return {"lora_inputs": [lora.to_json() for lora in lora_inputs]}
+            extra["base_graph"] = self._build_base_graph(directory, lora_inputs)
+        return extra
+
+    def _build_base_graph(self, directory: Path, lora_inputs: list[LoraInput]) -> str:
+        """The graph base-only runs execute, and how it was made.
+
+        ``shared``: the LoRA graph without its branches, on the LoRA graph's weights. The branches
+        may keep ONNX Runtime from fusing what they sit between (MatMul + bias, Add +
+        LayerNormalization, attention patterns); ``separate`` then optimizes the original graph on
+        its own, at the price of its own weight file (a second copy, mapped like the first). The
+        log says which fusions the shared graph misses."""
+        assert self._graph is not None
+        optimized = onnx.load(str(directory / MODEL_FILE), load_external_data=False)
+        try:
+            stripped = strip_branches(optimized, lora_inputs)
+        except ValueError as exc:
+            log.warning("model '%s': %s", self.name, exc)
+            stripped = None
+        options = self.runtime.session_options(self.runtime.graph_optimization_level())
+        scratch = directory / ".base"
+        scratch.mkdir()
+        try:
+            optimize_into(
+                self._graph,
+                self.path.parent,
+                scratch,
+                options=options,
+                providers=self.runtime.providers,
+                data_file=BASE_DATA_FILE,
+            )
+            plain = onnx.load(str(scratch / MODEL_FILE), load_external_data=False)
+            missed = _operator_difference(stripped, plain)
+            if stripped is not None and self.runtime.base_graph == "shared":
+                onnx.save(stripped, str(directory / BASE_MODEL_FILE))
+                if missed:
+                    log.info(
+                        "model '%s': base-only runs miss fusions the LoRA branches block (%s); "
+                        "base_graph=separate keeps them at the cost of a second weight file",
+                        self.name,
+                        missed,
+                    )
+                return "shared"
+            (scratch / MODEL_FILE).rename(directory / BASE_MODEL_FILE)
+            if (scratch / BASE_DATA_FILE).exists():
+                (scratch / BASE_DATA_FILE).rename(directory / BASE_DATA_FILE)
+            log.info(
+                "model '%s': base-only runs use the original graph optimized on its own (%s)",
+                self.name,
+                missed or "same operators",
+            )
+            return "separate"
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def new_session(
         self, own_tensors: Mapping[str, np.ndarray] | None = None, *, graph: Path | None = None
@@ -281,6 +350,18 @@ class BaseModel:
             log.exception("model '%s' failed to run", self.name)
             raise InternalError(f"model '{self.name}' failed to run: {_ort_message(exc)}") from None
         return dict(zip(names, results, strict=True))
+
+
+def _operators(model: onnx.ModelProto) -> collections.Counter:
+    return collections.Counter(node.op_type for node in model.graph.node if node.op_type != "Identity")
+
+
+def _operator_difference(stripped: onnx.ModelProto | None, plain: onnx.ModelProto) -> str:
+    """What the original graph optimized on its own fuses beyond the stripped graph ("" if nothing)."""
+    if stripped is None:
+        return "the LoRA graph's branches could not be stripped"
+    more = _operators(plain) - _operators(stripped)
+    return ", ".join(f"{count} more {op}" for op, count in sorted(more.items()))
 
 
 def _ort_message(exc: BaseException) -> str:

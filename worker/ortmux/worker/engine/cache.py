@@ -37,6 +37,7 @@ CACHE_FORMAT = 1
 MODEL_FILE = "model.onnx"
 BASE_MODEL_FILE = "model_base.onnx"  # the same graph without LoRA branches, when it has them
 DATA_FILE = "model.onnx.data"
+BASE_DATA_FILE = "model_base.onnx.data"  # weights of a base graph optimized on its own, if any
 MANIFEST_FILE = "manifest.json"
 _SAMPLES = 32
 _SAMPLE_BYTES = 64 * 1024
@@ -352,12 +353,13 @@ def optimize_into(
     *,
     options: ort.SessionOptions,
     providers: Sequence[str],
+    data_file: str = DATA_FILE,
 ) -> None:
     """Run ONNX Runtime's graph optimization on ``model`` (its external data read from
     ``external_data_dir``) and save the result, with its weights and prepacked blobs as external
     data, in ``directory``."""
     options.optimized_model_filepath = str(directory / MODEL_FILE)
-    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA_FILE)
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_file)
     options.add_session_config_entry(
         "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
     )

@@ -76,6 +76,9 @@ class RuntimeOptions:
     providers: tuple[str, ...]
     intra_op_threads: int = 0
     optimization_level: str = "all"
+    # Base-only runs: "shared" strips the LoRA graph's branches (one copy of the weights);
+    # "separate" optimizes the original graph on its own, keeping fusions the branches block.
+    base_graph: str = "shared"
 
     def graph_optimization_level(self) -> ort.GraphOptimizationLevel:
         """The level the cache optimizes at (sessions on cached models run at ORT_DISABLE_ALL)."""

@@ -170,14 +170,16 @@ def build_feeds(
             # One adapter on every row, no padding: [1, in, R] views that MatMul broadcasts over
             # the batch, so no copies and one product for all rows.
             weights = users[0][1]
-            feeds[lora.a] = weights.a[np.newaxis]
-            feeds[lora.b] = weights.b[np.newaxis]
+            lead = (1,) * (1 + lora.middle_dims)
+            feeds[lora.a] = weights.a.reshape(lead + weights.a.shape)
+            feeds[lora.b] = weights.b.reshape(lead + weights.b.shape)
             continue
         plans.append((lora, users, rank, users[0][1].a.dtype))
     wanted = []
     for lora, _users, rank, dtype in plans:
-        wanted.append((lora.a, (batch, lora.site.in_features, rank), dtype))
-        wanted.append((lora.b, (batch, rank, lora.site.out_features), dtype))
+        middle = (1,) * lora.middle_dims
+        wanted.append((lora.a, (batch, *middle, lora.site.in_features, rank), dtype))
+        wanted.append((lora.b, (batch, *middle, rank, lora.site.out_features), dtype))
     arrays = buffers.arrays(wanted) if buffers is not None else [np.empty(s, d) for _n, s, d in wanted]
     for index, (lora, users, rank, _dtype) in enumerate(plans):
         a_rows, b_rows = arrays[2 * index], arrays[2 * index + 1]
@@ -201,11 +203,11 @@ def _fill(
         if row < span.start:
             a_rows[row : span.start] = 0
             b_rows[row : span.start] = 0
-        a_rows[span.start : span.stop, :, : weights.rank] = weights.a
-        b_rows[span.start : span.stop, : weights.rank, :] = weights.b
+        a_rows[span.start : span.stop, ..., : weights.rank] = weights.a
+        b_rows[span.start : span.stop, ..., : weights.rank, :] = weights.b
         if weights.rank < rank:
-            a_rows[span.start : span.stop, :, weights.rank :] = 0
-            b_rows[span.start : span.stop, weights.rank :, :] = 0
+            a_rows[span.start : span.stop, ..., weights.rank :] = 0
+            b_rows[span.start : span.stop, ..., weights.rank :, :] = 0
         row = span.stop
     if row < batch:
         a_rows[row:batch] = 0

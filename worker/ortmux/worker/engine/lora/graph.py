@@ -16,11 +16,11 @@ from __future__ import annotations
 import dataclasses
 
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper
 
-from ortmux.worker.engine.lora.targets import LoraSite, find_sites
+from ortmux.worker.engine.lora.targets import ROWS, LoraSite, SiteReport, batch_symbol, find_sites
 
-REWRITE_VERSION = 2
+REWRITE_VERSION = 3
 RANK_DIM = "ortmux_lora_rank"
 BATCH_DIM = "ortmux_batch"
 
@@ -34,73 +34,95 @@ class LoraInput:
     b: str
     dtype: int  # onnx TensorProto data type of the weight
 
+    @property
+    def middle_dims(self) -> int:
+        """Singleton dimensions between the batch and the factor's matrix in the fed shape, so
+        that the factors broadcast over the activation's inner dimensions ([batch, 1, in, R] for
+        a [batch, h, w, in] activation)."""
+        return 0 if self.site.layout != ROWS else max(self.site.source_rank - 3, 0)
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, values: dict) -> LoraInput:
-        return cls(site=LoraSite(**values["site"]), a=values["a"], b=values["b"], dtype=int(values["dtype"]))
-
-
-def _activation_ranks(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    ranks = {}
-    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
-            ranks[value.name] = len(value.type.tensor_type.shape.dim)
-    return ranks
+        return cls(
+            site=LoraSite.from_json(values["site"]), a=values["a"], b=values["b"], dtype=int(values["dtype"])
+        )
 
 
 def has_batch_dimension(model: onnx.ModelProto) -> bool:
     """True when every graph input is at least 2-D with one shared, dynamic leading dimension."""
-    initializers = {tensor.name for tensor in model.graph.initializer}
-    leading = set()
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) < 2 or dims[0].HasField("dim_value"):
-            return False
-        leading.add(dims[0].dim_param)
-    return len(leading) == 1
+    return bool(batch_symbol(model))
 
 
-def rewrite(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[LoraInput]]:
-    """A copy of ``model`` with a branch on every site whose activation is [batch, seq, in], and
-    the branches' inputs in site order. A model without a batch dimension is returned as is."""
+def rewrite(
+    model: onnx.ModelProto, report: SiteReport | None = None
+) -> tuple[onnx.ModelProto, list[LoraInput]]:
+    """A copy of ``model`` with a branch on every adaptable site, and the branches' inputs in site
+    order. A model without a batch dimension is returned as is."""
     if not has_batch_dimension(model):
         return model, []
+    report = report or find_sites(model)
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
     graph = rewritten.graph
-    ranks = _activation_ranks(model)
     dtypes = {tensor.name: tensor.data_type for tensor in graph.initializer}
-    nodes_by_name = {node.name: node for node in graph.node}
+    nodes = list(graph.node)
     inputs: list[LoraInput] = []
     extra_nodes: list[onnx.NodeProto] = []
-    for index, site in enumerate(find_sites(model)):
-        if ranks.get(site.activation) != 3 or site.node not in nodes_by_name:
-            continue  # per-row branches need the batch as the activation's leading dimension
+    for index, site in enumerate(report.sites):
         prefix = f"ortmux.lora.{index}"
         lora = LoraInput(site, f"{prefix}.a", f"{prefix}.b", dtypes[site.weight])
-        node = nodes_by_name[site.node]
+        node = nodes[site.node_index]
         base_output = f"{site.output}.ortmux_base"
         node.output[0] = base_output
-        down, delta = f"{prefix}.xa", f"{prefix}.delta"
-        extra_nodes.append(
-            helper.make_node("MatMul", [site.activation, lora.a], [down], name=f"{prefix}.down")
-        )
-        extra_nodes.append(helper.make_node("MatMul", [down, lora.b], [delta], name=f"{prefix}.up"))
+        source, down, delta = site.activation, f"{prefix}.xa", f"{prefix}.delta"
+        if site.layout != ROWS:
+            # [batch, in] -> [batch, 1, in], and [batch, ..., in] that a Reshape flattened ->
+            # [batch, rows, in]: each request's rows meet its own factors.
+            source = f"{prefix}.rows"
+            graph.initializer.append(
+                helper.make_tensor(f"{prefix}.rows_shape", TensorProto.INT64, [3], [0, -1, site.in_features])
+            )
+            extra_nodes.append(
+                helper.make_node(
+                    "Reshape", [site.activation, f"{prefix}.rows_shape"], [source], name=f"{prefix}.rows"
+                )
+            )
+        extra_nodes.append(helper.make_node("MatMul", [source, lora.a], [down], name=f"{prefix}.down"))
+        if site.layout == ROWS:
+            extra_nodes.append(helper.make_node("MatMul", [down, lora.b], [delta], name=f"{prefix}.up"))
+        else:  # back to the projection's 2-D [rows, out]
+            extra_nodes.append(
+                helper.make_node("MatMul", [down, lora.b], [f"{delta}.rows"], name=f"{prefix}.up")
+            )
+            shape = f"{prefix}.out_shape"
+            graph.initializer.append(
+                helper.make_tensor(shape, TensorProto.INT64, [2], [-1, site.out_features])
+            )
+            extra_nodes.append(
+                helper.make_node("Reshape", [f"{delta}.rows", shape], [delta], name=f"{prefix}.flat")
+            )
         extra_nodes.append(helper.make_node("Add", [base_output, delta], [site.output], name=f"{prefix}.add"))
+        middle = [1] * lora.middle_dims
         graph.input.append(
-            helper.make_tensor_value_info(lora.a, lora.dtype, [BATCH_DIM, site.in_features, RANK_DIM])
+            helper.make_tensor_value_info(
+                lora.a, lora.dtype, [BATCH_DIM, *middle, site.in_features, RANK_DIM]
+            )
         )
         graph.input.append(
-            helper.make_tensor_value_info(lora.b, lora.dtype, [BATCH_DIM, RANK_DIM, site.out_features])
+            helper.make_tensor_value_info(
+                lora.b, lora.dtype, [BATCH_DIM, *middle, RANK_DIM, site.out_features]
+            )
         )
         # Defaults of rank 0 (overridable initializers): a run feeds only the branches it uses.
-        graph.initializer.append(helper.make_tensor(lora.a, lora.dtype, [1, site.in_features, 0], []))
-        graph.initializer.append(helper.make_tensor(lora.b, lora.dtype, [1, 0, site.out_features], []))
+        graph.initializer.append(
+            helper.make_tensor(lora.a, lora.dtype, [1, *middle, site.in_features, 0], [])
+        )
+        graph.initializer.append(
+            helper.make_tensor(lora.b, lora.dtype, [1, *middle, 0, site.out_features], [])
+        )
         inputs.append(lora)
     graph.node.extend(extra_nodes)
     _topological_sort(graph)
@@ -148,11 +170,17 @@ def strip_branches(optimized: onnx.ModelProto, inputs: list[LoraInput]) -> onnx.
     for lora in inputs:
         (down,) = consumers[lora.a]
         (up,) = consumers[lora.b]
-        (join,) = consumers[up.output[0]]
+        removed.update((id(down), id(up)))
+        tail = up
+        while True:  # the Reshape back to 2-D rows, when the branch has one
+            (join,) = consumers[tail.output[0]]
+            if join.op_type != "Reshape":
+                break
+            removed.add(id(join))
+            tail = join
         if join.op_type != "Add" or up.input[0] != down.output[0]:
             raise ValueError(f"LoRA branch of '{lora.site.weight}' was changed by the optimizer")
-        base_output = next(name for name in join.input if name != up.output[0])
-        removed.update((id(down), id(up)))
+        base_output = next(name for name in join.input if name != tail.output[0])
         if join.output[0] in outputs:
             join.op_type = "Identity"
             del join.input[:]
@@ -168,10 +196,20 @@ def strip_branches(optimized: onnx.ModelProto, inputs: list[LoraInput]) -> onnx.
             node.input[index] = name
     branch_inputs = {name for lora in inputs for name in (lora.a, lora.b)}
     del graph.node[:]
-    graph.node.extend(kept)
+    graph.node.extend(_live(kept, outputs))
     _keep_only(graph.initializer, lambda tensor: tensor.name not in branch_inputs)
     _keep_only(graph.input, lambda value: value.name not in branch_inputs)
     return stripped
+
+
+def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """``nodes`` without those whose results nothing reads (a branch's input Reshape)."""
+    while True:
+        read = {name for node in nodes for name in node.input} | outputs
+        live = [node for node in nodes if any(name in read for name in node.output)]
+        if len(live) == len(nodes):
+            return live
+        nodes = live
 
 
 def _keep_only(repeated, keep) -> None:

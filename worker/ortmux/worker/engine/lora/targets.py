@@ -1,28 +1,55 @@
 """Which base weights adapters can change, and which source-framework module each one is.
 
 A LoRA site is a MatMul (or Gemm) whose weight operand is a 2-D initializer, directly, through a
-Transpose (how exporters store torch's [out, in] Linear weights) or through Gemm's ``transB``.
-Its module name comes, in order, from an explicit mapping, from the initializer name
-(``<module>.weight``), or from the torch exporter's ``pkg.torch.onnx.name_scopes`` metadata on
-the node. Shapes alone never decide a mapping.
+Transpose (how exporters store torch's [out, in] Linear weights), a Cast, or Gemm's ``transB``.
+Its module name comes from every signal an exporter leaves, in this order:
+
+1. an explicit ``module_mapping`` (applied in :func:`map_modules`);
+2. the initializer's name, ``<module>.weight`` (the demo model, GPT-2's Conv1D weights);
+3. the TorchScript exporter's node scope, ``/encoder/layer.0/attention/self/query/MatMul`` ->
+   ``encoder.layer.0.attention.self.query`` (Optimum, ``torch.onnx.export(dynamo=False)``);
+4. the dynamo exporter's ``pkg.torch.onnx.name_scopes`` node metadata;
+5. the bias that a following Add or Gemm adds, ``<module>.bias``.
+
+A PEFT module matches a site's name exactly, or on whole trailing path components where the
+two disagree on a wrapper prefix (``transformer.``, ``model.``, a task head's ``bert.``). Shapes
+alone never decide a mapping, and two candidates for one module are refused.
+
+Each site also records where its branch reads: the activation ``[batch, ..., in]`` itself, a
+``[batch, in]`` matrix, or the ``[batch, ..., in]`` tensor that a Reshape flattened into
+``[batch*seq, in]`` (GPT-2, Gemm-based exports). A flattened activation is used only when the
+graph proves the flatten keeps rows batch-major; projections that cannot take a branch are listed
+with the reason, so ``ortmux inspect`` shows users what they can target.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 
 import onnx
 
-from ortmux.worker.errors import InvalidArgument
+from ortmux.worker.errors import FailedPrecondition, InvalidArgument
+
+log = logging.getLogger(__name__)
 
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+ROWS, MATRIX, FLATTENED = "rows", "matrix", "flattened"
+# Fused ONNX Runtime / Optimum operators that consume projection weights no branch can reach.
+FUSED_OPS = frozenset(
+    {"Attention", "MultiHeadAttention", "PackedAttention", "GroupQueryAttention", "QAttention", "FusedMatMul"}
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraSite:
-    """One adaptable projection: ``y = x @ W`` with W [in_features, out_features] as applied."""
+    """One adaptable projection: ``y = x @ W`` with W [in_features, out_features] as applied.
+
+    ``activation`` is the tensor the branch reads (``source_rank`` dims, batch first, features
+    last) and ``output`` the tensor its delta is added to; ``layout`` says how they relate.
+    """
 
     weight: str
     module: str
@@ -31,6 +58,40 @@ class LoraSite:
     output: str
     in_features: int
     out_features: int
+    node_index: int = -1  # position in the source graph's node list (names may be empty)
+    rule: str = ""  # which signal named the module
+    aliases: tuple[str, ...] = ()  # further module names other signals gave
+    layout: str = ROWS
+    source_rank: int = 3
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name in (self.module, *self.aliases) if name)
+
+    @classmethod
+    def from_json(cls, values: Mapping) -> LoraSite:
+        fields = {field.name for field in dataclasses.fields(cls)}
+        kept = {key: value for key, value in values.items() if key in fields}
+        kept["aliases"] = tuple(kept.get("aliases", ()))
+        return cls(**kept)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unadaptable:
+    """A MatMul/Gemm on a weight that no branch can take, and why."""
+
+    node: str
+    op_type: str
+    weight: str
+    module: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteReport:
+    sites: list[LoraSite]
+    unadaptable: list[Unadaptable]
+    fused: list[str]  # fused nodes holding projection weights ("Attention 'Attention_0'")
 
 
 def _module_from_scopes(node: onnx.NodeProto) -> str:
@@ -44,66 +105,276 @@ def _module_from_scopes(node: onnx.NodeProto) -> str:
                 # ['', 'encoder', ..., 'encoder.layer.0.attention.self.query', 'linear']: the
                 # deepest dotted module path names the torch module the MatMul belongs to.
                 paths = [scope for scope in scopes if isinstance(scope, str) and scope]
-                modules = [scope for scope in paths[:-1]] if len(paths) > 1 else paths
+                modules = list(paths[:-1]) if len(paths) > 1 else paths
                 return modules[-1] if modules else ""
     return ""
 
 
-def find_sites(model: onnx.ModelProto) -> list[LoraSite]:
-    """Every LoRA site of the main graph, in graph order."""
-    graph = model.graph
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
-    producers = {output: node for node in graph.node for output in node.output}
-    sites = []
-    for node in graph.node:
+def _module_from_node_name(name: str) -> str:
+    """``/model/layers.0/self_attn/q_proj/MatMul`` -> ``model.layers.0.self_attn.q_proj``."""
+    if not name.startswith("/"):
+        return ""
+    parts = [part for part in name.split("/") if part]
+    return ".".join(parts[:-1]) if len(parts) > 1 else ""
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[str | int]:
+    if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+        return []
+    return [
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+        for d in value.type.tensor_type.shape.dim
+    ]
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, list[str | int]]:
+    """Tensor name -> dims (ints, or symbols such as ``batch_size*sequence_length``).
+
+    ONNX Runtime's symbolic shape inference follows Shape/Slice/Concat chains that exporters use to
+    flatten activations; where it fails, ONNX's own inference is used."""
+    inferred = None
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=False)
+    except Exception as exc:  # a graph it cannot follow; ONNX's inference still gives ranks
+        log.info("symbolic shape inference failed (%s); using ONNX shape inference", exc)
+    if inferred is None:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    graph = inferred.graph
+    return {value.name: _dims(value) for value in [*graph.value_info, *graph.input, *graph.output]}
+
+
+def batch_symbol(model: onnx.ModelProto) -> str:
+    """The dim_param every non-initializer graph input leads with ("" when there is none)."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    leading = set()
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) < 2 or dims[0].HasField("dim_value") or not dims[0].dim_param:
+            return ""
+        leading.add(dims[0].dim_param)
+    return leading.pop() if len(leading) == 1 else ""
+
+
+def _factors(symbol: str) -> list[str]:
+    """Top-level factors of a product symbol: ``batch*Min(32, seq)`` -> ['batch', 'Min(32, seq)']."""
+    factors, depth, start = [], 0, 0
+    for index, char in enumerate(symbol):
+        depth += char == "("
+        depth -= char == ")"
+        if char == "*" and depth == 0:
+            factors.append(symbol[start:index].strip())
+            start = index + 1
+    factors.append(symbol[start:].strip())
+    return factors
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto, shapes: Mapping[str, list[str | int]] | None) -> None:
+        graph = model.graph
+        self.initializers = {tensor.name: tensor for tensor in graph.initializer}
+        self.producers = {output: node for node in graph.node for output in node.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.shapes = infer_shapes(model) if shapes is None else shapes
+        self.batch = batch_symbol(model)
+        self._model = model
+        self._concrete: dict[int, dict[str, list[str | int]]] | None = None
+
+    def weight_behind(self, name: str) -> tuple[str, bool] | None:
+        """The 2-D initializer ``name`` reads, through Cast and Transpose, and whether it is
+        transposed on the way."""
+        transposed = False
+        for _ in range(4):
+            if name in self.initializers:
+                return (name, transposed) if len(self.initializers[name].dims) == 2 else None
+            producer = self.producers.get(name)
+            if producer is None:
+                return None
+            if producer.op_type == "Transpose":
+                perm = [list(attr.ints) for attr in producer.attribute if attr.name == "perm"]
+                if perm not in ([], [[1, 0]]):
+                    return None
+                transposed = not transposed
+            elif producer.op_type != "Cast":
+                return None
+            name = producer.input[0]
+        return None
+
+    def bias_module(self, node: onnx.NodeProto) -> str:
+        """``<module>`` of a ``<module>.bias`` added to the node's output (by Gemm or an Add)."""
+        names = [node.input[2]] if node.op_type == "Gemm" and len(node.input) > 2 else []
+        for consumer in self.consumers.get(node.output[0], []):
+            if consumer.op_type == "Add":
+                names += [name for name in consumer.input if name != node.output[0]]
+        for name in names:
+            if name in self.initializers and name.endswith(".bias"):
+                return name[: -len(".bias")]
+        return ""
+
+    def layout(self, x: str, in_features: int) -> tuple[str, str, int] | str:
+        """(layout, branch source, its rank) for an activation, or why no branch can read it."""
+        dims = self.shapes.get(x, [])
+        if not self.batch:
+            return "the model's inputs share no dynamic batch dimension"
+        if len(dims) >= 3:
+            if dims[0] == self.batch:
+                return ROWS, x, len(dims)
+            return f"its activation {_show(dims)} does not lead with the batch dimension '{self.batch}'"
+        if len(dims) != 2:
+            return f"the activation's shape is unknown ({_show(dims)})"
+        if dims[0] == self.batch:
+            return MATRIX, x, 2
+        producer = self.producers.get(x)
+        if producer is None or producer.op_type != "Reshape":
+            return (
+                f"its activation {_show(dims)} is 2-D and not traceable to a [{self.batch}, ..., "
+                f"{in_features}] tensor"
+            )
+        source = producer.input[0]
+        if self._batch_major(source, x, in_features):
+            return FLATTENED, source, len(self.shapes.get(source, [])) or 3
+        return (
+            f"its activation {_show(dims)} is a Reshape of {_show(self.shapes.get(source, []))} that "
+            f"cannot be shown to keep each row of [{self.batch}, ...] together: rows of different "
+            "requests could mix"
+        )
+
+    def _batch_major(self, source: str, flat: str, in_features: int) -> bool:
+        """Whether Reshape(source) -> flat [rows, in] keeps rows batch-major: source leads with the
+        batch, and each batch element holds a whole number of rows. Proven on the symbolic shapes,
+        else on shapes inferred for two concrete batch sizes (the rows must scale with it)."""
+        dims, source_dims = self.shapes.get(flat, []), self.shapes.get(source, [])
+        if len(source_dims) >= 2 and source_dims[0] == self.batch and dims[-1:] == [in_features]:
+            trailing = 1
+            for dim in reversed(source_dims[1:]):
+                if not isinstance(dim, int) or trailing >= in_features:
+                    break
+                trailing *= dim
+            if trailing == in_features:
+                return True
+        per_batch = []
+        for batch, shapes in self.concrete().items():
+            flat_dims, source_dims = shapes.get(flat, []), shapes.get(source, [])
+            if (
+                len(flat_dims) != 2
+                or flat_dims[1] != in_features
+                or not source_dims
+                or source_dims[0] != batch
+                or not all(isinstance(d, int) for d in [*flat_dims, *source_dims])
+                or flat_dims[0] % batch
+            ):
+                return False
+            per_batch.append(flat_dims[0] // batch)
+        return len(per_batch) == 2 and per_batch[0] == per_batch[1] > 0
+
+    def concrete(self) -> dict[int, dict[str, list[str | int]]]:
+        """Shapes inferred with the batch set to 3 and to 5 (every other free dimension 16)."""
+        if self._concrete is None:
+            self._concrete = {}
+            for batch in (3, 5):
+                model = onnx.ModelProto()
+                model.CopyFrom(self._model)
+                for value in model.graph.input:
+                    for dim in value.type.tensor_type.shape.dim:
+                        if dim.dim_param:
+                            dim.dim_value = batch if dim.dim_param == self.batch else 16
+                try:
+                    self._concrete[batch] = infer_shapes(model)
+                except Exception:  # the model does not infer at these sizes
+                    self._concrete = {}
+                    break
+        return self._concrete
+
+
+def _show(dims: Sequence[str | int]) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]" if dims else "[?]"
+
+
+def find_sites(model: onnx.ModelProto, shapes: Mapping[str, list[str | int]] | None = None) -> SiteReport:
+    """Every LoRA site of the main graph in graph order, with the projections that cannot take one."""
+    graph = _Graph(model, shapes)
+    sites: list[LoraSite] = []
+    unadaptable: list[Unadaptable] = []
+    fused: list[str] = []
+    for index, node in enumerate(model.graph.node):
+        if node.op_type in FUSED_OPS and any(
+            name in graph.initializers and len(graph.initializers[name].dims) == 2 for name in node.input
+        ):
+            fused.append(f"{node.op_type} '{node.name or f'#{index}'}'")
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
             continue
+        found = graph.weight_behind(node.input[1])
+        if found is None:
+            continue  # activation x activation (attention scores), not a projection
+        operand, transposed = found
         attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
-        if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0):
-            continue
-        operand = node.input[1]
-        transposed = node.op_type == "Gemm" and bool(attrs.get("transB", 0))
-        scope_node = node
-        producer = producers.get(operand)
-        if operand not in initializers and producer is not None and producer.op_type == "Transpose":
-            perm = [list(attr.ints) for attr in producer.attribute if attr.name == "perm"]
-            if perm in ([], [[1, 0]]) and producer.input[0] in initializers:
-                operand = producer.input[0]
-                transposed = not transposed
-        tensor = initializers.get(operand)
-        if tensor is None or len(tensor.dims) != 2:
-            continue
-        rows, cols = tensor.dims
+        label = node.name or f"#{index}"
+        signals = [
+            ("initializer", operand[: -len(".weight")] if operand.endswith(".weight") else ""),
+            ("node scope", _module_from_node_name(node.name)),
+            ("name scopes", _module_from_scopes(node)),
+            ("bias", graph.bias_module(node)),
+        ]
+        named = [(rule, name) for rule, name in signals[:3] if name] or [(r, n) for r, n in signals[3:] if n]
+        rule, module = named[0] if named else ("", "")
+        aliases = tuple(dict.fromkeys(name for _rule, name in named[1:] if name != module))
+        if node.op_type == "Gemm":
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+                unadaptable.append(
+                    Unadaptable(label, node.op_type, operand, module, "Gemm with transA or alpha != 1")
+                )
+                continue
+            transposed = transposed != bool(attrs.get("transB", 0))
+        rows, cols = graph.initializers[operand].dims
         in_features, out_features = (cols, rows) if transposed else (rows, cols)
-        module = (
-            operand[: -len(".weight")] if operand.endswith(".weight") else _module_from_scopes(scope_node)
-        )
+        placed = graph.layout(node.input[0], int(in_features))
+        if isinstance(placed, str):
+            unadaptable.append(Unadaptable(label, node.op_type, operand, module, placed))
+            continue
+        layout, source, source_rank = placed
         sites.append(
             LoraSite(
                 weight=operand,
                 module=module,
                 node=node.name,
-                activation=node.input[0],
+                activation=source,
                 output=node.output[0],
                 in_features=int(in_features),
                 out_features=int(out_features),
+                node_index=index,
+                rule=rule,
+                aliases=aliases,
+                layout=layout,
+                source_rank=source_rank,
             )
         )
-    return sites
+    return SiteReport(sites, unadaptable, fused)
+
+
+def _matches(module: str, name: str) -> bool:
+    """Equal, or equal on whole trailing path components (one side has a wrapper prefix)."""
+    return module == name or module.endswith("." + name) or name.endswith("." + module)
 
 
 def map_modules(
-    sites: Sequence[LoraSite], modules: Sequence[str], explicit: Mapping[str, str] | None = None
+    sites: Sequence[LoraSite],
+    modules: Sequence[str],
+    explicit: Mapping[str, str] | None = None,
+    unadaptable: Sequence[Unadaptable] = (),
+    fused: Sequence[str] = (),
 ) -> dict[str, LoraSite]:
     """Module name -> site for every module an adapter targets; every miss is listed at once.
 
-    ``explicit`` maps module names to initializer names and wins over the names in the graph.
+    ``explicit`` maps module names to initializer names and wins over the names in the graph. An
+    exact name wins over a prefix-tolerant match; two candidates of the same kind are refused.
     """
     by_weight = {site.weight: site for site in sites}
-    by_module: dict[str, list[LoraSite]] = {}
-    for site in sites:
-        if site.module:
-            by_module.setdefault(site.module, []).append(site)
     mapped: dict[str, LoraSite] = {}
     problems = []
     for module in modules:
@@ -114,15 +385,43 @@ def map_modules(
             else:
                 mapped[module] = site
             continue
-        candidates = by_module.get(module, [])
+        exact = _unique(site for site in sites if module in site.names)
+        candidates = exact or _unique(
+            site for site in sites if any(_matches(module, name) for name in site.names)
+        )
         if len(candidates) == 1:
             mapped[module] = candidates[0]
-        elif not candidates:
-            problems.append(f"{module} (no weight of the base model belongs to it)")
+            continue
+        if candidates:
+            problems.append(
+                f"{module} (ambiguous: " + ", ".join(f"{s.weight} ({s.module})" for s in candidates) + ")"
+            )
+            continue
+        blocked = [u for u in unadaptable if u.module and _matches(module, u.module)]
+        if blocked:
+            problems.append(
+                f"{module} (its projection {blocked[0].node} cannot take a branch: {blocked[0].reason})"
+            )
+        elif fused:
+            raise FailedPrecondition(
+                f"cannot map adapter module '{module}': the base graph holds fused nodes "
+                f"({', '.join(fused[:4])}) whose packed projection weights no LoRA branch can take; "
+                "serve the model as exported, before ONNX Runtime's transformer optimizer or "
+                "Optimum's ORTOptimizer fused it (e.g. `optimum-cli export onnx` without --optimize)",
+                field="target_modules",
+            )
         else:
-            problems.append(f"{module} (ambiguous: {', '.join(site.weight for site in candidates)})")
+            problems.append(f"{module} (no weight of the base model belongs to it)")
     if problems:
         raise InvalidArgument(
-            "cannot map these adapter modules to base weights: " + "; ".join(problems), field="target_modules"
+            "cannot map these adapter modules to base weights: "
+            + "; ".join(problems)
+            + " (run `ortmux inspect` on the model to see its adaptable modules; "
+            "module_mapping names weights explicitly)",
+            field="target_modules",
         )
     return mapped
+
+
+def _unique(sites) -> list[LoraSite]:
+    return list({site.weight: site for site in sites}.values())
