@@ -55,6 +55,8 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/adapters.py
 	$(PY) bench/batching.py
 	$(PY) bench/streaming.py
+	$(PY) bench/served.py
+	$(PY) bench/exports.py
 
 protos: $(PROTOC_STAMP)
 	$(PROTOC_VENV)/bin/python protos/generate.py

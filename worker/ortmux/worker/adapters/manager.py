@@ -26,7 +26,7 @@ from ortmux.worker.adapters import formats
 from ortmux.worker.adapters.formats import Payload
 from ortmux.worker.adapters.store import DEFAULT_TENANT, AdapterMeta, AdapterStore, PendingAdapter
 from ortmux.worker.engine.base_model import BaseModel
-from ortmux.worker.engine.lora.feeds import LoraWeights
+from ortmux.worker.engine.lora.feeds import LoraWeights, rank_bucket
 from ortmux.worker.engine.lora.targets import map_modules
 from ortmux.worker.errors import (
     AlreadyExists,
@@ -387,7 +387,7 @@ class AdapterManager:
                 weights_of[site.weight] = module
             lora = _lora_factors(weights_of)
             nbytes = sum(weights.nbytes for weights in lora.values())
-            rank = max(weights.rank for weights in lora.values())
+            rank = max(module.rank for module in weights_of.values())
             return Resident(lora=lora, nbytes=nbytes), rank, sorted(lora)
         if parsed.format == formats.ORT_ADAPTER:
             specs = model.feedable_specs()
@@ -572,18 +572,23 @@ class AdapterManager:
 
 
 def _lora_factors(modules: dict[str, formats.PeftModule]) -> dict[str, LoraWeights]:
-    """Each module's factors as a run feeds them, A [in, r] and B * scale [r, out], carved out of
-    one float32 block: one allocation per adapter, each factor written in a single pass."""
-    block = np.empty(sum(m.a.size + m.b.size for m in modules.values()), dtype=np.float32)
+    """Each module's factors as a run feeds them, A [in, R] and B * scale [R, out], carved out of
+    one float32 block: one allocation per adapter, each factor written in a single pass.
+
+    R is the rank rounded up to the power of two runs use, the extra columns of A and rows of B
+    zero (exact): a run whose rows all use this adapter is then fed views of these arrays, with
+    no copy, whatever the rank."""
+    sizes = {weight: (rank_bucket(m.rank), m.a.shape[1], m.b.shape[0]) for weight, m in modules.items()}
+    block = np.zeros(sum(r * (i + o) for r, i, o in sizes.values()), dtype=np.float32)
     lora, offset = {}, 0
     for weight, module in modules.items():
-        (rank, fan_in), (fan_out, _) = module.a.shape, module.b.shape
-        a = block[offset : offset + fan_in * rank].reshape(fan_in, rank)
+        rank, (bucket, fan_in, fan_out) = module.rank, sizes[weight]
+        a = block[offset : offset + fan_in * bucket].reshape(fan_in, bucket)
         offset += a.size
-        b = block[offset : offset + rank * fan_out].reshape(rank, fan_out)
+        b = block[offset : offset + bucket * fan_out].reshape(bucket, fan_out)
         offset += b.size
-        np.copyto(a, module.a.T, casting="same_kind")
-        np.multiply(module.b.T, module.scale, out=b, casting="same_kind")
+        np.copyto(a[:, :rank], module.a.T, casting="same_kind")
+        np.multiply(module.b.T, module.scale, out=b[:rank], casting="same_kind")
         lora[weight] = LoraWeights(a=a, b=b)
     return lora
 

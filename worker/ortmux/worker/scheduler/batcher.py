@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -75,7 +76,14 @@ class Batcher:
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"ortmux-batcher-{name}", daemon=True)
+        # Answers (futures, their callbacks, metrics) are given on a thread of their own, so the
+        # batcher starts its next run as soon as ONNX Runtime returns.
+        self._answers: queue.SimpleQueue = queue.SimpleQueue()
+        self._answerer = threading.Thread(
+            target=self._answer_loop, name=f"ortmux-answers-{name}", daemon=True
+        )
         self._thread.start()
+        self._answerer.start()
 
     @property
     def depth(self) -> int:
@@ -111,6 +119,8 @@ class Batcher:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout)
+        self._answers.put(None)
+        self._answerer.join(timeout)
 
     # -- the runner thread -------------------------------------------------------------------------
 
@@ -214,17 +224,28 @@ class Batcher:
         rows = sum(request.rows for request in live)
         self.counters.batches += 1
         self.counters.rows += rows
-        if self._observe is not None:
-            self._observe(live, started, finished)
-        for request, result in zip(live, outputs, strict=True):
-            if isinstance(result, Exception):
-                request.future.set_exception(result)
-                continue
-            request.future.set_result(
-                BatchResult(
-                    outputs=result,
-                    queue_seconds=started - request.enqueued_at,
-                    compute_seconds=finished - started,
-                    batch_rows=rows,
+        self._answers.put((live, outputs, started, finished, rows))
+
+    def _answer_loop(self) -> None:
+        while True:
+            item = self._answers.get()
+            if item is None:
+                return
+            live, outputs, started, finished, rows = item
+            if self._observe is not None:
+                try:
+                    self._observe(live, started, finished)
+                except Exception:  # metrics must never keep a request from its answer
+                    log.exception("observing a batch of '%s' failed", self.name)
+            for request, result in zip(live, outputs, strict=True):
+                if isinstance(result, Exception):
+                    request.future.set_exception(result)
+                    continue
+                request.future.set_result(
+                    BatchResult(
+                        outputs=result,
+                        queue_seconds=started - request.enqueued_at,
+                        compute_seconds=finished - started,
+                        batch_rows=rows,
+                    )
                 )
-            )

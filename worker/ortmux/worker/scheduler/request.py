@@ -46,6 +46,7 @@ class QueuedRequest:
     future: Future = dataclasses.field(default_factory=Future)
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
     sequence: int = dataclasses.field(default_factory=lambda: next(_sequence))
+    _signature: tuple | None = dataclasses.field(default=None, repr=False)
 
     @property
     def rows(self) -> int:
@@ -53,11 +54,15 @@ class QueuedRequest:
 
     def signature(self) -> tuple:
         """Requests with equal signatures can share a run: same inputs, dtypes, outputs, and the
-        same sizes in every dimension but the first."""
-        if not self.batchable or self.feeds:
-            return ("alone", self.sequence)
-        shapes = tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in self.inputs.items()))
-        return (shapes, tuple(self.output_names), self.group)
+        same sizes in every dimension but the first (computed once: the batcher compares it for
+        every queued head while it fills a batch)."""
+        if self._signature is None:
+            if not self.batchable or self.feeds:
+                self._signature = ("alone", self.sequence)
+            else:
+                shapes = tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in self.inputs.items()))
+                self._signature = (shapes, tuple(self.output_names), self.group)
+        return self._signature
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
