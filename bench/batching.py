@@ -40,9 +40,10 @@ TENANT_KEYS = {"flood": "flood-key", "light": "light-key"}
 
 
 def load(
-    address: str, clients: int, seconds: float, use_adapters: bool, api_key: str | None = None
+    address: str, clients: int, seconds: float, adapters: int, api_key: str | None = None
 ) -> tuple[float, list[float]]:
-    """Requests per second and latencies (ms) of ``clients`` threads sending back to back."""
+    """Requests per second and latencies (ms) of ``clients`` threads sending back to back, each
+    request on a uniformly random adapter of ``a0`` .. ``a{adapters-1}`` (0: base-only)."""
     from ortmux.client import Client
 
     latencies: list[float] = []
@@ -55,7 +56,7 @@ def load(
             ids = {"input_ids": np.random.default_rng(seed).integers(0, 8000, (1, 8), dtype=np.int64)}
             mine = []
             while time.monotonic() < stop:
-                adapter = f"a{rng.randrange(ADAPTERS)}" if use_adapters else None
+                adapter = f"a{rng.randrange(adapters)}" if adapters else None
                 started = time.perf_counter()
                 client.infer("bench", ids, adapter=adapter)
                 mine.append((time.perf_counter() - started) * 1000)
@@ -182,9 +183,13 @@ def main() -> None:
         for mode, (_label, flags, use_adapters) in MODES.items():
             worker = start(work, flags)
             try:
-                load(worker.address, 4, 1.0, use_adapters)  # warm up every batch shape a little
+                load(
+                    worker.address, 4, 1.0, ADAPTERS if use_adapters else 0
+                )  # warm up every batch shape a little
                 for clients in args.clients:
-                    rate, latencies = load(worker.address, clients, args.seconds, use_adapters)
+                    rate, latencies = load(
+                        worker.address, clients, args.seconds, ADAPTERS if use_adapters else 0
+                    )
                     samples.setdefault((mode, clients), []).append(
                         (rate, float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)))
                     )
@@ -221,14 +226,14 @@ def main() -> None:
     for cap in (0, 1):
         worker = start(work, ["--fair-share-rows", str(cap), *keys], tuple(TENANT_KEYS.values()))
         try:
-            _rate, idle = load(worker.address, 1, args.seconds, True, TENANT_KEYS["light"])
+            _rate, idle = load(worker.address, 1, args.seconds, ADAPTERS, TENANT_KEYS["light"])
             flood_done = threading.Event()
             flood_count = [0]
             flooder = threading.Thread(target=flood, args=(worker.address, flood_done, flood_count))
             flooder.start()
             time.sleep(1.0)
             counted = flood_count[0]
-            _rate, busy = load(worker.address, 1, args.seconds, True, TENANT_KEYS["light"])
+            _rate, busy = load(worker.address, 1, args.seconds, ADAPTERS, TENANT_KEYS["light"])
             flood_rate = (flood_count[0] - counted) / args.seconds
             flood_done.set()
             flooder.join()

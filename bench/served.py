@@ -14,12 +14,10 @@ goes besides the model.
 from __future__ import annotations
 
 import argparse
-import random
 import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,40 +25,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adapters import write_peft
+from batching import load
 from common import OUT, WorkerProcess, bench_model, median, table
 
 ADAPTERS = 64
 MODES = {"base only": 0, "one adapter": 1, "16 random adapters": 16, "64 random adapters": 64}
-
-
-def load(address: str, clients: int, seconds: float, adapters: int) -> tuple[float, list[float]]:
-    from ortmux.client import Client
-
-    latencies: list[float] = []
-    lock = threading.Lock()
-    stop = time.monotonic() + seconds
-    with Client(address) as client:
-
-        def worker(seed: int) -> None:
-            rng = random.Random(seed)
-            ids = {"input_ids": np.random.default_rng(seed).integers(0, 8000, (1, 8), dtype=np.int64)}
-            mine = []
-            while time.monotonic() < stop:
-                adapter = f"a{rng.randrange(adapters)}" if adapters else None
-                started = time.perf_counter()
-                client.infer("bench", ids, adapter=adapter)
-                mine.append((time.perf_counter() - started) * 1000)
-            with lock:
-                latencies.extend(mine)
-
-        started = time.monotonic()
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        elapsed = time.monotonic() - started
-    return len(latencies) / elapsed, latencies
 
 
 def profile(pid: int, seconds: float, out: Path) -> None:

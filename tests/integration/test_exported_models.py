@@ -109,13 +109,17 @@ def _mixed_runs(worker: Worker, model: str) -> float:
     return total
 
 
-def test_inspect_lists_an_optimum_export_as_peft_names_it() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "ortmux.worker.cli", "inspect", str(EXPORTS / "bert-optimum.onnx")],
+def _inspect(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ortmux.worker.cli", "inspect", str(path)],
         capture_output=True,
         text=True,
         check=True,
     )
+
+
+def test_inspect_lists_an_optimum_export_as_peft_names_it() -> None:
+    result = _inspect(EXPORTS / "bert-optimum.onnx")
     assert "adaptable projections: 12" in result.stdout
     query = r"encoder\.layer\.0\.attention\.self\.query +32 -> 32  weight onnx::MatMul_"
     assert re.search(query, result.stdout)
@@ -124,12 +128,7 @@ def test_inspect_lists_an_optimum_export_as_peft_names_it() -> None:
 
 
 def test_inspect_lists_the_unnamed_graph() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "ortmux.worker.cli", "inspect", str(EXPORTS / "unnamed.onnx")],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    result = _inspect(EXPORTS / "unnamed.onnx")
     assert "mlp.up_proj    8 -> 16  weight mlp.up_proj.weight  (initializer, rows)" in result.stdout
     assert "mlp.down_proj  16 -> 8  weight mlp.down_proj.weight  (initializer, rows)" in result.stdout
 
