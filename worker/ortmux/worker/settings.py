@@ -78,6 +78,30 @@ class Settings:
         "Memory all adapter uploads in progress may hold together; past it an upload is received "
         "into its staging file instead of memory.",
     )
+    adapter_store: str = _field(
+        "",
+        "Shared adapter store of every pod, s3://BUCKET/PREFIX (endpoint and credentials the AWS way: "
+        "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, web identity, ...); empty: adapters live on this pod's disk.",
+    )
+    adapter_sync_seconds: float = _field(
+        2.0, "With a shared store: registrations, replacements and deletes reach this pod within this bound."
+    )
+    adapter_disk_bytes: int = _field(
+        0,
+        "With a shared store: bytes of adapters the local disk caches; least recently used ones leave "
+        "first (resident and pinned stay). 0: no bound.",
+    )
+    adapter_store_lookups_per_second: float = _field(
+        20.0, "With a shared store: lookups of adapter ids this pod does not know, per tenant per second."
+    )
+    adapter_orphan_grace_seconds: float = _field(
+        3600.0,
+        "With a shared store: age after which a payload no record names (an upload that died) is "
+        "deleted; longer than any upload takes.",
+    )
+    adapter_gc_seconds: float = _field(
+        600.0, "With a shared store: how often (jittered) this pod collects orphaned payloads."
+    )
     max_batch_size: int = _field(32, "Most rows one batched run takes; 1 turns batching off.")
     max_queue_delay_ms: float = _field(
         0.0,
@@ -235,6 +259,25 @@ class Settings:
             raise InvalidArgument(
                 "setting 'tls_client_ca_file' needs tls_cert_file and tls_key_file",
                 field="tls_client_ca_file",
+            )
+        if self.adapter_store:
+            from ortmux.worker.adapters.objects import parse_url
+
+            try:
+                parse_url(self.adapter_store)
+            except ValueError as exc:
+                raise InvalidArgument(f"setting 'adapter_store': {exc}", field="adapter_store") from None
+        for name in (
+            "adapter_sync_seconds",
+            "adapter_store_lookups_per_second",
+            "adapter_orphan_grace_seconds",
+            "adapter_gc_seconds",
+        ):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(f"setting '{name}' must be more than 0", field=name)
+        if self.adapter_disk_bytes < 0:
+            raise InvalidArgument(
+                "setting 'adapter_disk_bytes' must be 0 or more", field="adapter_disk_bytes"
             )
         if self.grpc_workers < 1:
             raise InvalidArgument("setting 'grpc_workers' must be 1 or more", field="grpc_workers")

@@ -4,6 +4,11 @@ Registering parses and checks the payload against the base model, writes it atom
 makes it resident; the next request can use it. Resident adapters live within a memory budget:
 the least recently used unpinned ones leave memory and come back from disk on demand. A request
 holds its adapter while it runs; deleting waits for those requests to finish.
+
+With a shared store (``adapter_store``) the store holds every pod's adapters and the local disk
+is a cache of it, bounded by ``disk_bytes``: a registration is written to both, an adapter this
+pod does not know is looked up in the store before NOT_FOUND, and :meth:`sync` applies what other
+pods registered, replaced or deleted.
 """
 
 from __future__ import annotations
@@ -11,37 +16,41 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import json
 import logging
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-
-from ortmux.worker.adapters import formats
+from ortmux.worker.adapters import loading
 from ortmux.worker.adapters.formats import Payload
+from ortmux.worker.adapters.loading import Resident
+from ortmux.worker.adapters.objects import Conflict, StoreUnavailable
+from ortmux.worker.adapters.shared import SharedStore
 from ortmux.worker.adapters.store import DEFAULT_TENANT, AdapterMeta, AdapterStore, PendingAdapter
+from ortmux.worker.adapters.uploads import UploadHeader, UploadTrailer, receive_path, receive_upload
 from ortmux.worker.engine.base_model import BaseModel
-from ortmux.worker.engine.lora.feeds import LoraWeights, rank_bucket
-from ortmux.worker.engine.lora.targets import map_modules
-from ortmux.worker.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    Unavailable,
-)
+from ortmux.worker.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 DELETE_WAIT_SECONDS = 60.0
+NEGATIVE_SECONDS = 1.0  # how long "not in the store" is believed without looking again
+STORE_RETRY_SECONDS = 5.0
+
+__all__ = [
+    "AdapterInfo",
+    "AdapterLimits",
+    "AdapterManager",
+    "Resident",
+    "UploadHeader",
+    "UploadTrailer",
+    "validate_adapter_id",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,27 +60,8 @@ class AdapterLimits:
     memory_budget_bytes: int = 2 << 30
     tenant_max_adapters: int = 0  # per tenant and model; 0: no quota
     tenant_max_adapter_bytes: int = 0  # stored bytes per tenant over all models; 0: no quota
-
-
-@dataclasses.dataclass(frozen=True)
-class UploadHeader:
-    model: str
-    adapter_id: str
-    format: str = ""  # "" detects the format
-    total_bytes: int = 0
-    sha256: str = ""
-    files: tuple[tuple[str, int], ...] = ()  # named files back to back; () = one file or archive
-    pinned: bool = False
-    replace: bool = False
-    module_mapping_json: str = ""
-    tenant: str = DEFAULT_TENANT
-
-
-@dataclasses.dataclass(frozen=True)
-class UploadTrailer:
-    """The optional last part of an upload: its checksum, computed while sending."""
-
-    sha256: str
+    disk_bytes: int = 0  # the local cache of a shared store; 0: no bound
+    store_lookups_per_second: float = 20.0  # per tenant, of ids this pod does not know
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,15 +81,6 @@ class AdapterInfo:
 
 
 @dataclasses.dataclass
-class Resident:
-    """An adapter in memory, in the form a run uses."""
-
-    lora: dict[str, LoraWeights] = dataclasses.field(default_factory=dict)
-    feeds: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    nbytes: int = 0
-
-
-@dataclasses.dataclass
 class _Record:
     meta: AdapterMeta
     resident: Resident | None = None
@@ -107,6 +88,8 @@ class _Record:
     in_use: int = 0
     deleting: bool = False
     evicted: bool = False
+    cached: bool = True  # its payload is on the local disk
+    loading: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
 @dataclasses.dataclass
@@ -115,6 +98,12 @@ class AdapterCounters:
     evictions: int = 0
     reloads: int = 0
     load_seconds_total: float = 0.0
+    disk_hits: int = 0
+    disk_misses: int = 0  # loads that fetched the payload from the shared store
+    disk_evictions: int = 0
+    store_lookups: int = 0  # ids this pod did not know, looked up in the store
+    sync_errors: int = 0
+    collected_payloads: int = 0
 
 
 Key = tuple[str, str, str]  # (model, tenant, adapter id)
@@ -129,11 +118,20 @@ def validate_adapter_id(adapter_id: str) -> None:
         )
 
 
+def _key_of(meta: AdapterMeta) -> Key:
+    return (meta.model, meta.tenant, meta.adapter_id)
+
+
 class AdapterManager:
     def __init__(
-        self, store: AdapterStore, models: Callable[[str], BaseModel], limits: AdapterLimits
+        self,
+        store: AdapterStore,
+        models: Callable[[str], BaseModel],
+        limits: AdapterLimits,
+        shared: SharedStore | None = None,
     ) -> None:
         self.store = store
+        self.shared = shared
         self._model = models
         self.limits = limits
         self.counters = AdapterCounters()
@@ -141,155 +139,74 @@ class AdapterManager:
         self._lru: collections.OrderedDict[Key, None] = collections.OrderedDict()
         self._resident_bytes = 0
         self._pending: set[Key] = set()
+        self._missing: dict[Key, float] = {}  # ids the store did not have -> when that expires
+        self._lookups: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, last refill)
+        self._complete = shared is None  # the records mirror every record of the store
         self._lock = threading.Condition()
-        for meta in store.scan():
-            self._records[(meta.model, meta.tenant, meta.adapter_id)] = _Record(
-                meta, last_used_at=meta.created_at
-            )
-        if self._records:
-            log.info("%d adapters on disk; they load on first use", len(self._records))
+        local = {_key_of(meta): meta for meta in store.scan()}
+        if shared is None:
+            for key, meta in local.items():
+                self._records[key] = _Record(meta, last_used_at=meta.created_at)
+            if self._records:
+                log.info("%d adapters on disk; they load on first use", len(self._records))
+            return
+        try:
+            if not store.is_cache_of(shared.description):
+                self._migrate(local)
+            self._replace_all(shared.read_all(), local)
+            store.mark_cache_of(shared.description)
+            log.info("%d adapters in %s; they load on first use", len(self._records), shared.description)
+        except StoreUnavailable as exc:
+            log.error("%s; serving the %d adapters on local disk until it answers", exc, len(local))
+            for key, meta in local.items():
+                self._records[key] = _Record(meta, last_used_at=meta.created_at)
+
+    def _migrate(self, local: dict[Key, AdapterMeta]) -> None:
+        """Copy the adapters of a local store into the shared store it becomes a cache of (an
+        adapter the shared store has already is left as the store has it)."""
+        assert self.shared is not None
+        for key, meta in local.items():
+            if not meta.version:
+                meta.version = uuid.uuid4().hex
+            try:
+                self.shared.publish(meta, self.store.payload_path(*key), replace=False)
+                log.info("adapter %s/%s/%s copied to %s", *key, self.shared.description)
+            except Conflict:
+                pass
 
     # -- registration ------------------------------------------------------------------------------
 
     def receive(
         self, header: UploadHeader, parts: Iterable[bytes | UploadTrailer]
     ) -> tuple[UploadHeader, Payload, PendingAdapter]:
-        """The payload of an upload, checked against its size and checksum, and written to a
-        staging directory as it arrives; returns the header with the verified sha256 filled in.
-
-        The checksum comes in the header or in a trailer after the last chunk (so a client can
-        hash while sending). Refuses an upload as soon as it passes its declared or allowed size,
-        so neither memory nor disk ever holds more than ``max_adapter_bytes`` of it.
-        """
-        limit = self.limits.max_adapter_bytes
-        if header.total_bytes <= 0:
-            raise InvalidArgument("header.total_bytes must be positive", field="header.total_bytes")
-        if header.total_bytes > limit:
-            raise ResourceExhausted(
-                f"adapter of {header.total_bytes} bytes exceeds the limit of {limit} bytes",
-                field="header.total_bytes",
-            )
-        if header.sha256 and not _SHA256.match(header.sha256):
-            raise InvalidArgument("header.sha256 must be 64 lower-case hex digits", field="header.sha256")
-        _check_file_list(header.files, header.total_bytes)
-        digest = hashlib.sha256()
-        received = 0
-        trailer: UploadTrailer | None = None
-        pending = self.store.begin(header.total_bytes)
-        try:
-            for count, part in enumerate(parts, start=1):
-                if trailer is not None:
-                    raise InvalidArgument(
-                        "the trailer must be the last message of an upload", field="trailer"
-                    )
-                if isinstance(part, UploadTrailer):
-                    if not _SHA256.match(part.sha256):
-                        raise InvalidArgument(
-                            "trailer.sha256 must be 64 lower-case hex digits", field="trailer.sha256"
-                        )
-                    trailer = part
-                    continue
-                if count > self.limits.max_upload_chunks:
-                    raise ResourceExhausted(
-                        f"upload has more than {self.limits.max_upload_chunks} chunks", field="chunk"
-                    )
-                received += len(part)
-                if received > header.total_bytes:
-                    raise InvalidArgument(
-                        f"upload sent more than the {header.total_bytes} bytes its header declares",
-                        field="chunk",
-                    )
-                digest.update(part)
-                pending.write(part)
-            if received != header.total_bytes:
-                raise InvalidArgument(
-                    f"upload ended after {received} of {header.total_bytes} bytes", field="chunk"
-                )
-            declared = [
-                (field, value)
-                for field, value in (
-                    ("header.sha256", header.sha256),
-                    ("trailer.sha256", trailer and trailer.sha256),
-                )
-                if value
-            ]
-            if not declared:
-                raise InvalidArgument(
-                    "the upload carries no sha256: set header.sha256 or end with a trailer",
-                    field="header.sha256",
-                )
-            for field, value in declared:
-                if value != digest.hexdigest():
-                    raise InvalidArgument(
-                        f"checksum mismatch: {field} is {value}, the payload hashes to {digest.hexdigest()}",
-                        field=field,
-                    )
-            payload = pending.finish()
-        except BaseException:
-            pending.abort()
-            raise
-        return dataclasses.replace(header, sha256=digest.hexdigest()), payload, pending
+        """An upload's payload, checked against its size and checksum as it is staged (see
+        :func:`receive_upload`)."""
+        return receive_upload(self.store, self.limits, header, parts)
 
     def register(self, header: UploadHeader, payload: Payload, pending: PendingAdapter) -> AdapterInfo:
         """Check a received payload against its base, then commit and make it resident."""
         try:
-            return self._register(header, payload, header.sha256, pending)
+            return self._register(header, payload, pending)
         finally:
             pending.abort()  # no-op once committed (the directory has moved)
 
     def register_from_path(self, header: UploadHeader, path: Path) -> AdapterInfo:
         """Register an adapter from a file, archive or directory on the worker's filesystem."""
-        if not path.exists():
-            raise NotFound(f"no file or directory at {path}", field="path")
-        sources = (
-            sorted(p for p in path.iterdir() if p.is_file() and p.name != "README.md")
-            if path.is_dir()
-            else [path]
-        )
-        size = sum(p.stat().st_size for p in sources)
-        if size > self.limits.max_adapter_bytes:
-            raise ResourceExhausted(
-                f"{path} exceeds the limit of {self.limits.max_adapter_bytes} bytes", field="path"
-            )
-        if path.is_dir():
-            header = dataclasses.replace(header, files=tuple((p.name, p.stat().st_size) for p in sources))
-        digest = hashlib.sha256()
-        block = memoryview(bytearray(1 << 20))  # one reused buffer: no fresh pages to fault in
-        pending = self.store.begin(size)
-        changed = FailedPrecondition(f"{path} changed while it was being read", field="path")
-        try:
-            copied = 0
-            for source in sources:
-                with source.open("rb") as handle:
-                    while count := handle.readinto(block):
-                        copied += count
-                        if copied > size:
-                            raise changed
-                        digest.update(block[:count])
-                        pending.write(block[:count])
-            if copied != size:
-                raise changed
-            return self._register(header, pending.finish(), digest.hexdigest(), pending)
-        finally:
-            pending.abort()
+        return self.register(*receive_path(self.store, self.limits, header, path))
 
-    def _register(
-        self, header: UploadHeader, payload: Payload, sha256: str, pending: PendingAdapter
-    ) -> AdapterInfo:
+    def _register(self, header: UploadHeader, payload: Payload, pending: PendingAdapter) -> AdapterInfo:
         model = self._model(header.model)
         validate_adapter_id(header.adapter_id)
         key = (model.name, header.tenant, header.adapter_id)
+        if self.shared is not None:
+            self._sync_for_registration(key, header.replace)
         with self._lock:
             if key in self._pending:
                 raise Unavailable(
                     f"adapter '{header.adapter_id}' is being registered or deleted right now", retry_after=1.0
                 )
             if key in self._records and not header.replace:
-                raise AlreadyExists(
-                    f"adapter '{header.adapter_id}' already exists on model '{model.name}'; "
-                    "set replace to overwrite it",
-                    field="adapter_id",
-                )
+                raise _exists(header.adapter_id, model.name)
             self._check_quotas(key, len(payload))
             self._pending.add(key)
         try:
@@ -302,15 +219,20 @@ class AdapterManager:
                 rank=0,
                 targets=[],
                 size_bytes=len(payload),
-                sha256=sha256,
+                sha256=header.sha256,
                 pinned=header.pinned,
                 created_at=time.time(),
                 files=list(header.files),
                 module_mapping_json=header.module_mapping_json,
+                version=uuid.uuid4().hex,
             )
-            resident, meta.format, meta.rank, meta.targets = self._load(model, meta, payload)
+            resident, meta.format, meta.rank, meta.targets = loading.load(
+                model, meta, payload, self.limits.max_adapter_bytes
+            )
             checked = time.perf_counter()
             pending.commit(meta)
+            if self.shared is not None:
+                self._publish(meta, header.replace)
             log.info(
                 "adapter %s/%s registered: %s, rank %d, %d targets, %d bytes "
                 "(checked in %.1f ms, committed in %.1f ms)",
@@ -329,91 +251,40 @@ class AdapterManager:
                     self._drop_resident(key, old)
                 record = _Record(meta, last_used_at=meta.created_at)
                 self._records[key] = record
+                self._missing.pop(key, None)
                 self._make_resident(key, record, resident)
                 self.counters.registrations += 1
                 self.counters.load_seconds_total += checked - started
-                return self._info(record)
+                info = self._info(record)
+            self._trim_disk()
+            return info
         finally:
             with self._lock:
                 self._pending.discard(key)
 
-    def _load(
-        self, model: BaseModel, meta: AdapterMeta, payload: Payload
-    ) -> tuple[Resident, str, int, list[str]]:
-        """Payload -> resident form on ``model``, with the detected format, rank and targets."""
-        named = None
-        if meta.files:
-            named, offset, view = {}, 0, memoryview(payload)
-            for name, size in meta.files:
-                named[name] = view[offset : offset + size]
-                offset += size
-        files = formats.unpack(payload, named, self.limits.max_adapter_bytes)
-        fmt = meta.format or formats.detect(files)
-        parsed = formats.parse(fmt, files, _parse_mapping(meta.module_mapping_json))
-        resident, rank, targets = self._materialize(model, parsed)
-        return resident, fmt, rank, targets
+    def _sync_for_registration(self, key: Key, replace: bool) -> None:
+        """Bring the records up to date before a registration is checked against them (quotas
+        count the store's adapters), and look the id up in the store itself."""
+        assert self.shared is not None
+        try:
+            self.sync()
+            if not replace and key not in self._records and self.shared.read(key) is not None:
+                raise _exists(key[2], key[0])
+        except StoreUnavailable as exc:
+            raise _store_down(exc, "registrations wait for it") from None
 
-    def _materialize(
-        self, model: BaseModel, parsed: formats.ParsedAdapter
-    ) -> tuple[Resident, int, list[str]]:
-        """The resident form of a parsed adapter on ``model``, with its rank and target weights."""
-        if parsed.format == formats.PEFT_LORA:
-            if not model.lora_inputs and not model.unadaptable and not model.fused:
-                raise FailedPrecondition(
-                    f"model '{model.name}' takes no LoRA adapters: it has no MatMul or Gemm on a "
-                    "weight, or its inputs share no dynamic batch dimension"
-                )
-            sites = map_modules(
-                model.lora_sites,
-                [m.module for m in parsed.peft_modules],
-                parsed.module_mapping,
-                model.unadaptable,
-                model.fused,
-            )
-            weights_of = {}
-            for module in parsed.peft_modules:
-                site = sites[module.module]
-                if module.a.shape[1] != site.in_features or module.b.shape[0] != site.out_features:
-                    raise InvalidArgument(
-                        f"module '{module.module}' has lora_A {list(module.a.shape)} and lora_B "
-                        f"{list(module.b.shape)}, but weight '{site.weight}' is {site.in_features} -> "
-                        f"{site.out_features}",
-                        field="adapter_model.safetensors",
-                    )
-                if site.weight in weights_of:
-                    raise InvalidArgument(
-                        f"two modules map to weight '{site.weight}'", field="target_modules"
-                    )
-                weights_of[site.weight] = module
-            lora = _lora_factors(weights_of)
-            nbytes = sum(weights.nbytes for weights in lora.values())
-            rank = max(module.rank for module in weights_of.values())
-            return Resident(lora=lora, nbytes=nbytes), rank, sorted(lora)
-        if parsed.format == formats.ORT_ADAPTER:
-            specs = model.feedable_specs()
-            for name, array in parsed.tensors.items():
-                _check_tensor(model, name, array, specs)
-            nbytes = sum(array.nbytes for array in parsed.tensors.values())
-            return Resident(feeds=dict(parsed.tensors), nbytes=nbytes), 0, sorted(parsed.tensors)
-        specs = model.feedable_specs()
-        for name, array in parsed.tensors.items():
-            if name not in model.overridable:
-                known = name in model.initializer_names
-                raise (FailedPrecondition if known else InvalidArgument)(
-                    f"weight '{name}' is not overridable on model '{model.name}'"
-                    + (
-                        "; start the worker with --overridable to keep it replaceable"
-                        if known
-                        else ": no such weight"
-                    ),
-                    field="tensors",
-                )
-            _check_tensor(model, name, array, specs)
-        # Fed with each run as overridable initializers: ONNX Runtime reads them in place, and the
-        # base session with its shared arena serves the rest. (A session per override adapter
-        # cost 150+ ms to create on the bench base; feeding costs nothing measurable.)
-        tensors = {name: np.ascontiguousarray(array) for name, array in parsed.tensors.items()}
-        return Resident(feeds=tensors, nbytes=sum(a.nbytes for a in tensors.values())), 0, sorted(tensors)
+    def _publish(self, meta: AdapterMeta, replace: bool) -> None:
+        """Write a committed adapter to the shared store; on failure it leaves the local disk too."""
+        assert self.shared is not None
+        key = _key_of(meta)
+        try:
+            self.shared.publish(meta, self.store.payload_path(*key), replace=replace)
+        except Conflict:
+            self.store.remove(*key)
+            raise _exists(meta.adapter_id, meta.model) from None
+        except StoreUnavailable as exc:
+            self.store.remove(*key)
+            raise _store_down(exc, "registrations wait for it") from None
 
     # -- use ---------------------------------------------------------------------------------------
 
@@ -421,8 +292,8 @@ class AdapterManager:
     def use(self, model: str, adapter_id: str, tenant: str = DEFAULT_TENANT) -> Iterator[Resident]:
         """Hold an adapter for one run: loaded if it was evicted, and never deleted meanwhile."""
         key = (model, tenant, adapter_id)
+        record = self._find(key, field="adapter")
         with self._lock:
-            record = self._live_record(key, field="adapter")
             record.in_use += 1
             record.last_used_at = time.time()
         try:
@@ -437,16 +308,59 @@ class AdapterManager:
             if record.resident is not None:
                 self._lru.move_to_end(key)
                 return record.resident
-        started = time.perf_counter()
-        resident, *_ = self._load(self._model(key[0]), record.meta, self.store.read_payload(*key))
+        with record.loading:  # one load per adapter, however many requests wait for it
+            with self._lock:
+                if record.resident is not None:
+                    return record.resident
+            started = time.perf_counter()
+            resident, *_ = loading.load(
+                self._model(key[0]), record.meta, self._payload(key, record), self.limits.max_adapter_bytes
+            )
+            with self._lock:
+                if record.evicted:
+                    self.counters.reloads += 1
+                self.counters.load_seconds_total += time.perf_counter() - started
+                self._make_resident(key, record, resident)
+        self._trim_disk()
+        return resident
+
+    def _payload(self, key: Key, record: _Record) -> Payload:
+        """The adapter's bytes from the local disk, or fetched from the shared store into it."""
+        if self.shared is None or record.cached:
+            try:
+                payload = self.store.read_payload(*key)
+                with self._lock:
+                    self.counters.disk_hits += 1
+                return payload
+            except FileNotFoundError:
+                if self.shared is None:
+                    raise
+        meta = record.meta
+        pending = self.store.begin(meta.size_bytes)
+        try:
+            digest = hashlib.sha256()
+
+            def received(chunk: bytes) -> None:
+                digest.update(chunk)
+                pending.write(chunk)
+
+            try:
+                found = self.shared.fetch(meta, received)
+            except StoreUnavailable as exc:
+                raise _store_down(exc, f"adapter '{key[2]}' is not on this pod's disk") from None
+            if not found or digest.hexdigest() != meta.sha256:
+                raise Unavailable(
+                    f"adapter '{key[2]}' changed in {self.shared.description} while it was loading; retry",
+                    retry_after=0.5,
+                )
+            payload = pending.finish()
+            pending.commit(meta)
+        finally:
+            pending.abort()
         with self._lock:
-            if record.resident is not None:  # another request loaded it meanwhile
-                return record.resident
-            if record.evicted:
-                self.counters.reloads += 1
-            self.counters.load_seconds_total += time.perf_counter() - started
-            self._make_resident(key, record, resident)
-            return resident
+            record.cached = True
+            self.counters.disk_misses += 1
+        return payload
 
     def _make_resident(self, key: Key, record: _Record, resident: Resident) -> None:
         record.resident = resident
@@ -472,12 +386,157 @@ class AdapterManager:
             record.resident = None
         self._lru.pop(key, None)
 
+    def _trim_disk(self) -> None:
+        """Remove the least recently used cached payloads past ``disk_bytes`` (shared store only:
+        without one the disk is the only copy); resident, pinned and busy adapters stay."""
+        if self.shared is None or not self.limits.disk_bytes:
+            return
+        with self._lock:
+            cached = [(key, r) for key, r in self._records.items() if r.cached]
+            total = sum(r.meta.size_bytes for _, r in cached)
+            victims = []
+            for key, record in sorted(cached, key=lambda item: item[1].last_used_at):
+                if total <= self.limits.disk_bytes:
+                    break
+                if record.resident is None and not record.meta.pinned and not record.in_use:
+                    record.cached = False
+                    total -= record.meta.size_bytes
+                    victims.append(key)
+                    self.counters.disk_evictions += 1
+        for key in victims:
+            self.store.remove(*key)
+
+    # -- the shared store ----------------------------------------------------------------------------
+
+    def _find(self, key: Key, field: str) -> _Record:
+        """The live record of ``key``; an id this pod does not know is looked up in the shared store
+        (at most ``store_lookups_per_second`` per tenant; "not there" believed for a second)."""
+        with self._lock:
+            record = self._records.get(key)
+            if record is not None and not record.deleting:
+                return record
+            if self.shared is None or record is not None or self._missing.get(key, 0.0) > time.monotonic():
+                raise _not_found(key, field)
+            self._take_lookup(key[1])
+        try:
+            meta = self.shared.read(key)
+        except StoreUnavailable as exc:
+            raise _store_down(exc, f"adapter '{key[2]}' is not known to this pod") from None
+        with self._lock:
+            if meta is None:
+                self._missing[key] = time.monotonic() + NEGATIVE_SECONDS
+                if len(self._missing) > 10_000:
+                    now = time.monotonic()
+                    self._missing = {k: t for k, t in self._missing.items() if t > now}
+                raise _not_found(key, field)
+            return self._adopt(key, meta)
+
+    def _take_lookup(self, tenant: str) -> None:
+        rate = self.limits.store_lookups_per_second
+        now = time.monotonic()
+        tokens, last = self._lookups.get(tenant, (rate, now))
+        tokens = min(rate, tokens + (now - last) * rate)
+        if tokens < 1.0:
+            self._lookups[tenant] = (tokens, now)
+            raise ResourceExhausted(
+                f"tenant '{tenant}' looks up more unknown adapters than the "
+                f"{rate:g} per second this pod allows (adapter_store_lookups_per_second)",
+                reason="ADAPTER_LOOKUPS",
+                retry_after=(1.0 - tokens) / rate,
+            )
+        self._lookups[tenant] = (tokens - 1.0, now)
+        self.counters.store_lookups += 1
+
+    def _adopt(self, key: Key, meta: AdapterMeta) -> _Record:
+        """Take the store's record of ``key`` (call with the lock held): a new or replaced adapter
+        gets a fresh record; requests holding the old one finish on it."""
+        record = self._records.get(key)
+        if record is not None and record.meta.version == meta.version:
+            return record
+        if record is not None:
+            self._drop_resident(key, record)
+        fresh = _Record(meta, last_used_at=time.time(), cached=False)
+        self._records[key] = fresh
+        self._missing.pop(key, None)
+        return fresh
+
+    def _forget(self, key: Key) -> bool:
+        """Drop a deleted adapter (call with the lock held); True when its local files may go."""
+        record = self._records.pop(key, None)
+        if record is None:
+            return False
+        self._drop_resident(key, record)
+        return not record.in_use
+
+    def sync(self) -> int:
+        """Apply what the shared store changed since the last sync; returns how many adapters
+        changed. Raises :class:`StoreUnavailable` when the store cannot be read."""
+        if self.shared is None:
+            return 0
+        changed = self.shared.poll()
+        if changed is None:
+            self._replace_all(self.shared.read_all(), {})
+            return len(self._records)
+        fresh = {key: self.shared.read(key) for key in changed if key not in self._pending}
+        stale = []
+        with self._lock:
+            for key, meta in fresh.items():
+                if key in self._pending:
+                    continue
+                old = self._records.get(key)
+                if meta is None:
+                    if self._forget(key):
+                        stale.append(key)
+                elif old is None or old.meta.version != meta.version:
+                    self._adopt(key, meta)
+                    if old is not None and not old.in_use:
+                        stale.append(key)
+        for key in stale:
+            self.store.remove(*key)
+        return len(fresh)
+
+    def _replace_all(self, metas: list[AdapterMeta], local: dict[Key, AdapterMeta]) -> None:
+        """Make the records the store's (a full read); local copies of other versions leave."""
+        stale = []
+        with self._lock:
+            wanted = {_key_of(meta): meta for meta in metas}
+            for key in [k for k in self._records if k not in wanted and k not in self._pending]:
+                if self._forget(key):
+                    stale.append(key)
+            for key, meta in wanted.items():
+                if key in self._pending:
+                    continue
+                old = self._records.get(key)
+                record = self._adopt(key, meta)
+                if old is None and key in local:
+                    record.cached = local[key].version == meta.version
+                    record.last_used_at = meta.created_at
+                if not record.cached and (key in local or (old is not None and not old.in_use)):
+                    stale.append(key)
+            stale += [key for key in local if key not in wanted]
+            self._complete = True
+        for key in stale:
+            self.store.remove(*key)
+
+    def collect_garbage(self) -> int:
+        """Delete orphaned payloads and old change entries from the store; only once this pod's
+        records mirror the whole store, so a payload some record names is never taken."""
+        if self.shared is None or not self._complete:
+            return 0
+        with self._lock:
+            metas = [record.meta for record in self._records.values()]
+        payloads, _changes = self.shared.collect_garbage(metas)
+        with self._lock:
+            self.counters.collected_payloads += payloads
+        return payloads
+
     # -- queries and deletion ----------------------------------------------------------------------
 
     def get(self, model: str, adapter_id: str, tenant: str = DEFAULT_TENANT) -> AdapterInfo:
         self._model(model)
+        record = self._find((model, tenant, adapter_id), field="adapter_id")
         with self._lock:
-            return self._info(self._live_record((model, tenant, adapter_id), field="adapter_id"))
+            return self._info(record)
 
     def list(self, model: str = "", tenant: str | None = DEFAULT_TENANT) -> list[AdapterInfo]:
         """A tenant's adapters (``tenant=None``: every tenant's), on one model or all."""
@@ -493,8 +552,10 @@ class AdapterManager:
     def delete(self, model: str, adapter_id: str, tenant: str = DEFAULT_TENANT) -> None:
         self._model(model)
         key = (model, tenant, adapter_id)
+        record = self._find(key, field="adapter_id")
         with self._lock:
-            record = self._live_record(key, field="adapter_id")
+            if record.deleting or self._records.get(key) is not record:
+                raise _not_found(key, "adapter_id")
             record.deleting = True
             self._pending.add(key)
             finished = self._lock.wait_for(lambda: record.in_use == 0, timeout=DELETE_WAIT_SECONDS)
@@ -505,16 +566,29 @@ class AdapterManager:
                     f"adapter '{adapter_id}' is still in use; retry the delete", retry_after=5.0
                 )
         try:
+            if self.shared is not None:
+                try:
+                    self.shared.withdraw(key)
+                except StoreUnavailable as exc:
+                    with self._lock:
+                        record.deleting = False
+                    raise _store_down(exc, "deletes wait for it") from None
             self.store.remove(*key)
-        finally:
             with self._lock:
                 self._drop_resident(key, record)
                 self._records.pop(key, None)
+        finally:
+            with self._lock:
                 self._pending.discard(key)
 
     def resident_bytes(self) -> int:
         with self._lock:
             return self._resident_bytes
+
+    def disk_bytes(self) -> int:
+        """Bytes of adapter payloads on the local disk."""
+        with self._lock:
+            return sum(r.meta.size_bytes for r in self._records.values() if r.cached)
 
     def counts(self) -> tuple[int, int]:
         """(registered, resident) adapters."""
@@ -523,7 +597,8 @@ class AdapterManager:
 
     def _check_quotas(self, key: Key, size: int) -> None:
         """Refuse a registration that would take its tenant over a quota (call with the lock held);
-        replacing an adapter counts its new size instead of its old one."""
+        replacing an adapter counts its new size instead of its old one. With a shared store the
+        records counted are the store's, as of the sync just before."""
         model, tenant, _ = key
         others = [k for k in (*self._records, *self._pending) if k[1] == tenant and k != key]
         count_limit = self.limits.tenant_max_adapters
@@ -543,16 +618,6 @@ class AdapterManager:
                 reason="QUOTA_ADAPTER_BYTES",
             )
 
-    def _live_record(self, key: Key, field: str) -> _Record:
-        """The record of a registered adapter that is not being deleted (call with the lock held).
-
-        Another tenant's adapter is answered exactly like a missing one."""
-        record = self._records.get(key)
-        if record is None or record.deleting:
-            model, _tenant, adapter_id = key
-            raise NotFound(f"adapter '{adapter_id}' is not registered on model '{model}'", field=field)
-        return record
-
     def _info(self, record: _Record) -> AdapterInfo:
         meta = record.meta
         return AdapterInfo(
@@ -571,67 +636,20 @@ class AdapterManager:
         )
 
 
-def _lora_factors(modules: dict[str, formats.PeftModule]) -> dict[str, LoraWeights]:
-    """Each module's factors as a run feeds them, A [in, R] and B * scale [R, out], carved out of
-    one float32 block: one allocation per adapter, each factor written in a single pass.
-
-    R is the rank rounded up to the power of two runs use, the extra columns of A and rows of B
-    zero (exact): a run whose rows all use this adapter is then fed views of these arrays, with
-    no copy, whatever the rank."""
-    sizes = {weight: (rank_bucket(m.rank), m.a.shape[1], m.b.shape[0]) for weight, m in modules.items()}
-    block = np.zeros(sum(r * (i + o) for r, i, o in sizes.values()), dtype=np.float32)
-    lora, offset = {}, 0
-    for weight, module in modules.items():
-        rank, (bucket, fan_in, fan_out) = module.rank, sizes[weight]
-        a = block[offset : offset + fan_in * bucket].reshape(fan_in, bucket)
-        offset += a.size
-        b = block[offset : offset + bucket * fan_out].reshape(bucket, fan_out)
-        offset += b.size
-        np.copyto(a[:, :rank], module.a.T, casting="same_kind")
-        np.multiply(module.b.T, module.scale, out=b[:rank], casting="same_kind")
-        lora[weight] = LoraWeights(a=a, b=b)
-    return lora
+def _not_found(key: Key, field: str) -> NotFound:
+    """Another tenant's adapter is answered exactly like a missing one."""
+    model, _tenant, adapter_id = key
+    return NotFound(f"adapter '{adapter_id}' is not registered on model '{model}'", field=field)
 
 
-def _check_file_list(files: tuple[tuple[str, int], ...], total: int) -> None:
-    for name, _size in files:
-        if not name or "/" in name or "\\" in name or name.startswith("."):
-            raise InvalidArgument(f"file name {name!r} is invalid", field="header.files")
-    if files and sum(size for _name, size in files) != total:
-        raise InvalidArgument("the sizes in header.files do not add up to total_bytes", field="header.files")
+def _exists(adapter_id: str, model: str) -> AlreadyExists:
+    return AlreadyExists(
+        f"adapter '{adapter_id}' already exists on model '{model}'; set replace to overwrite it",
+        field="adapter_id",
+    )
 
 
-def _parse_mapping(text: str) -> dict[str, str] | None:
-    if not text:
-        return None
-    try:
-        mapping = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(
-            f"module mapping is not valid JSON: {exc}", field="module_mapping_json"
-        ) from None
-    if not isinstance(mapping, dict):
-        raise InvalidArgument("module mapping must be a JSON object", field="module_mapping_json")
-    return mapping
-
-
-def _check_tensor(
-    model: BaseModel, name: str, array: np.ndarray, specs: dict[str, tuple[str, tuple[int, ...]]]
-) -> None:
-    spec = specs.get(name)
-    if spec is None:
-        raise InvalidArgument(
-            f"adapter tensor '{name}' is neither an input nor an overridable weight of model '{model.name}'",
-            field="tensors",
-        )
-    dtype, shape = spec
-    if (
-        array.dtype.name != dtype
-        or len(array.shape) != len(shape)
-        or any(want >= 0 and got != want for got, want in zip(array.shape, shape, strict=True))
-    ):
-        raise InvalidArgument(
-            f"adapter tensor '{name}' is {array.dtype.name}{list(array.shape)}, model '{model.name}' expects "
-            f"{dtype}{list(shape)}",
-            field="tensors",
-        )
+def _store_down(exc: StoreUnavailable, consequence: str) -> Unavailable:
+    return Unavailable(
+        f"{exc}; {consequence}", reason="ADAPTER_STORE_UNAVAILABLE", retry_after=STORE_RETRY_SECONDS
+    )

@@ -34,6 +34,7 @@ DEFAULT_TENANT = "default"  # the one tenant of a worker without API keys
 META_FILE = "meta.json"
 PAYLOAD_FILE = "payload"
 _WORK_DIRS = (".staging", ".trash")
+CACHE_MARKER = ".cache-of"  # names the shared store this directory caches
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 DEFAULT_UPLOAD_MEMORY_BYTES = 512 << 20
 
@@ -91,6 +92,7 @@ class AdapterMeta:
     files: list[tuple[str, int]]  # named files back to back in the payload; [] = one file or archive
     module_mapping_json: str = ""
     tenant: str = DEFAULT_TENANT
+    version: str = ""  # unique per registration: tells a replaced adapter from its predecessor
 
     @classmethod
     def from_json(cls, data: bytes) -> AdapterMeta:
@@ -281,6 +283,20 @@ class AdapterStore:
             fsync_dir(target.parent)
             log.info("adapter %s/%s moved to tenant '%s'", model_dir.name, directory.name, DEFAULT_TENANT)
 
+    def is_cache_of(self, store_url: str) -> bool:
+        """Whether this directory already serves as the local cache of ``store_url`` (and so holds
+        nothing the shared store lacks on purpose)."""
+        try:
+            return (self.root / CACHE_MARKER).read_text().strip() == store_url
+        except FileNotFoundError:
+            return False
+
+    def mark_cache_of(self, store_url: str) -> None:
+        marker = self.root / CACHE_MARKER
+        marker.with_suffix(".tmp").write_text(store_url + "\n")
+        os.replace(marker.with_suffix(".tmp"), marker)
+        fsync_dir(self.root)
+
     def begin(self, size: int) -> PendingAdapter:
         """Start receiving an adapter of ``size`` bytes."""
         return PendingAdapter(self, size)
@@ -288,8 +304,11 @@ class AdapterStore:
     def directory(self, model: str, tenant: str, adapter_id: str) -> Path:
         return self.root / model / tenant / adapter_id
 
+    def payload_path(self, model: str, tenant: str, adapter_id: str) -> Path:
+        return self.directory(model, tenant, adapter_id) / PAYLOAD_FILE
+
     def read_payload(self, model: str, tenant: str, adapter_id: str) -> bytes:
-        return (self.directory(model, tenant, adapter_id) / PAYLOAD_FILE).read_bytes()
+        return self.payload_path(model, tenant, adapter_id).read_bytes()
 
     def remove(self, model: str, tenant: str, adapter_id: str) -> None:
         directory = self.directory(model, tenant, adapter_id)

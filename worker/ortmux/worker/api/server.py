@@ -23,7 +23,10 @@ from ortmux.v1 import (
     models_pb2_grpc,
 )
 from ortmux.worker.adapters.manager import AdapterLimits, AdapterManager
+from ortmux.worker.adapters.objects import S3Objects
+from ortmux.worker.adapters.shared import SharedStore
 from ortmux.worker.adapters.store import AdapterStore
+from ortmux.worker.adapters.sync import SyncLoop
 from ortmux.worker.api.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from ortmux.worker.api.servicers import AdapterServicer, InferenceServicer, ModelServicer
 from ortmux.worker.auth import KeyRing
@@ -62,6 +65,7 @@ class Worker:
     metrics: Metrics
     health: health.HealthServicer
     metrics_port: int | None = None
+    adapter_sync: SyncLoop | None = None
     _stopped: threading.Event = dataclasses.field(default_factory=threading.Event)
     _model_health_names: set[str] = dataclasses.field(default_factory=set)
 
@@ -97,6 +101,8 @@ class Worker:
             time.sleep(0.05)
         if not stopped.is_set():
             self.server.stop(0).wait()
+        if self.adapter_sync is not None:
+            self.adapter_sync.stop()
         self.dataplane.close()
         self.metrics.close()
         log.info("worker stopped")
@@ -143,9 +149,18 @@ def create_server(
         memory_budget_bytes=settings.adapter_memory_bytes,
         tenant_max_adapters=settings.tenant_max_adapters,
         tenant_max_adapter_bytes=settings.tenant_max_adapter_bytes,
+        disk_bytes=settings.adapter_disk_bytes,
+        store_lookups_per_second=settings.adapter_store_lookups_per_second,
     )
     store = AdapterStore(settings.data_dir / "adapters", settings.upload_memory_bytes)
-    adapters = AdapterManager(store, models.get, limits)
+    shared = (
+        SharedStore(
+            S3Objects(settings.adapter_store), orphan_grace_seconds=settings.adapter_orphan_grace_seconds
+        )
+        if settings.adapter_store
+        else None
+    )
+    adapters = AdapterManager(store, models.get, limits, shared)
     batching = BatchLimits(
         max_batch_rows=settings.max_batch_size,
         max_delay=settings.max_queue_delay_ms / 1000,
@@ -202,6 +217,8 @@ def create_server(
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
     worker = Worker(settings, server, port, dataplane, metrics, health_servicer)
+    if shared is not None:
+        worker.adapter_sync = SyncLoop(adapters, settings.adapter_sync_seconds, settings.adapter_gc_seconds)
     worker._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     dataplane.on_models_changed(worker._set_model_health)
     return server, port, worker
@@ -226,6 +243,8 @@ def start_worker(settings: Settings, metrics_registry: CollectorRegistry | None 
     """Create, start and load a worker; metrics served when ``settings.metrics_port`` >= 0."""
     _server, port, worker = create_server(settings, metrics_registry)
     worker.server.start()
+    if worker.adapter_sync is not None:
+        worker.adapter_sync.start()
     log.info("gRPC on %s:%d", settings.host, port)
     if settings.metrics_port >= 0:
         worker.metrics_port = worker.metrics.serve(settings.host, settings.metrics_port)

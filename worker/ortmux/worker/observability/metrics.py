@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,9 @@ class _AdapterCollector(Collector):
         registered, resident = self._adapters.counts()
         counters = self._adapters.counters
         yield GaugeMetricFamily(
-            "ortmux_adapters_registered", "Adapters registered (on disk).", value=registered
+            "ortmux_adapters_registered",
+            "Adapters registered (on disk, or in the shared store).",
+            value=registered,
         )
         yield GaugeMetricFamily("ortmux_adapters_resident", "Adapters in memory.", value=resident)
         yield GaugeMetricFamily(
@@ -252,6 +254,73 @@ class _AdapterCollector(Collector):
             "Seconds spent parsing and checking adapters (registrations and reloads).",
             value=counters.load_seconds_total,
         )
+        shared = self._adapters.shared
+        if shared is None:
+            return
+        yield GaugeMetricFamily(
+            "ortmux_adapter_disk_bytes",
+            "Bytes of adapter payloads cached on the local disk.",
+            value=self._adapters.disk_bytes(),
+        )
+        yield GaugeMetricFamily(
+            "ortmux_adapter_disk_limit_bytes",
+            "The bound on cached adapter payloads (adapter_disk_bytes; 0: none).",
+            value=self._adapters.limits.disk_bytes,
+        )
+        for name, value, text in (
+            ("ortmux_adapter_disk_hits", counters.disk_hits, "Adapter loads served from the local disk."),
+            (
+                "ortmux_adapter_disk_misses",
+                counters.disk_misses,
+                "Adapter loads fetched from the shared store.",
+            ),
+            (
+                "ortmux_adapter_disk_evictions",
+                counters.disk_evictions,
+                "Payloads removed by adapter_disk_bytes.",
+            ),
+            (
+                "ortmux_adapter_store_lookups",
+                counters.store_lookups,
+                "Unknown adapter ids looked up in the store.",
+            ),
+            ("ortmux_adapter_store_sync_errors", counters.sync_errors, "Syncs with the store that failed."),
+            (
+                "ortmux_adapter_store_collected_payloads",
+                counters.collected_payloads,
+                "Orphaned payloads this pod deleted from the store.",
+            ),
+        ):
+            yield CounterMetricFamily(name, text, value=value)
+        operations, received, sent = shared.objects.counters.snapshot()
+        requests = CounterMetricFamily(
+            "ortmux_adapter_store_requests",
+            "Requests to the shared store, by operation.",
+            labels=["operation"],
+        )
+        errors = CounterMetricFamily(
+            "ortmux_adapter_store_errors",
+            "Requests to the shared store that failed (unreachable, refused), by operation.",
+            labels=["operation"],
+        )
+        latency = SummaryMetricFamily(
+            "ortmux_adapter_store_request_seconds",
+            "Seconds requests to the shared store took, by operation.",
+            labels=["operation"],
+        )
+        for operation, counts in sorted(operations.items()):
+            requests.add_metric([operation], counts.requests)
+            errors.add_metric([operation], counts.errors)
+            latency.add_metric([operation], count_value=counts.requests, sum_value=counts.seconds)
+        yield requests
+        yield errors
+        yield latency
+        moved = CounterMetricFamily(
+            "ortmux_adapter_store_bytes", "Bytes moved to and from the shared store.", labels=["direction"]
+        )
+        moved.add_metric(["received"], received)
+        moved.add_metric(["sent"], sent)
+        yield moved
 
 
 class _MemoryCollector(Collector):
