@@ -1,11 +1,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
-    Awaitable,
-    Callable,
     Iterable,
     Iterator,
     Mapping,
@@ -20,18 +19,16 @@ import grpc.aio
 import numpy as np
 
 from ortmux.client import _convert
-from ortmux.client._channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options, channel_target
+from ortmux.client._channel import DEFAULT_MAX_MESSAGE_BYTES, Connections, Stubs
 from ortmux.client._errors import OrtmuxError
+from ortmux.client._routing import DEFAULT_REFRESH_SECONDS, route_headers
 from ortmux.client._streams import StreamBook, handed_out
 from ortmux.client._types import AdapterInfo, InferRequest, InferResult, ModelInfo
 from ortmux.client._uploads import DEFAULT_CHUNK_BYTES, Progress, path_request, upload_requests
 from ortmux.v1 import (
     adapters_pb2,
-    adapters_pb2_grpc,
     inference_pb2,
-    inference_pb2_grpc,
     models_pb2,
-    models_pb2_grpc,
 )
 
 T = TypeVar("T")
@@ -54,41 +51,47 @@ class AsyncClient:
         retry_attempts: int = 3,
         keepalive_seconds: float = 30.0,
         api_key: str | None = None,
+        refresh_seconds: float = DEFAULT_REFRESH_SECONDS,
     ) -> None:
-        options = channel_options(
-            max_message_bytes, retry_attempts=retry_attempts, keepalive_seconds=keepalive_seconds
+        def open_channel(address: str, options: list) -> grpc.aio.Channel:
+            if credentials is not None:
+                return grpc.aio.secure_channel(address, credentials, options=options)
+            return grpc.aio.insecure_channel(address, options=options)
+
+        self._connections = Connections(
+            target,
+            open_channel,
+            max_message_bytes=max_message_bytes,
+            retry_attempts=retry_attempts,
+            keepalive_seconds=keepalive_seconds,
+            refresh_seconds=refresh_seconds,
         )
-        address = channel_target(target)
-        self._channel = (
-            grpc.aio.secure_channel(address, credentials, options=options)
-            if credentials is not None
-            else grpc.aio.insecure_channel(address, options=options)
-        )
-        self.target = address
+        self.target = self._connections.target
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._models = models_pb2_grpc.ModelServiceStub(self._channel)
-        self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
-        self._adapters = adapters_pb2_grpc.AdapterServiceStub(self._channel)
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        response = await self._call(self._models.ListModels, models_pb2.ListModelsRequest(), timeout)
+        response = await self._call("models", "ListModels", models_pb2.ListModelsRequest(), timeout)
         return [_convert.model_info(model) for model in response.models]
 
     async def model_info(self, model: str, *, timeout: float | None = None) -> ModelInfo:
-        response = await self._call(self._models.GetModel, models_pb2.GetModelRequest(name=model), timeout)
+        response = await self._call("models", "GetModel", models_pb2.GetModelRequest(name=model), timeout)
         return _convert.model_info(response)
 
     async def load_model(self, model: str, worker_path: str, *, timeout: float | None = None) -> ModelInfo:
         """Load a base model from an ``.onnx`` file on the worker (admin key); returns once it
         serves. The first load of a model optimizes it, which can take minutes: pass ``timeout``."""
         request = models_pb2.LoadModelRequest(name=model, path=str(worker_path))
-        return _convert.model_info(await self._call(self._models.LoadModel, request, timeout))
+        return _convert.model_info(
+            await self._call("models", "LoadModel", request, timeout, idempotent=False)
+        )
 
     async def unload_model(self, model: str, *, timeout: float | None = None) -> None:
         """Stop serving a base model (admin key); its queued requests still run."""
-        await self._call(self._models.UnloadModel, models_pb2.UnloadModelRequest(name=model), timeout)
+        await self._call(
+            "models", "UnloadModel", models_pb2.UnloadModelRequest(name=model), timeout, idempotent=False
+        )
 
     async def infer(
         self,
@@ -100,7 +103,9 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
         request = _convert.infer_request(model, inputs, adapter, output_names)
-        return _convert.infer_outputs(await self._call(self._inference.Infer, request, timeout))
+        return _convert.infer_outputs(
+            await self._call("inference", "Infer", request, timeout, route=(model, adapter))
+        )
 
     async def stream_infer(
         self,
@@ -110,6 +115,7 @@ class AsyncClient:
         ordered: bool = False,
         raise_errors: bool = False,
         timeout: float | None = None,
+        route: tuple[str, str] | None = None,
     ) -> AsyncIterator[InferResult]:
         """The asyncio twin of :meth:`Client.stream_infer`; ``requests`` may be an async iterable."""
         if window < 1:
@@ -129,8 +135,10 @@ class AsyncClient:
             except Exception as exc:  # re-raised to the caller once the stream has ended
                 failures.append(exc)
 
-        call = self._inference.InferStream(
-            outgoing(), timeout=self.stream_timeout if timeout is None else timeout, metadata=self._metadata
+        call = (await self._stream_stubs(route)).inference.InferStream(
+            outgoing(),
+            timeout=self.stream_timeout if timeout is None else timeout,
+            metadata=self._metadata + route_headers(*(route or ("", None))),
         )
         try:
             async for message in call:
@@ -160,7 +168,14 @@ class AsyncClient:
     ) -> list[dict[str, np.ndarray]]:
         """Outputs for each of ``inputs``, in order, sent over one stream; raises the first error."""
         requests = (InferRequest(model, item, adapter=adapter, output_names=output_names) for item in inputs)
-        results = self.stream_infer(requests, window=window, ordered=True, raise_errors=True, timeout=timeout)
+        results = self.stream_infer(
+            requests,
+            window=window,
+            ordered=True,
+            raise_errors=True,
+            timeout=timeout,
+            route=(model, adapter) if adapter else None,
+        )
         return [result.unwrap() async for result in results]
 
     async def register_adapter(
@@ -196,7 +211,11 @@ class AsyncClient:
         )
         # Files are read and hashed in a worker thread, chunk by chunk, so the event loop keeps running.
         uploads = _in_thread(requests)
-        return _convert.adapter_info(await self._call(self._adapters.RegisterAdapter, uploads, timeout))
+        return _convert.adapter_info(
+            await self._call(
+                "adapters", "RegisterAdapter", uploads, timeout, route=(model, adapter_id), idempotent=False
+            )
+        )
 
     async def register_adapter_from_path(
         self,
@@ -222,12 +241,21 @@ class AsyncClient:
             module_mapping=module_mapping,
         )
         return _convert.adapter_info(
-            await self._call(self._adapters.RegisterAdapterFromPath, request, timeout)
+            await self._call(
+                "adapters",
+                "RegisterAdapterFromPath",
+                request,
+                timeout,
+                route=(model, adapter_id),
+                idempotent=False,
+            )
         )
 
     async def get_adapter(self, model: str, adapter_id: str, *, timeout: float | None = None) -> AdapterInfo:
         request = adapters_pb2.GetAdapterRequest(model=model, adapter_id=adapter_id)
-        return _convert.adapter_info(await self._call(self._adapters.GetAdapter, request, timeout))
+        return _convert.adapter_info(
+            await self._call("adapters", "GetAdapter", request, timeout, route=(model, adapter_id))
+        )
 
     async def list_adapters(
         self, model: str | None = None, *, timeout: float | None = None
@@ -237,7 +265,7 @@ class AsyncClient:
         token = ""
         while True:
             request = adapters_pb2.ListAdaptersRequest(model=model or "", page_token=token)
-            response = await self._call(self._adapters.ListAdapters, request, timeout)
+            response = await self._call("adapters", "ListAdapters", request, timeout)
             adapters += [_convert.adapter_info(info) for info in response.adapters]
             token = response.next_page_token
             if not token:
@@ -246,10 +274,13 @@ class AsyncClient:
     async def delete_adapter(self, model: str, adapter_id: str, *, timeout: float | None = None) -> None:
         """Delete an adapter; requests already running on it finish first."""
         request = adapters_pb2.DeleteAdapterRequest(model=model, adapter_id=adapter_id)
-        await self._call(self._adapters.DeleteAdapter, request, timeout)
+        await self._call(
+            "adapters", "DeleteAdapter", request, timeout, route=(model, adapter_id), idempotent=False
+        )
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._connections.channels():
+            await channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -259,13 +290,45 @@ class AsyncClient:
     ) -> None:
         await self.close()
 
-    async def _call(self, method: Callable[..., Awaitable[T]], request: Any, timeout: float | None) -> T:
-        try:
-            return await method(
-                request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as error:
-            raise OrtmuxError.from_rpc_error(error) from None
+    async def _addresses(self, route: tuple[str, str | None] | None, idempotent: bool) -> list[str | None]:
+        connections = self._connections
+        if connections.refresh_due():
+            for channel in await asyncio.get_running_loop().run_in_executor(None, connections.refresh):
+                await channel.close()
+        key = f"{route[0]}/{route[1]}" if route and route[1] else None
+        return connections.order(key, idempotent)
+
+    async def _stream_stubs(self, route: tuple[str, str] | None) -> Stubs:
+        return self._connections.stubs((await self._addresses(route, idempotent=False))[0])
+
+    async def _call(
+        self,
+        service: str,
+        method: str,
+        request: Any,
+        timeout: float | None,
+        *,
+        route: tuple[str, str | None] | None = None,
+        idempotent: bool = True,
+    ) -> Any:
+        """As :meth:`Client._call`, awaited."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        metadata = self._metadata + route_headers(*(route or ("", None)))
+        addresses = await self._addresses(route, idempotent)
+        for attempt, address in enumerate(addresses, start=1):
+            stub = getattr(self._connections.stubs(address), service)
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                result = await getattr(stub, method)(request, timeout=left, metadata=metadata)
+            except grpc.RpcError as rpc_error:
+                error = OrtmuxError.from_rpc_error(rpc_error)
+                if self._connections.failed(address, error) and attempt < len(addresses):
+                    continue
+                raise error from None
+            self._connections.answered(address)
+            return result
+        raise AssertionError("no address to call")
 
 
 async def _as_async(items: AsyncIterable[T] | Iterable[T]) -> AsyncIterator[T]:

@@ -1,11 +1,18 @@
-"""Channel settings shared by the sync and asyncio clients: target, retries, balancing, limits."""
+"""Channels shared by the sync and asyncio clients: target, retries, balancing, limits."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import socket
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from ortmux.v1 import adapters_pb2_grpc, inference_pb2_grpc, models_pb2_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -69,6 +76,11 @@ def channel_target(target: str | Sequence[str]) -> str:
     return f"{families.pop()}:{','.join(address for _, address in addresses)}"
 
 
+def resolve_address(entry: str) -> str:
+    """``host:port`` with the host resolved to an IP address (``[v6]:port`` for IPv6)."""
+    return _resolve(entry)[1]
+
+
 def _resolve(entry: str) -> tuple[str, str]:
     host, sep, port = entry.rpartition(":")
     if not sep or not port.isdigit():
@@ -81,3 +93,98 @@ def _resolve(entry: str) -> tuple[str, str]:
     if ip.version == 6:
         return "ipv6", f"[{ip}]:{port}"
     return "ipv4", f"{ip}:{port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Stubs:
+    channel: Any
+    models: models_pb2_grpc.ModelServiceStub
+    inference: inference_pb2_grpc.InferenceServiceStub
+    adapters: adapters_pb2_grpc.AdapterServiceStub
+
+
+class Connections:
+    """The channels of a client: one to a single target, or one per pod of a routed target (see
+    ``_routing``), made by ``open_channel(address, options)`` (sync or asyncio)."""
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        open_channel: Callable[[str, list], Any],
+        *,
+        max_message_bytes: int,
+        retry_attempts: int,
+        keepalive_seconds: float,
+        refresh_seconds: float,
+    ) -> None:
+        from ortmux.client._routing import Pods, is_routed
+
+        self._open_channel = open_channel
+        self.retry_attempts = max(retry_attempts, 1)
+        self._lock = threading.Lock()
+        self._stubs: dict[str | None, Stubs] = {}
+        self.pods = Pods(target, refresh_seconds) if is_routed(target) else None
+        # A routed client retries on the next pod itself; a single channel retries in gRPC.
+        self._options = channel_options(
+            max_message_bytes,
+            retry_attempts=1 if self.pods else retry_attempts,
+            keepalive_seconds=keepalive_seconds,
+        )
+        if self.pods is None:
+            self.target = channel_target(target)
+            self._stubs[None] = self._open(self.target)
+        else:
+            self.target = target if isinstance(target, str) else ",".join(self.pods.addresses)
+
+    def _open(self, address: str) -> Stubs:
+        channel = self._open_channel(address, self._options)
+        return Stubs(
+            channel,
+            models_pb2_grpc.ModelServiceStub(channel),
+            inference_pb2_grpc.InferenceServiceStub(channel),
+            adapters_pb2_grpc.AdapterServiceStub(channel),
+        )
+
+    def stubs(self, address: str | None) -> Stubs:
+        with self._lock:
+            stubs = self._stubs.get(address)
+            if stubs is None:
+                stubs = self._stubs[address] = self._open(address)  # type: ignore[arg-type]
+            return stubs
+
+    def order(self, key: str | None, idempotent: bool) -> list[str | None]:
+        """The addresses a call tries in turn ([None]: the single channel)."""
+        if self.pods is None:
+            return [None]
+        return list(self.pods.order(key, self.retry_attempts if idempotent else 1))
+
+    def refresh_due(self) -> bool:
+        return self.pods is not None and self.pods.due()
+
+    def refresh(self) -> list[Any]:
+        """Resolve the target again; returns the channels of pods that left, to be closed."""
+        assert self.pods is not None
+        self.pods.refresh()
+        current = set(self.pods.addresses)
+        with self._lock:
+            gone = [address for address in self._stubs if address is not None and address not in current]
+            return [self._stubs.pop(address).channel for address in gone]
+
+    def failed(self, address: str | None, error: Any) -> bool:
+        """Note a failed attempt; True when the call may go on to the next address. A pod is set
+        aside only for transport failures (a worker's own UNAVAILABLE answers carry a reason)."""
+        if address is None or self.pods is None or error.code != grpc.StatusCode.UNAVAILABLE:
+            return False
+        if not error.reason:
+            self.pods.failed(address)
+        return True
+
+    def answered(self, address: str | None) -> None:
+        if address is not None and self.pods is not None:
+            self.pods.answered(address)
+
+    def channels(self) -> list[Any]:
+        with self._lock:
+            channels = [stubs.channel for stubs in self._stubs.values()]
+            self._stubs.clear()
+            return channels

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -10,18 +11,16 @@ import grpc
 import numpy as np
 
 from ortmux.client import _convert
-from ortmux.client._channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options, channel_target
+from ortmux.client._channel import DEFAULT_MAX_MESSAGE_BYTES, Connections, Stubs
 from ortmux.client._errors import OrtmuxError
+from ortmux.client._routing import DEFAULT_REFRESH_SECONDS, route_headers
 from ortmux.client._streams import StreamBook, handed_out
 from ortmux.client._types import AdapterInfo, InferRequest, InferResult, ModelInfo
 from ortmux.client._uploads import DEFAULT_CHUNK_BYTES, Progress, path_request, upload_requests
 from ortmux.v1 import (
     adapters_pb2,
-    adapters_pb2_grpc,
     inference_pb2,
-    inference_pb2_grpc,
     models_pb2,
-    models_pb2_grpc,
 )
 
 T = TypeVar("T")
@@ -51,44 +50,48 @@ class Client:
         retry_attempts: int = 3,
         keepalive_seconds: float = 30.0,
         api_key: str | None = None,
+        refresh_seconds: float = DEFAULT_REFRESH_SECONDS,
     ) -> None:
-        options = channel_options(
-            max_message_bytes, retry_attempts=retry_attempts, keepalive_seconds=keepalive_seconds
+        def open_channel(address: str, options: list) -> grpc.Channel:
+            if credentials is not None:
+                return grpc.secure_channel(address, credentials, options=options)
+            return grpc.insecure_channel(address, options=options)
+
+        self._connections = Connections(
+            target,
+            open_channel,
+            max_message_bytes=max_message_bytes,
+            retry_attempts=retry_attempts,
+            keepalive_seconds=keepalive_seconds,
+            refresh_seconds=refresh_seconds,
         )
-        address = channel_target(target)
-        self._channel = (
-            grpc.secure_channel(address, credentials, options=options)
-            if credentials is not None
-            else grpc.insecure_channel(address, options=options)
-        )
-        self.target = address
+        self.target = self._connections.target
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._models = models_pb2_grpc.ModelServiceStub(self._channel)
-        self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
-        self._adapters = adapters_pb2_grpc.AdapterServiceStub(self._channel)
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Every base model the worker serves."""
-        response = self._call(self._models.ListModels, models_pb2.ListModelsRequest(), timeout)
+        response = self._call("models", "ListModels", models_pb2.ListModelsRequest(), timeout)
         return [_convert.model_info(model) for model in response.models]
 
     def model_info(self, model: str, *, timeout: float | None = None) -> ModelInfo:
         """Inputs, outputs, adapter targets and accounting of one base model."""
         return _convert.model_info(
-            self._call(self._models.GetModel, models_pb2.GetModelRequest(name=model), timeout)
+            self._call("models", "GetModel", models_pb2.GetModelRequest(name=model), timeout)
         )
 
     def load_model(self, model: str, worker_path: str, *, timeout: float | None = None) -> ModelInfo:
         """Load a base model from an ``.onnx`` file on the worker (admin key); returns once it
         serves. The first load of a model optimizes it, which can take minutes: pass ``timeout``."""
         request = models_pb2.LoadModelRequest(name=model, path=str(worker_path))
-        return _convert.model_info(self._call(self._models.LoadModel, request, timeout))
+        return _convert.model_info(self._call("models", "LoadModel", request, timeout, idempotent=False))
 
     def unload_model(self, model: str, *, timeout: float | None = None) -> None:
         """Stop serving a base model (admin key); its queued requests still run."""
-        self._call(self._models.UnloadModel, models_pb2.UnloadModelRequest(name=model), timeout)
+        self._call(
+            "models", "UnloadModel", models_pb2.UnloadModelRequest(name=model), timeout, idempotent=False
+        )
 
     def infer(
         self,
@@ -101,7 +104,9 @@ class Client:
     ) -> dict[str, np.ndarray]:
         """Run ``inputs`` (name -> array) through ``model``, optionally with an adapter."""
         request = _convert.infer_request(model, inputs, adapter, output_names)
-        return _convert.infer_outputs(self._call(self._inference.Infer, request, timeout))
+        return _convert.infer_outputs(
+            self._call("inference", "Infer", request, timeout, route=(model, adapter))
+        )
 
     def stream_infer(
         self,
@@ -111,13 +116,15 @@ class Client:
         ordered: bool = False,
         raise_errors: bool = False,
         timeout: float | None = None,
+        route: tuple[str, str] | None = None,
     ) -> Iterator[InferResult]:
         """Send ``requests`` over one stream and yield an :class:`InferResult` for each.
 
         At most ``window`` requests are in flight (``requests`` is read lazily, so it may be
         endless). Results come as they complete, or in input order when ``ordered``. A request's
         error is yielded as its result's ``error`` unless ``raise_errors``. Stopping the iteration
-        cancels the stream and the worker drops its queued requests.
+        cancels the stream and the worker drops its queued requests. Over several pods a stream
+        goes to the pods in turn, or to the pod of ``route`` = (model, adapter).
         """
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -139,8 +146,10 @@ class Client:
             except Exception as exc:  # re-raised to the caller once the stream has ended
                 failures.append(exc)
 
-        call = self._inference.InferStream(
-            outgoing(), timeout=self.stream_timeout if timeout is None else timeout, metadata=self._metadata
+        call = self._stream_stubs(route).inference.InferStream(
+            outgoing(),
+            timeout=self.stream_timeout if timeout is None else timeout,
+            metadata=self._metadata + route_headers(*(route or ("", None))),
         )
         try:
             for message in call:
@@ -170,7 +179,14 @@ class Client:
     ) -> list[dict[str, np.ndarray]]:
         """Outputs for each of ``inputs``, in order, sent over one stream; raises the first error."""
         requests = (InferRequest(model, item, adapter=adapter, output_names=output_names) for item in inputs)
-        results = self.stream_infer(requests, window=window, ordered=True, raise_errors=True, timeout=timeout)
+        results = self.stream_infer(
+            requests,
+            window=window,
+            ordered=True,
+            raise_errors=True,
+            timeout=timeout,
+            route=(model, adapter) if adapter else None,
+        )
         return [result.unwrap() for result in results]
 
     def register_adapter(
@@ -204,7 +220,11 @@ class Client:
             chunk_bytes=chunk_bytes,
             progress=progress,
         )
-        return _convert.adapter_info(self._call(self._adapters.RegisterAdapter, requests, timeout))
+        return _convert.adapter_info(
+            self._call(
+                "adapters", "RegisterAdapter", requests, timeout, route=(model, adapter_id), idempotent=False
+            )
+        )
 
     def register_adapter_from_path(
         self,
@@ -229,11 +249,22 @@ class Client:
             replace=replace,
             module_mapping=module_mapping,
         )
-        return _convert.adapter_info(self._call(self._adapters.RegisterAdapterFromPath, request, timeout))
+        return _convert.adapter_info(
+            self._call(
+                "adapters",
+                "RegisterAdapterFromPath",
+                request,
+                timeout,
+                route=(model, adapter_id),
+                idempotent=False,
+            )
+        )
 
     def get_adapter(self, model: str, adapter_id: str, *, timeout: float | None = None) -> AdapterInfo:
         request = adapters_pb2.GetAdapterRequest(model=model, adapter_id=adapter_id)
-        return _convert.adapter_info(self._call(self._adapters.GetAdapter, request, timeout))
+        return _convert.adapter_info(
+            self._call("adapters", "GetAdapter", request, timeout, route=(model, adapter_id))
+        )
 
     def list_adapters(self, model: str | None = None, *, timeout: float | None = None) -> list[AdapterInfo]:
         """Every adapter of ``model`` (all models when None), across pages."""
@@ -241,7 +272,7 @@ class Client:
         token = ""
         while True:
             request = adapters_pb2.ListAdaptersRequest(model=model or "", page_token=token)
-            response = self._call(self._adapters.ListAdapters, request, timeout)
+            response = self._call("adapters", "ListAdapters", request, timeout)
             adapters += [_convert.adapter_info(info) for info in response.adapters]
             token = response.next_page_token
             if not token:
@@ -250,10 +281,11 @@ class Client:
     def delete_adapter(self, model: str, adapter_id: str, *, timeout: float | None = None) -> None:
         """Delete an adapter; requests already running on it finish first."""
         request = adapters_pb2.DeleteAdapterRequest(model=model, adapter_id=adapter_id)
-        self._call(self._adapters.DeleteAdapter, request, timeout)
+        self._call("adapters", "DeleteAdapter", request, timeout, route=(model, adapter_id), idempotent=False)
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._connections.channels():
+            channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -263,10 +295,43 @@ class Client:
     ) -> None:
         self.close()
 
-    def _call(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
-        try:
-            return method(
-                request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as error:
-            raise OrtmuxError.from_rpc_error(error) from None
+    def _addresses(self, route: tuple[str, str | None] | None, idempotent: bool) -> list[str | None]:
+        connections = self._connections
+        if connections.refresh_due():
+            for channel in connections.refresh():
+                channel.close()
+        key = f"{route[0]}/{route[1]}" if route and route[1] else None
+        return connections.order(key, idempotent)
+
+    def _stream_stubs(self, route: tuple[str, str] | None) -> Stubs:
+        return self._connections.stubs(self._addresses(route, idempotent=False)[0])
+
+    def _call(
+        self,
+        service: str,
+        method: str,
+        request: Any,
+        timeout: float | None,
+        *,
+        route: tuple[str, str | None] | None = None,
+        idempotent: bool = True,
+    ) -> Any:
+        """One call, to the pod its route ranks first; an idempotent call that finds a pod
+        unavailable goes on to the next, within the one deadline."""
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        metadata = self._metadata + route_headers(*(route or ("", None)))
+        addresses = self._addresses(route, idempotent)
+        for attempt, address in enumerate(addresses, start=1):
+            stub = getattr(self._connections.stubs(address), service)
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                result = getattr(stub, method)(request, timeout=left, metadata=metadata)
+            except grpc.RpcError as rpc_error:
+                error = OrtmuxError.from_rpc_error(rpc_error)
+                if self._connections.failed(address, error) and attempt < len(addresses):
+                    continue
+                raise error from None
+            self._connections.answered(address)
+            return result
+        raise AssertionError("no address to call")
