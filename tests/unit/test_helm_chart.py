@@ -20,7 +20,11 @@ MANAGED = {"host", "port", "metrics_port", "data_dir"}  # set by the chart, not 
 KUBERNETES = "1.30.0"
 GPU_VALUES = {
     "gpu": {"enabled": True, "count": 2},
-    "config": {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"], "drain_grace_seconds": 45},
+    "config": {
+        "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        "drain_grace_seconds": 45,
+        "adapter_store": "s3://ml-adapters/serving",
+    },
     "autoscaling": {"enabled": True, "targetQueueDepth": 8},
     "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
     "persistence": {"enabled": True, "existingClaim": "shared-models"},
@@ -65,7 +69,26 @@ TLS_VALUES = {
 }
 
 
-@pytest.mark.parametrize("values", [{}, GPU_VALUES, TLS_VALUES], ids=["default", "gpu", "tls"])
+SCALED_VALUES = {
+    "replicaCount": 3,
+    "persistence": {"enabled": False},
+    "config": {"adapter_store": "s3://ml-adapters/serving", "adapter_disk_bytes": 4 << 30},
+    "adapterStore": {
+        "endpoint": "http://minio.storage:9000",
+        "region": "eu-west-1",
+        "credentialsSecret": "s3",
+    },
+    "adapterCache": {"type": "ephemeral", "size": "8Gi", "storageClass": "fast"},
+    "serviceAccount": {
+        "create": True,
+        "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/r"},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "values", [{}, GPU_VALUES, TLS_VALUES, SCALED_VALUES], ids=["default", "gpu", "tls", "scaled"]
+)
 def test_every_rendered_object_validates_against_the_kubernetes_schemas(values: dict) -> None:
     objects = render(values)
     for key, document in objects.items():
@@ -84,6 +107,8 @@ def test_every_rendered_object_validates_against_the_kubernetes_schemas(values: 
     assert expected <= set(objects)
     probe = objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
     assert ("tcpSocket" if values is TLS_VALUES else "grpc") in probe
+    if values is SCALED_VALUES:
+        assert "ServiceAccount" in objects and "PersistentVolumeClaim" not in objects
     if values is GPU_VALUES:
         assert {"HorizontalPodAutoscaler", "ServiceMonitor"} <= set(objects)
         assert "PersistentVolumeClaim" not in objects
@@ -160,3 +185,41 @@ def test_dockerfile_runs_unprivileged_with_the_data_dir_as_a_volume() -> None:
     assert 'ENTRYPOINT ["ortmux", "serve"]' in dockerfile
     for source in re.findall(r"^COPY (\S+)", dockerfile, re.M):
         assert (root / source).exists(), source
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{"replicaCount": 2}, {"autoscaling": {"enabled": True, "maxReplicas": 3}}],
+    ids=["replicas", "autoscaling"],
+)
+def test_several_pods_without_a_shared_store_are_refused_at_render_time(values: dict) -> None:
+    with pytest.raises(Exception, match=r"needs a shared adapter store: set config\.adapter_store"):
+        render(values)
+    render({**values, "config": {"adapter_store": "s3://b/p"}})  # with a store it renders
+
+
+def test_a_shared_store_reaches_the_pod_as_aws_environment_and_a_per_pod_cache() -> None:
+    objects = render(SCALED_VALUES)
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["AWS_ENDPOINT_URL"] == "http://minio.storage:9000" and env["AWS_REGION"] == "eu-west-1"
+    assert container["envFrom"] == [{"secretRef": {"name": "s3"}}]
+    assert {"name": "adapter-cache", "mountPath": "/data/adapters"} in container["volumeMounts"]
+    cache = next(volume for volume in pod["volumes"] if volume["name"] == "adapter-cache")
+    claim = cache["ephemeral"]["volumeClaimTemplate"]["spec"]
+    assert claim["resources"]["requests"]["storage"] == "8Gi" and claim["storageClassName"] == "fast"
+    assert objects["Deployment"]["spec"]["replicas"] == 3
+    assert pod["serviceAccountName"] == "rel-ortmux"
+    assert (
+        objects["ServiceAccount"]["metadata"]["annotations"] == SCALED_VALUES["serviceAccount"]["annotations"]
+    )
+    config = objects["ConfigMap"]["data"]["ortmux.toml"]
+    assert (
+        'adapter_store = "s3://ml-adapters/serving"' in config and "adapter_disk_bytes = 4294967296" in config
+    )
+    empty = render({**SCALED_VALUES, "adapterCache": {"type": "emptyDir", "size": "2Gi"}})
+    cache = next(
+        v for v in empty["Deployment"]["spec"]["template"]["spec"]["volumes"] if v["name"] == "adapter-cache"
+    )
+    assert cache == {"name": "adapter-cache", "emptyDir": {"sizeLimit": "2Gi"}}

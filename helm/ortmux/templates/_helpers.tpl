@@ -32,3 +32,23 @@ hand because values hold every number as a float, and integer settings must stay
 {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/* Several pods need the shared adapter store: without it an adapter registered on one pod is
+NOT_FOUND on the others. */}}
+{{- define "ortmux.validate" -}}
+{{- $many := or (gt (int .Values.replicaCount) 1) (and .Values.autoscaling.enabled (gt (int .Values.autoscaling.maxReplicas) 1)) -}}
+{{- if and $many (not .Values.config.adapter_store) -}}
+{{- fail "ortmux: replicaCount > 1 or autoscaling needs a shared adapter store: set config.adapter_store=s3://BUCKET/PREFIX (and adapterStore.* for its endpoint and credentials); without it an adapter registered on one pod is NOT_FOUND on the others" -}}
+{{- end -}}
+{{- if not (has .Values.adapterCache.type (list "emptyDir" "ephemeral")) -}}
+{{- fail (printf "ortmux: adapterCache.type must be emptyDir or ephemeral, got %q" .Values.adapterCache.type) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ortmux.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (include "ortmux.fullname" .) -}}
+{{- else -}}
+{{- .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
