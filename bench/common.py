@@ -60,8 +60,10 @@ def pss_of(pid: int) -> float:
 class WorkerProcess:
     """``ortmux serve`` in its own process, as in production; stopped with SIGTERM."""
 
-    def __init__(self, *flags: str) -> None:
+    def __init__(self, *flags: str, env: dict[str, str] | None = None) -> None:
+        import os
         import re
+        import threading
 
         self.process = subprocess.Popen(
             [
@@ -79,15 +81,20 @@ class WorkerProcess:
             ],
             stderr=subprocess.PIPE,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         assert self.process.stderr is not None
+        self.log: list[str] = []
         for line in self.process.stderr:
+            self.log.append(line)
             match = re.search(r"serving .* on port (\d+)", line)
             if match:
                 self.address = f"127.0.0.1:{match.group(1)}"
                 break
         else:
-            raise RuntimeError(f"worker exited with {self.process.wait()}")
+            raise RuntimeError(f"worker exited with {self.process.wait()}: {''.join(self.log[-10:])}")
+        # Keep reading its log, so a chatty worker never blocks on a full pipe.
+        threading.Thread(target=lambda: self.log.extend(self.process.stderr), daemon=True).start()
 
     @property
     def pid(self) -> int:

@@ -15,8 +15,9 @@ from ortmux.client import Client, OrtmuxError
 from ortmux.worker.adapters.objects import Conflict, S3Objects, StoreUnavailable
 from ortmux.worker.api.server import start_worker
 
-from ..conftest import S3Server, free_port, scrape, worker_settings
+from ..conftest import scrape, worker_settings
 from ..demo_adapters import merged_reference, write_peft
+from ..s3_server import S3Server, free_port
 
 IDS = np.random.default_rng(4).integers(0, 1000, size=(1, 8), dtype=np.int64)
 

@@ -18,8 +18,9 @@ from ortmux.client import AsyncClient, Client, OrtmuxError
 from ortmux.client._routing import ADAPTER_HEADER, MODEL_HEADER, Pods, rank
 from ortmux.worker.api.server import Worker, start_worker
 
-from ..conftest import S3Server, free_port, worker_settings
+from ..conftest import worker_settings
 from ..demo_adapters import write_peft
+from ..s3_server import S3Server, free_port
 
 IDS = {"input_ids": np.arange(8, dtype=np.int64).reshape(1, 8)}
 ADAPTERS = [f"tenant-task-{index}" for index in range(12)]

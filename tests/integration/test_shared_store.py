@@ -25,8 +25,9 @@ from ortmux.client import Client, OrtmuxError
 from ortmux.worker.adapters import safetensors
 from ortmux.worker.auth import key_digest
 
-from ..conftest import S3Server, serve_process
+from ..conftest import serve_process
 from ..demo_adapters import merged_reference, write_peft
+from ..s3_server import S3Server
 
 IDS = np.random.default_rng(3).integers(0, 1000, size=(2, 8), dtype=np.int64)
 SYNC_SECONDS = 2.0  # the default adapter_sync_seconds

@@ -89,6 +89,7 @@ class _Record:
     deleting: bool = False
     evicted: bool = False
     cached: bool = True  # its payload is on the local disk
+    verified: bool = False  # that payload is known whole (written or checked by this process)
     loading: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
@@ -249,7 +250,7 @@ class AdapterManager:
                 old = self._records.get(key)
                 if old is not None:
                     self._drop_resident(key, old)
-                record = _Record(meta, last_used_at=meta.created_at)
+                record = _Record(meta, last_used_at=meta.created_at, verified=True)
                 self._records[key] = record
                 self._missing.pop(key, None)
                 self._make_resident(key, record, resident)
@@ -325,13 +326,24 @@ class AdapterManager:
         return resident
 
     def _payload(self, key: Key, record: _Record) -> Payload:
-        """The adapter's bytes from the local disk, or fetched from the shared store into it."""
+        """The adapter's bytes from the local disk, or fetched from the shared store into it.
+
+        Fetched copies are written without waiting for the disk (the store has the adapter); a
+        copy this process did not write is checked against its sha256 before its first use, so
+        one torn by a crash is fetched again."""
         if self.shared is None or record.cached:
             try:
                 payload = self.store.read_payload(*key)
-                with self._lock:
-                    self.counters.disk_hits += 1
-                return payload
+                if (
+                    self.shared is None
+                    or record.verified
+                    or hashlib.sha256(payload).hexdigest() == record.meta.sha256
+                ):
+                    with self._lock:
+                        record.verified = True
+                        self.counters.disk_hits += 1
+                    return payload
+                log.warning("adapter %s/%s/%s on disk does not match its sha256; fetching it again", *key)
             except FileNotFoundError:
                 if self.shared is None:
                     raise
@@ -353,12 +365,12 @@ class AdapterManager:
                     f"adapter '{key[2]}' changed in {self.shared.description} while it was loading; retry",
                     retry_after=0.5,
                 )
-            payload = pending.finish()
-            pending.commit(meta)
+            payload = pending.finish(sync=False)
+            pending.commit(meta, sync=False)
         finally:
             pending.abort()
         with self._lock:
-            record.cached = True
+            record.cached = record.verified = True
             self.counters.disk_misses += 1
         return payload
 

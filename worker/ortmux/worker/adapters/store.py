@@ -170,15 +170,17 @@ class PendingAdapter:
         if self._filled - self._written >= self.FLUSH_BYTES:
             self._write_out(self._filled - self._filled % self.FLUSH_BYTES)
 
-    def finish(self) -> Payload:
-        """The payload is complete: its last bytes go to disk and the file is synced; returns the
-        received bytes (parse them, or keep views of them: they live as long as those views)."""
+    def finish(self, *, sync: bool = True) -> Payload:
+        """The payload is complete: its last bytes go to disk and the file is synced (unless not
+        ``sync``: a cache fill, checked again after a restart); returns the received bytes (parse
+        them, or keep views of them: they live as long as those views)."""
         if self._filled != self._size:
             raise ValueError(f"payload has {self._filled} of {self._size} bytes")
         with storage_errors(self._store.root):
             if self._written < self._size:
                 self._write_out(self._size)
-            os.fdatasync(self._fd)
+            if sync:
+                os.fdatasync(self._fd)
         if self._buffer is not None:
             return self._buffer
         return mmap.mmap(self._fd, self._size, prot=mmap.PROT_READ) if self._size else b""
@@ -201,21 +203,25 @@ class PendingAdapter:
                 os.ftruncate(self._fd, end)
         self._written = end
 
-    def commit(self, meta: AdapterMeta) -> None:
-        """Write the meta and move the adapter into place atomically (after :meth:`finish`)."""
+    def commit(self, meta: AdapterMeta, *, sync: bool = True) -> None:
+        """Write the meta and move the adapter into place atomically (after :meth:`finish`);
+        not ``sync``: without waiting for the disk (see :meth:`finish`)."""
         self._close()
         with storage_errors(self._store.root):
             with open(self.directory / META_FILE, "wb") as handle:
                 handle.write(meta.to_json())
-                handle.flush()
-                os.fsync(handle.fileno())
-            fsync_dir(self.directory)
+                if sync:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            if sync:
+                fsync_dir(self.directory)
             target = self._store.directory(meta.model, meta.tenant, meta.adapter_id)
             target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             self._store.trash(target)
         os.rename(self.directory, target)
-        fsync_dir(target.parent)
+        if sync:
+            fsync_dir(target.parent)
         self._committed = True
 
     def abort(self) -> None:
