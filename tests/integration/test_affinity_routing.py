@@ -23,7 +23,20 @@ from ..demo_adapters import write_peft
 from ..s3_server import S3Server, free_port
 
 IDS = {"input_ids": np.arange(8, dtype=np.int64).reshape(1, 8)}
-ADAPTERS = [f"tenant-task-{index}" for index in range(12)]
+
+
+def adapters_on_every_pod(workers: list[Worker], per_pod: int = 4) -> list[str]:
+    """Adapter ids of which rendezvous ranks ``per_pod`` first on each pod (ports are random)."""
+    addresses = [worker.address for worker in workers]
+    chosen: dict[str, list[str]] = {address: [] for address in addresses}
+    for index in range(10_000):
+        name = f"tenant-task-{index}"
+        home = rank(addresses, f"demo/{name}")[0]
+        if len(chosen[home]) < per_pod:
+            chosen[home].append(name)
+        if all(len(names) == per_pod for names in chosen.values()):
+            break
+    return sorted(name for names in chosen.values() for name in names)
 
 
 def test_rendezvous_moves_only_the_share_of_a_pod_that_leaves_and_spreads_evenly() -> None:
@@ -69,27 +82,29 @@ def test_each_adapter_stays_on_one_pod_and_a_failing_pod_hands_its_share_on(
     pods_over_s3: list[Worker], tmp_path: Path
 ) -> None:
     workers = pods_over_s3
+    adapters = adapters_on_every_pod(workers)
     peft = write_peft(tmp_path / "peft", seed=50)
     with Client([worker.address for worker in workers], retry_attempts=3) as client:
-        for adapter in ADAPTERS:
+        for adapter in adapters:
             client.register_adapter("demo", adapter, peft)
-        expected = client.infer("demo", IDS, adapter=ADAPTERS[0])["logits"]
+        expected = client.infer("demo", IDS, adapter=adapters[0])["logits"]
         for _ in range(4):
-            for adapter in ADAPTERS:
+            for adapter in adapters:
                 np.testing.assert_allclose(
                     client.infer("demo", IDS, adapter=adapter)["logits"], expected, rtol=1e-5
                 )
-        homes = {adapter: resident_on(workers, adapter) for adapter in ADAPTERS}
-        assert all(len(home) == 1 for home in homes.values()), homes
-        assert len({home[0] for home in homes.values()}) == 3  # twelve adapters land on every pod
+        homes = {adapter: resident_on(workers, adapter) for adapter in adapters}
+        addresses = [worker.address for worker in workers]
+        expected_homes = {a: [addresses.index(rank(addresses, f"demo/{a}")[0])] for a in adapters}
+        assert homes == expected_homes  # resident on its own pod only, and every pod has some
         for _ in range(30):
             client.infer("demo", IDS)
         rows = [sum(batcher.counters.rows for batcher in worker.dataplane.batchers()) for worker in workers]
         assert all(count > 10 for count in rows), rows
 
-        leaving = homes[ADAPTERS[0]][0]
+        leaving = homes[adapters[0]][0]
         workers[leaving].stop(0)
-        for adapter in ADAPTERS:  # all still answer: the next pod in each order takes over
+        for adapter in adapters:  # all still answer: the next pod in each order takes over
             np.testing.assert_allclose(
                 client.infer("demo", IDS, adapter=adapter)["logits"], expected, rtol=1e-5
             )
@@ -103,21 +118,22 @@ def test_each_adapter_stays_on_one_pod_and_a_failing_pod_hands_its_share_on(
 
 def test_the_asyncio_client_routes_like_the_blocking_one(pods_over_s3: list[Worker], tmp_path: Path) -> None:
     workers = pods_over_s3
+    adapters = adapters_on_every_pod(workers, per_pod=2)
     peft = write_peft(tmp_path / "peft", seed=51)
     targets = [worker.address for worker in workers]
     with Client(targets) as client:
-        for adapter in ADAPTERS[:6]:
+        for adapter in adapters[:6]:
             client.register_adapter("demo", adapter, peft)
-        homes = {adapter: resident_on(workers, adapter) for adapter in ADAPTERS[:6]}
+        homes = {adapter: resident_on(workers, adapter) for adapter in adapters[:6]}
 
     async def run() -> None:
         async with AsyncClient(targets) as client:
-            for adapter in ADAPTERS[:6]:
+            for adapter in adapters[:6]:
                 for _ in range(3):
                     await client.infer("demo", IDS, adapter=adapter)
 
     asyncio.run(run())
-    assert {adapter: resident_on(workers, adapter) for adapter in ADAPTERS[:6]} == homes
+    assert {adapter: resident_on(workers, adapter) for adapter in adapters[:6]} == homes
 
 
 class _Recorder(grpc.GenericRpcHandler):

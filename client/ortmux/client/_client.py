@@ -27,10 +27,12 @@ T = TypeVar("T")
 
 
 class Client:
-    """A blocking client of one ortmux worker, or of several with round-robin balancing.
+    """A blocking client of one ortmux worker, or of several pods with adapter affinity.
 
-    ``target`` is ``host:port``, a gRPC name such as ``dns:///ortmux-headless:50051`` (every
-    address it resolves to gets calls in turn), or a list of ``host:port``. ``timeout`` is the
+    ``target`` is ``host:port``, or several pods: a list of ``host:port`` or a name such as
+    ``dns:///ortmux-headless:50051`` (resolved here every ``refresh_seconds``). Over several pods
+    each adapter's calls go to one pod (rendezvous hashing), base-only calls to the pods in turn,
+    and an idempotent call that finds a pod unavailable to the next. ``timeout`` is the
     default deadline of unary calls in seconds (None: none) and ``stream_timeout`` that of a whole
     ``stream_infer``; every method takes ``timeout=`` to override it. Idempotent calls are retried
     on UNAVAILABLE up to ``retry_attempts`` times in all (uploads and streams never are).
