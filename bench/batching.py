@@ -40,7 +40,15 @@ TENANT_KEYS = {"flood": "flood-key", "light": "light-key"}
 
 
 def load(
-    address: str, clients: int, seconds: float, adapters: int, api_key: str | None = None
+    target: str | list[str],
+    clients: int,
+    seconds: float,
+    adapters: int,
+    api_key: str | None = None,
+    *,
+    model: str = "bench",
+    vocab: int = 8000,
+    prefix: str = "a",
 ) -> tuple[float, list[float]]:
     """Requests per second and latencies (ms) of ``clients`` threads sending back to back, each
     request on a uniformly random adapter of ``a0`` .. ``a{adapters-1}`` (0: base-only)."""
@@ -49,16 +57,16 @@ def load(
     latencies: list[float] = []
     lock = threading.Lock()
     stop = time.monotonic() + seconds
-    with Client(address, api_key=api_key) as client:
+    with Client(target, api_key=api_key) as client:
 
         def worker(seed: int) -> None:
             rng = random.Random(seed)
-            ids = {"input_ids": np.random.default_rng(seed).integers(0, 8000, (1, 8), dtype=np.int64)}
+            ids = {"input_ids": np.random.default_rng(seed).integers(0, vocab, (1, 8), dtype=np.int64)}
             mine = []
             while time.monotonic() < stop:
-                adapter = f"a{rng.randrange(adapters)}" if adapters else None
+                adapter = f"{prefix}{rng.randrange(adapters)}" if adapters else None
                 started = time.perf_counter()
-                client.infer("bench", ids, adapter=adapter)
+                client.infer(model, ids, adapter=adapter)
                 mine.append((time.perf_counter() - started) * 1000)
             with lock:
                 latencies.extend(mine)

@@ -18,10 +18,8 @@ memory), and in the store only (registered through another pod, never seen by th
 from __future__ import annotations
 
 import argparse
-import random
 import shutil
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -32,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the S3 server, demo adapters
 
 from adapters import write_peft as write_bench_peft
+from batching import load
 from common import OUT, WorkerProcess, bench_model, median, table
 
 from tests.demo_adapters import write_peft as write_demo_peft
@@ -78,34 +77,9 @@ def start_pods(work: Path, store: S3Server, prefix: str, count: int, *flags: str
     return [Pod(work / f"pod{index}", store, prefix, *flags) for index in range(count)]
 
 
-def drive(target, clients: int, seconds: float, adapters: int) -> tuple[float, list[float]]:
+def drive(target: str | list[str], clients: int, seconds: float, adapters: int) -> tuple[float, list[float]]:
     """Requests/s and latencies (ms) of ``clients`` threads on uniformly random adapters."""
-    from ortmux.client import Client
-
-    latencies: list[float] = []
-    lock = threading.Lock()
-    stop = time.monotonic() + seconds
-    with Client(target, retry_attempts=3) as client:
-
-        def send(seed: int) -> None:
-            rng = random.Random(seed)
-            ids = {"input_ids": np.random.default_rng(seed).integers(0, 1000, (1, 8), dtype=np.int64)}
-            mine = []
-            while time.monotonic() < stop:
-                started = time.perf_counter()
-                client.infer("demo", ids, adapter=f"s{rng.randrange(adapters)}")
-                mine.append((time.perf_counter() - started) * 1000)
-            with lock:
-                latencies.extend(mine)
-
-        threads = [threading.Thread(target=send, args=(seed,)) for seed in range(clients)]
-        started = time.monotonic()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        elapsed = time.monotonic() - started
-    return len(latencies) / elapsed, latencies
+    return load(target, clients, seconds, adapters, model="demo", vocab=1000, prefix="s")
 
 
 def routing(args: argparse.Namespace, store: S3Server, work: Path) -> list[list[object]]:

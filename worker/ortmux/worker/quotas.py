@@ -9,6 +9,26 @@ import time
 from ortmux.worker.errors import ResourceExhausted
 
 
+class TokenBuckets:
+    """One token bucket per key, refilled at ``rate`` a second up to one second's worth (call
+    with a lock held)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill)
+
+    def take(self, key: str) -> float:
+        """Take a token; returns 0, or the seconds until one is there (nothing taken)."""
+        now = time.monotonic()
+        tokens, last = self._buckets.get(key, (self.rate, now))
+        tokens = min(self.rate, tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+        self._buckets[key] = (tokens - 1.0, now)
+        return 0.0
+
+
 class RequestQuotas:
     """Admission of inference requests per tenant. A limit of 0 means no quota."""
 
@@ -17,7 +37,7 @@ class RequestQuotas:
         self.max_per_second = max_per_second
         self._lock = threading.Lock()
         self._in_flight: collections.Counter[str] = collections.Counter()
-        self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, last refill)
+        self._rates = TokenBuckets(max_per_second) if max_per_second else None
 
     def admit(self, tenant: str) -> None:
         """Count a request in, or raise RESOURCE_EXHAUSTED naming the quota it would pass."""
@@ -29,19 +49,14 @@ class RequestQuotas:
                     reason="QUOTA_IN_FLIGHT",
                     retry_after=0.1,
                 )
-            if self.max_per_second:
-                now = time.monotonic()
-                tokens, last = self._buckets.get(tenant, (self.max_per_second, now))
-                tokens = min(self.max_per_second, tokens + (now - last) * self.max_per_second)
-                if tokens < 1.0:
-                    self._buckets[tenant] = (tokens, now)
-                    raise ResourceExhausted(
-                        f"tenant '{tenant}' is over its rate quota "
-                        f"(tenant_max_requests_per_second = {self.max_per_second:g})",
-                        reason="QUOTA_RATE",
-                        retry_after=(1.0 - tokens) / self.max_per_second,
-                    )
-                self._buckets[tenant] = (tokens - 1.0, now)
+            wait = self._rates.take(tenant) if self._rates else 0.0
+            if wait:
+                raise ResourceExhausted(
+                    f"tenant '{tenant}' is over its rate quota "
+                    f"(tenant_max_requests_per_second = {self.max_per_second:g})",
+                    reason="QUOTA_RATE",
+                    retry_after=wait,
+                )
             self._in_flight[tenant] += 1
 
     def release(self, tenant: str) -> None:

@@ -34,6 +34,7 @@ from ortmux.worker.adapters.store import DEFAULT_TENANT, AdapterMeta, AdapterSto
 from ortmux.worker.adapters.uploads import UploadHeader, UploadTrailer, receive_path, receive_upload
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from ortmux.worker.quotas import TokenBuckets
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class AdapterManager:
         self._resident_bytes = 0
         self._pending: set[Key] = set()
         self._missing: dict[Key, float] = {}  # ids the store did not have -> when that expires
-        self._lookups: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, last refill)
+        self._lookups = TokenBuckets(limits.store_lookups_per_second)  # per tenant
         self._complete = shared is None  # the records mirror every record of the store
         self._lock = threading.Condition()
         local = {_key_of(meta): meta for meta in store.scan()}
@@ -444,19 +445,14 @@ class AdapterManager:
             return self._adopt(key, meta)
 
     def _take_lookup(self, tenant: str) -> None:
-        rate = self.limits.store_lookups_per_second
-        now = time.monotonic()
-        tokens, last = self._lookups.get(tenant, (rate, now))
-        tokens = min(rate, tokens + (now - last) * rate)
-        if tokens < 1.0:
-            self._lookups[tenant] = (tokens, now)
+        wait = self._lookups.take(tenant)
+        if wait:
             raise ResourceExhausted(
                 f"tenant '{tenant}' looks up more unknown adapters than the "
-                f"{rate:g} per second this pod allows (adapter_store_lookups_per_second)",
+                f"{self._lookups.rate:g} per second this pod allows (adapter_store_lookups_per_second)",
                 reason="ADAPTER_LOOKUPS",
-                retry_after=(1.0 - tokens) / rate,
+                retry_after=wait,
             )
-        self._lookups[tenant] = (tokens - 1.0, now)
         self.counters.store_lookups += 1
 
     def _adopt(self, key: Key, meta: AdapterMeta) -> _Record:
