@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-CHECKED_IN = REPO / "client" / "ortmux" / "v1"
+CHECKED_IN = {  # generated package -> where it is checked in
+    "client/ortmux/v1": REPO / "client" / "ortmux" / "v1",
+    "worker/ortmux/worker/oip": REPO / "worker" / "ortmux" / "worker" / "oip",
+}
 
 
 @pytest.fixture(scope="session")
@@ -31,11 +34,12 @@ def protoc_python(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_generated_code_is_up_to_date(tmp_path: Path, protoc_python: str) -> None:
     subprocess.run([protoc_python, str(REPO / "protos" / "generate.py"), str(tmp_path)], check=True)
-    fresh = tmp_path / "ortmux" / "v1"
-    fresh_names = sorted(p.name for p in fresh.iterdir() if p.suffix in {".py", ".pyi"})
-    checked_names = sorted(p.name for p in CHECKED_IN.iterdir() if p.suffix in {".py", ".pyi"})
-    assert fresh_names == checked_names, "run `make protos` and commit the result"
-    differing = [
-        name for name in fresh_names if not filecmp.cmp(fresh / name, CHECKED_IN / name, shallow=False)
-    ]
-    assert differing == [], f"stale generated code {differing}: run `make protos` and commit the result"
+    for package, checked_in in CHECKED_IN.items():
+        fresh = tmp_path / package
+        fresh_names = sorted(p.name for p in fresh.iterdir() if p.suffix in {".py", ".pyi"})
+        checked_names = sorted(p.name for p in checked_in.iterdir() if p.suffix in {".py", ".pyi"})
+        assert fresh_names == checked_names, f"{package}: run `make protos` and commit the result"
+        differing = [
+            name for name in fresh_names if not filecmp.cmp(fresh / name, checked_in / name, shallow=False)
+        ]
+        assert differing == [], f"stale generated code {package}: {differing}: run `make protos` and commit"

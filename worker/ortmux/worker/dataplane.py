@@ -64,6 +64,22 @@ class InferenceResult:
     batch_rows: int
 
 
+@dataclasses.dataclass
+class ModelStats:
+    """What a model served since the worker started, for statistics endpoints (times in ns)."""
+
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+    queue_count: int = 0
+    queue_ns: int = 0
+    compute_count: int = 0
+    compute_ns: int = 0
+    rows: int = 0
+    last_inference_ms: int = 0
+
+
 class DataPlane:
     def __init__(
         self,
@@ -87,6 +103,7 @@ class DataPlane:
         self.worker_paths = tuple(Path(p).resolve() for p in worker_paths)
         self.feed_pool = feed_pool or FeedPool(DEFAULT_FEED_MEMORY_BYTES)
         self._batchers: dict[str, Batcher] = {}
+        self._stats: dict[str, ModelStats] = {}
         self._feed_buffers: dict[str, FeedBuffers] = {}
         self._lock = threading.Lock()
         self._drain_callbacks: set[Callable[[], None]] = set()
@@ -136,8 +153,17 @@ class DataPlane:
             rows = sum(request.rows for request in requests)
             adapters = len({id(request.lora) for request in requests if request.lora})
             self.metrics.observe_batch(model, rows, adapters, finished - started)
-            for request in requests:
-                self.metrics.queue_seconds.labels(model).observe(started - request.enqueued_at)
+            waited = [started - request.enqueued_at for request in requests]
+            for seconds in waited:
+                self.metrics.queue_seconds.labels(model).observe(seconds)
+            with self._lock:
+                stats = self._stats.setdefault(model, ModelStats())
+                stats.queue_count += len(waited)
+                stats.queue_ns += int(sum(waited) * 1e9)
+                stats.compute_count += 1
+                stats.compute_ns += int((finished - started) * 1e9)
+                stats.rows += rows
+                stats.last_inference_ms = int(time.time() * 1000)
 
         return observe
 
@@ -199,6 +225,15 @@ class DataPlane:
     def get_model(self, name: str) -> BaseModel:
         return self.models.get(name)
 
+    def model_stats(self, name: str) -> ModelStats:
+        """A copy of what ``name`` served since start (zeros for a model that served nothing)."""
+        with self._lock:
+            return dataclasses.replace(self._stats.get(name) or ModelStats())
+
+    def ready(self) -> bool:
+        """Serving: base models loaded and not shutting down."""
+        return not self.draining and bool(self.list_models())
+
     def submit(self, request: InferenceRequest) -> Future[InferenceResult]:
         """Validate and queue a request in its model's batcher; the future completes with its
         batch. Invalid requests raise here, before anything is queued. Every request is counted
@@ -217,7 +252,10 @@ class DataPlane:
         except Exception as error:
             if admitted:
                 self.quotas.release(tenant)
-            self.metrics.observe_request(model_label, tenant, _outcome(error), time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.observe_request(model_label, tenant, _outcome(error), seconds)
+            if model_label:
+                self._count_answer(model_label, False, seconds)
             raise
         in_flight = self.metrics.requests_in_flight.labels(model.name)
         in_flight.inc()
@@ -226,10 +264,22 @@ class DataPlane:
             in_flight.dec()
             self.quotas.release(tenant)
             code = _outcome(done.exception())
-            self.metrics.observe_request(model.name, tenant, code, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.observe_request(model.name, tenant, code, seconds)
+            self._count_answer(model.name, code == "OK", seconds)
 
         future.add_done_callback(answered)
         return future
+
+    def _count_answer(self, model: str, ok: bool, seconds: float) -> None:
+        with self._lock:
+            stats = self._stats.setdefault(model, ModelStats())
+            if ok:
+                stats.success_count += 1
+                stats.success_ns += int(seconds * 1e9)
+            else:
+                stats.fail_count += 1
+                stats.fail_ns += int(seconds * 1e9)
 
     def _check_size(self, request: InferenceRequest) -> None:
         elements = sum(int(np.prod(array.shape, dtype=np.int64)) for array in request.inputs.values())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
+import grpc
 from google.protobuf import timestamp_pb2
 
 from ortmux.common import tensors
@@ -95,6 +97,17 @@ def _check_length(value: str, field: str) -> None:
         raise InvalidArgument(
             f"{field} is {len(value)} characters long, over the limit of {MAX_NAME_CHARS}", field=field
         )
+
+
+NO_DEADLINE_SECONDS = 10**7  # what gRPC reports as time remaining for a call without a deadline
+
+
+def call_deadline(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline as a ``time.monotonic()`` value; None when the caller set none."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > NO_DEADLINE_SECONDS:
+        return None
+    return time.monotonic() + remaining
 
 
 def request_from_proto(

@@ -162,7 +162,13 @@ class AuthInterceptor(grpc.ServerInterceptor):
     """Resolves the caller's API key to an identity before the servicer runs; health checks and
     reflection need no key. Innermost, so ErrorInterceptor answers UNAUTHENTICATED."""
 
-    _OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+    # Health, reflection and the Open Inference Protocol's liveness and readiness probes.
+    _OPEN = (
+        "/grpc.health.v1.Health/",
+        "/grpc.reflection.",
+        "/inference.GRPCInferenceService/ServerLive",
+        "/inference.GRPCInferenceService/ServerReady",
+    )
 
     def __init__(self, keys: KeyRing) -> None:
         self._keys = keys

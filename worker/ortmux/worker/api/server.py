@@ -28,6 +28,8 @@ from ortmux.worker.adapters.shared import SharedStore
 from ortmux.worker.adapters.store import AdapterStore
 from ortmux.worker.adapters.sync import SyncLoop
 from ortmux.worker.api.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
+from ortmux.worker.api.oip import SERVICE as OIP_SERVICE
+from ortmux.worker.api.oip import OipServicer, UnservedRpcs
 from ortmux.worker.api.servicers import AdapterServicer, InferenceServicer, ModelServicer
 from ortmux.worker.auth import KeyRing
 from ortmux.worker.dataplane import DataPlane
@@ -39,6 +41,7 @@ from ortmux.worker.engine.registry import ModelRegistry
 from ortmux.worker.engine.runtime import RuntimeOptions, configure_process
 from ortmux.worker.errors import InvalidArgument
 from ortmux.worker.observability.metrics import Metrics
+from ortmux.worker.oip import grpc_service_pb2_grpc as oip_grpc
 from ortmux.worker.quotas import RequestQuotas
 from ortmux.worker.scheduler.batcher import BatchLimits
 from ortmux.worker.settings import Settings
@@ -205,10 +208,19 @@ def create_server(
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(
         InferenceServicer(dataplane, settings.stream_window), server
     )
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+        OipServicer(dataplane, settings.stream_window), server
+    )
+    server.add_generic_rpc_handlers((UnservedRpcs(),))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (
+            *SERVICE_NAMES,
+            OIP_SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
         server,
     )
     address = f"{settings.host}:{settings.port}"

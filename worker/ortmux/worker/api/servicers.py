@@ -5,7 +5,6 @@ Errors are raised as ortmux errors and turned into statuses by the interceptor.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -113,8 +112,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def Infer(
         self, request: inference_pb2.InferRequest, context: grpc.ServicerContext
     ) -> inference_pb2.InferResponse:
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
+        deadline = convert.call_deadline(context)
         tenant = current_identity().tenant
         result = self._dataplane.infer(
             convert.request_from_proto(request, deadline, context.is_active, tenant)
@@ -124,8 +122,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def InferStream(
         self, request_iterator: Iterator[inference_pb2.InferRequest], context: grpc.ServicerContext
     ) -> Iterator[inference_pb2.InferStreamResponse]:
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
+        deadline = convert.call_deadline(context)
         tenant = current_identity().tenant  # read here: the stream's reader runs on its own thread
 
         def incoming() -> Iterator[Incoming]:
