@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import threading
+import venv
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,43 @@ def worker_settings(data_dir: Path, *extra: str) -> Settings:
         ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--data-dir", str(data_dir), *extra],
         environ={},
     )
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def client_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-w",
+            str(out),
+            str(REPO),
+        ],
+        check=True,
+        timeout=600,
+    )
+    return next(out.glob("ortmux-*.whl"))
+
+
+def make_venv(path: Path, *requirements: str) -> Path:
+    """A fresh virtual environment at ``path`` with ``requirements`` installed; its python."""
+    venv.EnvBuilder(with_pip=True).create(path)
+    python = path / "bin" / "python"
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *requirements],
+        check=True,
+        timeout=600,
+    )
+    return python
 
 
 @pytest.fixture(scope="session")

@@ -5,15 +5,13 @@ worker."""
 from __future__ import annotations
 
 import subprocess
-import sys
-import venv
 from pathlib import Path
 
 import pytest
 
 from ortmux.worker.api.server import Worker
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import make_venv
 
 # Run in the venv under test against the worker of this test session.
 CALL_WORKER = """
@@ -23,39 +21,6 @@ with Client(sys.argv[1], timeout=30) as client:
     logits = client.infer("demo", {"input_ids": np.array([[1, 2, 3]], dtype=np.int64)})["logits"]
     print("logits", logits.shape, [m.name for m in client.list_models()])
 """
-
-
-@pytest.fixture(scope="session")
-def client_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-w",
-            str(out),
-            str(REPO),
-        ],
-        check=True,
-        timeout=600,
-    )
-    return next(out.glob("ortmux-*.whl"))
-
-
-def _venv(path: Path, *requirements: str) -> Path:
-    venv.EnvBuilder(with_pip=True).create(path)
-    python = path / "bin" / "python"
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *requirements],
-        check=True,
-        timeout=600,
-    )
-    return python
 
 
 def _run(python: Path, *args: str) -> str:
@@ -74,7 +39,7 @@ def _versions(python: Path, *names: str) -> dict[str, str]:
 def test_plain_install_imports_the_client_without_onnxruntime(
     tmp_path: Path, client_wheel: Path, worker: Worker
 ) -> None:
-    python = _venv(tmp_path / "venv", str(client_wheel))
+    python = make_venv(tmp_path / "venv", str(client_wheel))
     probe = (
         "import importlib.util, ortmux.client as c;"
         "from ortmux.client import Client, AsyncClient, OrtmuxError;"
@@ -95,14 +60,14 @@ def test_plain_install_imports_the_client_without_onnxruntime(
 def test_the_client_runs_on_the_oldest_protobuf_and_grpcio_it_declares(
     tmp_path: Path, client_wheel: Path, worker: Worker
 ) -> None:
-    python = _venv(tmp_path / "venv", "protobuf==6.30.0", "grpcio==1.72.2", str(client_wheel))
+    python = make_venv(tmp_path / "venv", "protobuf==6.30.0", "grpcio==1.72.2", str(client_wheel))
     assert _versions(python, "protobuf", "grpcio") == {"protobuf": "6.30.0", "grpcio": "1.72.2"}
     assert "logits (1, 3, 1000) ['demo']" in _run(python, "-W", "error", "-c", CALL_WORKER, worker.address)
 
 
 @pytest.mark.slow
 def test_the_client_installs_beside_tritonclient(tmp_path: Path, client_wheel: Path, worker: Worker) -> None:
-    python = _venv(tmp_path / "venv", "tritonclient[grpc]==2.73.0", str(client_wheel))
+    python = make_venv(tmp_path / "venv", "tritonclient[grpc]==2.73.0", str(client_wheel))
     _run(python, "-m", "pip", "check")
     assert _versions(python, "protobuf")["protobuf"] < "7"
     _run(python, "-W", "error", "-c", "import ortmux.client, tritonclient.grpc")

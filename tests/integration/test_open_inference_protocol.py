@@ -4,7 +4,9 @@ statistics, probes without keys, and a status for every wrong input."""
 
 from __future__ import annotations
 
+import json
 import struct
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from ortmux.worker.auth import key_digest
 from ortmux.worker.oip import grpc_service_pb2 as oip
 from ortmux.worker.oip import grpc_service_pb2_grpc as oip_grpc
 
-from ..conftest import worker_settings
+from ..conftest import make_venv, worker_settings
 from ..demo_adapters import write_peft
 
 IDS = np.arange(16, dtype=np.int64).reshape(2, 8) % 1000
@@ -55,6 +57,18 @@ def types_model(path: Path, types: tuple[str, ...] = tuple(TYPES)) -> Path:
     return path
 
 
+def faulty_model(path: Path) -> Path:
+    """Loads fine, fails at run time for an odd number of elements (Reshape to [2, -1])."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, None])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [2, -1])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "faulty", [x], [y], [shape]
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
+    return path
+
+
 def sample(datatype: str, rows: int = 2) -> np.ndarray:
     dtype = oip_convert.DTYPE_BY_DATATYPE[datatype]
     values = np.arange(rows * 3).reshape(rows, 3) % 2 == 1 if datatype == "BOOL" else np.arange(rows * 3) + 1
@@ -72,7 +86,8 @@ def oip_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     model = types_model(data / "types.onnx")
     typed = types_model(data / "typed.onnx", tuple(t for t in TYPES if t in oip_convert.TYPED_FIELD))
     flags = ["--api-keys-file", str(keys), "--model", f"demo={_demo(data)}", "--model", f"types={model}"]
-    running = start_worker(worker_settings(data, *flags, "--model", f"typed={typed}"))
+    flags += ["--model", f"typed={typed}", "--model", f"faulty={faulty_model(data / 'faulty.onnx')}"]
+    running = start_worker(worker_settings(data, *flags))
     with Client(running.address, api_key=TENANT_KEY) as client:
         client.register_adapter("demo", "acme-a", write_peft(data / "peft", seed=60))
     yield running
@@ -303,6 +318,7 @@ def test_metadata_config_readiness_and_the_repository(stub) -> None:
         ("demo", "READY"),
         ("types", "READY"),
         ("typed", "READY"),
+        ("faulty", "READY"),
         ("demo:acme-a", "READY"),
     }
     admin = (("authorization", f"Bearer {ADMIN_KEY}"),)
@@ -342,7 +358,7 @@ def test_statistics_count_what_the_model_served(stub) -> None:
     assert after.inference_stats.compute_infer.ns > before.inference_stats.compute_infer.ns
     assert after.last_inference >= before.last_inference
     every = stub.ModelStatistics(oip.ModelStatisticsRequest(), metadata=AUTH)
-    assert [entry.name for entry in every.model_stats] == ["demo", "typed", "types"]
+    assert [entry.name for entry in every.model_stats] == ["demo", "faulty", "typed", "types"]
 
 
 @pytest.mark.parametrize(
@@ -354,3 +370,112 @@ def test_unserved_triton_rpcs_are_unimplemented_by_name(oip_worker: Worker, rpc:
         with pytest.raises(grpc.RpcError) as caught:
             call(b"", metadata=AUTH)
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED and rpc in caught.value.details()
+
+
+def _loading_status(stub, tmp_path: Path) -> grpc.StatusCode:
+    """The status of a request on a model while it loads (its first load optimizes it)."""
+    import threading
+
+    from ortmux.worker.demo import ensure_demo_model
+
+    admin = (("authorization", f"Bearer {ADMIN_KEY}"),)
+    load = oip.RepositoryModelLoadRequest(model_name="later")
+    load.parameters["path"].string_param = str(ensure_demo_model(tmp_path))
+    loader = threading.Thread(target=lambda: stub.RepositoryModelLoad(load, metadata=admin))
+    loader.start()
+    try:
+        while True:
+            try:
+                stub.ModelInfer(infer_request("later"), metadata=AUTH)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.NOT_FOUND:  # not reserved yet
+                    return error.code()
+                continue
+            return grpc.StatusCode.OK  # loaded before any request saw it loading
+    finally:
+        loader.join(60)
+        stub.RepositoryModelUnload(oip.RepositoryModelUnloadRequest(model_name="later"), metadata=admin)
+
+
+def test_the_protocols_status_table(stub, tmp_path: Path) -> None:
+    bad_name = infer_request("demo:acme-a", lora_name="other")
+    bad_type = infer_request("demo")
+    bad_type.inputs[0].datatype = "FP8"
+    bad_shape = infer_request("demo")
+    bad_shape.inputs[0].shape[0] = 5
+    odd = oip.ModelInferRequest(model_name="faulty")
+    odd.inputs.add(name="x", datatype="FP32", shape=[1, 3])
+    odd.raw_input_contents.append(np.ones(3, dtype="<f4").tobytes())
+    rows = {
+        "unknown base": (
+            lambda: stub.ModelInfer(infer_request("nothing"), metadata=AUTH),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        "unknown adapter": (
+            lambda: stub.ModelInfer(infer_request("demo:nope"), metadata=AUTH),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        "bad name": (lambda: stub.ModelInfer(bad_name, metadata=AUTH), grpc.StatusCode.INVALID_ARGUMENT),
+        "bad datatype": (lambda: stub.ModelInfer(bad_type, metadata=AUTH), grpc.StatusCode.INVALID_ARGUMENT),
+        "bad shape or size": (
+            lambda: stub.ModelInfer(bad_shape, metadata=AUTH),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        "a fault": (lambda: stub.ModelInfer(odd, metadata=AUTH), grpc.StatusCode.INTERNAL),
+    }
+    for row, (call, expected) in rows.items():
+        assert code_of(call) == expected, row
+    assert _loading_status(stub, tmp_path) == grpc.StatusCode.UNAVAILABLE
+    # UNIMPLEMENTED: test_unserved_triton_rpcs_are_unimplemented_by_name.
+
+
+CLIENTS = Path(__file__).resolve().parents[1] / "oip_clients"
+
+
+def _run_in(python: Path, script: str, *args: str) -> dict:
+    result = subprocess.run(
+        [str(python), str(CLIENTS / script), *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_tritonclient_works_unchanged(oip_worker: Worker, tmp_path: Path) -> None:
+    python = make_venv(tmp_path / "venv", "tritonclient[grpc]==2.73.0")
+    out = tmp_path / "triton.npz"
+    found = _run_in(python, "triton_checks.py", oip_worker.address, TENANT_KEY, str(out))
+    got = np.load(out)
+    with Client(oip_worker.address, api_key=TENANT_KEY) as native:
+        base = native.infer("demo", {"input_ids": IDS})["logits"]
+        adapted = native.infer("demo", {"input_ids": IDS}, adapter="acme-a")["logits"]
+    assert found["live"] and found["ready"]
+    assert "model_repository" in found["extensions"]
+    assert found["metadata"] == ["demo:acme-a", "onnxruntime_onnx", [["input_ids", "INT64", ["-1", "-1"]]]]
+    assert found["config"] == ["demo", 32, ["input_ids"]]
+    assert found["model_ready"] == [True, True, False]
+    assert "demo:acme-a" in found["index"] and "demo" in found["index"]
+    for name in ("by_name", "by_parameter", "stream_adapter"):
+        assert np.array_equal(got[name], adapted), name  # bit-equal to the native client
+    assert np.array_equal(got["base"], base) and np.array_equal(got["stream_base"], base)
+    for datatype in TYPES:
+        assert got[f"got_{datatype}"].dtype == got[f"sent_{datatype}"].dtype, datatype
+        assert np.array_equal(got[f"got_{datatype}"], got[f"sent_{datatype}"]), datatype
+    assert (found["request_id"], found["model_name"]) == ("x1", "demo:acme-a")
+    assert len(found["stream_errors"]) == 1 and "NOT_FOUND" in found["stream_errors"][0]
+    assert found["unknown_adapter"] == "StatusCode.NOT_FOUND"
+    assert found["no_key"] == "StatusCode.UNAUTHENTICATED"
+    assert found["both_names"] == "StatusCode.INVALID_ARGUMENT"
+    assert int(found["statistics"]) >= 3
+    assert found["shared_memory"] == "StatusCode.UNIMPLEMENTED"
+
+
+@pytest.mark.slow
+def test_kserves_client_sends_typed_contents(oip_worker: Worker, tmp_path: Path) -> None:
+    python = make_venv(tmp_path / "venv", "kserve==0.21.0")
+    found = _run_in(python, "kserve_checks.py", oip_worker.address, TENANT_KEY)
+    with Client(oip_worker.address, api_key=TENANT_KEY) as native:
+        adapted = native.infer("demo", {"input_ids": IDS}, adapter="acme-a")["logits"]
+    assert found["live"] and found["ready"] and found["model_ready"]
+    assert np.array_equal(np.array(found["logits"], dtype=np.float32), adapted)
+    assert found["unknown"] == "NOT_FOUND"
