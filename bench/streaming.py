@@ -1,7 +1,10 @@
 """Requests/s through the client on loopback: unary calls, unary from a thread pool, and
-stream_infer with several windows, against the same model run in-process with ONNX Runtime.
+stream_infer with several windows, against the same model run in-process with ONNX Runtime; and
+the same calls from tritonclient over the Open Inference Protocol, against the same worker.
 
-    python bench/streaming.py [--rounds 3] [--demo-requests 2000] [--bench-requests 160]
+    python bench/streaming.py [--rounds 3] [--demo-requests 2000] [--bench-requests 160] [--no-triton]
+
+tritonclient runs in a venv of its own under bench/out (made on first use: it pins protobuf < 7).
 
 The worker runs in its own process (``ortmux serve``); the in-process figures come from this
 process, timed while the worker is idle, with the same global thread pool a worker has. Every
@@ -11,7 +14,9 @@ request is 1 x 8 tokens. Each figure is the median of ``--rounds`` rounds.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -102,14 +107,60 @@ def in_process(path: Path, inputs: list[dict], rounds: int) -> dict[str, float]:
     }
 
 
-def measure(name: str, path: Path, flags: list[str], vocab: int, count: int, rounds: int) -> dict[str, float]:
+TRITON_VENV = OUT / "triton-venv"
+TRITON_CLIENT = "tritonclient[grpc]==2.73.0"
+
+
+def triton_python() -> Path:
+    """The python of a venv with tritonclient (made once)."""
+    python = TRITON_VENV / "bin" / "python"
+    if not (TRITON_VENV / ".installed").is_file():
+        import venv
+
+        venv.EnvBuilder(with_pip=True, clear=True).create(TRITON_VENV)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", TRITON_CLIENT], check=True, timeout=900
+        )
+        (TRITON_VENV / ".installed").touch()
+    return python
+
+
+def through_tritonclient(address: str, model: str, vocab: int, count: int, rounds: int) -> dict[str, float]:
+    script = Path(__file__).resolve().parent / "triton_load.py"
+    args = [
+        str(triton_python()),
+        str(script),
+        address,
+        model,
+        str(vocab),
+        str(count),
+        str(rounds),
+        str(THREADS),
+    ]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=3600)
+    if result.returncode != 0:
+        raise RuntimeError(f"triton_load.py failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure(
+    name: str, path: Path, flags: list[str], vocab: int, count: int, rounds: int, triton: bool
+) -> dict[str, float]:
     rng = np.random.default_rng(0)
     inputs = [{"input_ids": rng.integers(0, vocab, (1, 8), dtype=np.int64)} for _ in range(count)]
     data = OUT / "streaming-bench" / name
     shutil.rmtree(data / "adapters", ignore_errors=True)
     worker = WorkerProcess("--data-dir", str(data), *flags)
     try:
-        rates = through_worker(worker.address, name, inputs, rounds)
+        # Round by round, native and tritonclient side by side, so drift hits both alike.
+        samples: dict[str, list[float]] = {}
+        for _round in range(rounds):
+            measured = through_worker(worker.address, name, inputs, 1)
+            if triton:
+                measured.update(through_tritonclient(worker.address, name, vocab, count, 1))
+            for mode, value in measured.items():
+                samples.setdefault(mode, []).append(value)
+        rates = {mode: median(values) for mode, values in samples.items()}
     finally:
         worker.stop()
     rates.update(in_process(path, inputs, rounds))
@@ -121,6 +172,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--demo-requests", type=int, default=2000)
     parser.add_argument("--bench-requests", type=int, default=160)
+    parser.add_argument("--no-triton", dest="triton", action="store_false", help="leave tritonclient out")
     args = parser.parse_args()
 
     from ortmux.worker.demo import ensure_demo_model
@@ -128,9 +180,15 @@ def main() -> None:
     demo_path = ensure_demo_model(OUT / "streaming-bench" / "demo")
     bench_path = bench_model()
     results = {
-        "demo": measure("demo", demo_path, [], 1000, args.demo_requests, args.rounds),
+        "demo": measure("demo", demo_path, [], 1000, args.demo_requests, args.rounds, args.triton),
         "bench": measure(
-            "bench", bench_path, ["--model", f"bench={bench_path}"], 8000, args.bench_requests, args.rounds
+            "bench",
+            bench_path,
+            ["--model", f"bench={bench_path}"],
+            8000,
+            args.bench_requests,
+            args.rounds,
+            args.triton,
         ),
     }
     ceiling = {name: rates["in-process ORT, one request per run"] for name, rates in results.items()}
@@ -163,6 +221,27 @@ def main() -> None:
             rows,
         )
     )
+    if args.triton:
+        pairs = [
+            ("unary, one at a time", "tritonclient unary, one at a time"),
+            (f"unary, {THREADS} threads", f"tritonclient unary, {THREADS} threads"),
+            ("stream_infer, window 128", "tritonclient stream"),
+        ]
+        print("\nOpen Inference Protocol (tritonclient) against the native client, same worker")
+        print(
+            table(
+                ["native mode", "tritonclient mode", "demo OIP x native", "bench OIP x native"],
+                [
+                    [
+                        native,
+                        oip,
+                        results["demo"][oip] / results["demo"][native],
+                        results["bench"][oip] / results["bench"][native],
+                    ]
+                    for native, oip in pairs
+                ],
+            )
+        )
 
 
 if __name__ == "__main__":
