@@ -71,25 +71,9 @@ class Objects(Protocol):
     counters: StoreCounters
     description: str
 
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        self._put(key, data, len(data), {"IfNoneMatch": "*"} if if_absent else {})
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None: ...
 
-    def put_file(self, key: str, path: Path) -> None:
-        with path.open("rb") as handle:
-            self._put(key, handle, path.stat().st_size, {})
-
-    def _put(self, key: str, body: Any, size: int, extra: dict[str, str]) -> None:
-        self._call(
-            "put",
-            f"writing {key}",
-            self._client.put_object,
-            Bucket=self.bucket,
-            Key=self._key(key),
-            Body=body,
-            ContentLength=size,
-            **extra,
-        )
-        self._moved(sent=size)
+    def put_file(self, key: str, path: Path) -> None: ...
 
     def get(self, key: str) -> tuple[bytes, str] | None:
         """The object and its ETag; None when there is none."""
@@ -184,30 +168,23 @@ class S3Objects:
             self.counters.bytes_sent += sent
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        extra = {"IfNoneMatch": "*"} if if_absent else {}
+        self._put(key, data, len(data), {"IfNoneMatch": "*"} if if_absent else {})
+
+    def put_file(self, key: str, path: Path) -> None:
+        with path.open("rb") as handle:
+            self._put(key, handle, path.stat().st_size, {})
+
+    def _put(self, key: str, body: Any, size: int, extra: dict[str, str]) -> None:
         self._call(
             "put",
             f"writing {key}",
             self._client.put_object,
             Bucket=self.bucket,
             Key=self._key(key),
-            Body=data,
+            Body=body,
+            ContentLength=size,
             **extra,
         )
-        self._moved(sent=len(data))
-
-    def put_file(self, key: str, path: Path) -> None:
-        with path.open("rb") as handle:
-            size = path.stat().st_size
-            self._call(
-                "put",
-                f"writing {key}",
-                self._client.put_object,
-                Bucket=self.bucket,
-                Key=self._key(key),
-                Body=handle,
-                ContentLength=size,
-            )
         self._moved(sent=size)
 
     def get(self, key: str) -> tuple[bytes, str] | None:
