@@ -28,20 +28,28 @@ from pathlib import Path
 from ortmux.worker.adapters import loading
 from ortmux.worker.adapters.formats import Payload
 from ortmux.worker.adapters.loading import Resident
-from ortmux.worker.adapters.objects import Conflict, StoreUnavailable
+from ortmux.worker.adapters.mirror import StoreMirror
+from ortmux.worker.adapters.objects import StoreUnavailable
+from ortmux.worker.adapters.records import (
+    AdapterCounters,
+    Key,
+    Record,
+    exists_error,
+    key_of,
+    not_found,
+    store_down,
+)
 from ortmux.worker.adapters.shared import SharedStore
 from ortmux.worker.adapters.store import DEFAULT_TENANT, AdapterMeta, AdapterStore, PendingAdapter
 from ortmux.worker.adapters.uploads import UploadHeader, UploadTrailer, receive_path, receive_upload
 from ortmux.worker.engine.base_model import BaseModel
-from ortmux.worker.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from ortmux.worker.errors import InvalidArgument, ResourceExhausted, Unavailable
 from ortmux.worker.quotas import TokenBuckets
 
 log = logging.getLogger(__name__)
 
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DELETE_WAIT_SECONDS = 60.0
-NEGATIVE_SECONDS = 1.0  # how long "not in the store" is believed without looking again
-STORE_RETRY_SECONDS = 5.0
 
 __all__ = [
     "AdapterInfo",
@@ -81,36 +89,6 @@ class AdapterInfo:
     sha256: str
 
 
-@dataclasses.dataclass
-class _Record:
-    meta: AdapterMeta
-    resident: Resident | None = None
-    last_used_at: float = 0.0
-    in_use: int = 0
-    deleting: bool = False
-    evicted: bool = False
-    cached: bool = True  # its payload is on the local disk
-    verified: bool = False  # that payload is known whole (written or checked by this process)
-    loading: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-
-
-@dataclasses.dataclass
-class AdapterCounters:
-    registrations: int = 0
-    evictions: int = 0
-    reloads: int = 0
-    load_seconds_total: float = 0.0
-    disk_hits: int = 0
-    disk_misses: int = 0  # loads that fetched the payload from the shared store
-    disk_evictions: int = 0
-    store_lookups: int = 0  # ids this pod did not know, looked up in the store
-    sync_errors: int = 0
-    collected_payloads: int = 0
-
-
-Key = tuple[str, str, str]  # (model, tenant, adapter id)
-
-
 def validate_adapter_id(adapter_id: str) -> None:
     if not ADAPTER_ID.match(adapter_id or ""):
         raise InvalidArgument(
@@ -120,11 +98,7 @@ def validate_adapter_id(adapter_id: str) -> None:
         )
 
 
-def _key_of(meta: AdapterMeta) -> Key:
-    return (meta.model, meta.tenant, meta.adapter_id)
-
-
-class AdapterManager:
+class AdapterManager(StoreMirror):
     def __init__(
         self,
         store: AdapterStore,
@@ -137,7 +111,7 @@ class AdapterManager:
         self._model = models
         self.limits = limits
         self.counters = AdapterCounters()
-        self._records: dict[Key, _Record] = {}
+        self._records: dict[Key, Record] = {}
         self._lru: collections.OrderedDict[Key, None] = collections.OrderedDict()
         self._resident_bytes = 0
         self._pending: set[Key] = set()
@@ -145,10 +119,10 @@ class AdapterManager:
         self._lookups = TokenBuckets(limits.store_lookups_per_second)  # per tenant
         self._complete = shared is None  # the records mirror every record of the store
         self._lock = threading.Condition()
-        local = {_key_of(meta): meta for meta in store.scan()}
+        local = {key_of(meta): meta for meta in store.scan()}
         if shared is None:
             for key, meta in local.items():
-                self._records[key] = _Record(meta, last_used_at=meta.created_at)
+                self._records[key] = Record(meta, last_used_at=meta.created_at)
             if self._records:
                 log.info("%d adapters on disk; they load on first use", len(self._records))
             return
@@ -161,20 +135,7 @@ class AdapterManager:
         except StoreUnavailable as exc:
             log.error("%s; serving the %d adapters on local disk until it answers", exc, len(local))
             for key, meta in local.items():
-                self._records[key] = _Record(meta, last_used_at=meta.created_at)
-
-    def _migrate(self, local: dict[Key, AdapterMeta]) -> None:
-        """Copy the adapters of a local store into the shared store it becomes a cache of (an
-        adapter the shared store has already is left as the store has it)."""
-        assert self.shared is not None
-        for key, meta in local.items():
-            if not meta.version:
-                meta.version = uuid.uuid4().hex
-            try:
-                self.shared.publish(meta, self.store.payload_path(*key), replace=False)
-                log.info("adapter %s/%s/%s copied to %s", *key, self.shared.description)
-            except Conflict:
-                pass
+                self._records[key] = Record(meta, last_used_at=meta.created_at)
 
     # -- registration ------------------------------------------------------------------------------
 
@@ -208,7 +169,7 @@ class AdapterManager:
                     f"adapter '{header.adapter_id}' is being registered or deleted right now", retry_after=1.0
                 )
             if key in self._records and not header.replace:
-                raise _exists(header.adapter_id, model.name)
+                raise exists_error(header.adapter_id, model.name)
             self._check_quotas(key, len(payload))
             self._pending.add(key)
         try:
@@ -251,7 +212,7 @@ class AdapterManager:
                 old = self._records.get(key)
                 if old is not None:
                     self._drop_resident(key, old)
-                record = _Record(meta, last_used_at=meta.created_at, verified=True)
+                record = Record(meta, last_used_at=meta.created_at, verified=True)
                 self._records[key] = record
                 self._missing.pop(key, None)
                 self._make_resident(key, record, resident)
@@ -263,30 +224,6 @@ class AdapterManager:
         finally:
             with self._lock:
                 self._pending.discard(key)
-
-    def _sync_for_registration(self, key: Key, replace: bool) -> None:
-        """Bring the records up to date before a registration is checked against them (quotas
-        count the store's adapters), and look the id up in the store itself."""
-        assert self.shared is not None
-        try:
-            self.sync()
-            if not replace and key not in self._records and self.shared.read(key) is not None:
-                raise _exists(key[2], key[0])
-        except StoreUnavailable as exc:
-            raise _store_down(exc, "registrations wait for it") from None
-
-    def _publish(self, meta: AdapterMeta, replace: bool) -> None:
-        """Write a committed adapter to the shared store; on failure it leaves the local disk too."""
-        assert self.shared is not None
-        key = _key_of(meta)
-        try:
-            self.shared.publish(meta, self.store.payload_path(*key), replace=replace)
-        except Conflict:
-            self.store.remove(*key)
-            raise _exists(meta.adapter_id, meta.model) from None
-        except StoreUnavailable as exc:
-            self.store.remove(*key)
-            raise _store_down(exc, "registrations wait for it") from None
 
     # -- use ---------------------------------------------------------------------------------------
 
@@ -305,7 +242,7 @@ class AdapterManager:
                 record.in_use -= 1
                 self._lock.notify_all()
 
-    def _ensure_resident(self, key: Key, record: _Record) -> Resident:
+    def _ensure_resident(self, key: Key, record: Record) -> Resident:
         with self._lock:
             if record.resident is not None:
                 self._lru.move_to_end(key)
@@ -326,7 +263,7 @@ class AdapterManager:
         self._trim_disk()
         return resident
 
-    def _payload(self, key: Key, record: _Record) -> Payload:
+    def _payload(self, key: Key, record: Record) -> Payload:
         """The adapter's bytes from the local disk, or fetched from the shared store into it.
 
         Fetched copies are written without waiting for the disk (the store has the adapter); a
@@ -360,7 +297,7 @@ class AdapterManager:
             try:
                 found = self.shared.fetch(meta, received)
             except StoreUnavailable as exc:
-                raise _store_down(exc, f"adapter '{key[2]}' is not on this pod's disk") from None
+                raise store_down(exc, f"adapter '{key[2]}' is not on this pod's disk") from None
             if not found or digest.hexdigest() != meta.sha256:
                 raise Unavailable(
                     f"adapter '{key[2]}' changed in {self.shared.description} while it was loading; retry",
@@ -375,7 +312,7 @@ class AdapterManager:
             self.counters.disk_misses += 1
         return payload
 
-    def _make_resident(self, key: Key, record: _Record, resident: Resident) -> None:
+    def _make_resident(self, key: Key, record: Record, resident: Resident) -> None:
         record.resident = resident
         self._resident_bytes += resident.nbytes
         self._lru[key] = None
@@ -393,7 +330,7 @@ class AdapterManager:
             record.evicted = True
             self.counters.evictions += 1
 
-    def _drop_resident(self, key: Key, record: _Record) -> None:
+    def _drop_resident(self, key: Key, record: Record) -> None:
         if record.resident is not None:
             self._resident_bytes -= record.resident.nbytes
             record.resident = None
@@ -418,125 +355,6 @@ class AdapterManager:
                     self.counters.disk_evictions += 1
         for key in victims:
             self.store.remove(*key)
-
-    # -- the shared store ----------------------------------------------------------------------------
-
-    def _find(self, key: Key, field: str) -> _Record:
-        """The live record of ``key``; an id this pod does not know is looked up in the shared store
-        (at most ``store_lookups_per_second`` per tenant; "not there" believed for a second)."""
-        with self._lock:
-            record = self._records.get(key)
-            if record is not None and not record.deleting:
-                return record
-            if self.shared is None or record is not None or self._missing.get(key, 0.0) > time.monotonic():
-                raise _not_found(key, field)
-            self._take_lookup(key[1])
-        try:
-            meta = self.shared.read(key)
-        except StoreUnavailable as exc:
-            raise _store_down(exc, f"adapter '{key[2]}' is not known to this pod") from None
-        with self._lock:
-            if meta is None:
-                self._missing[key] = time.monotonic() + NEGATIVE_SECONDS
-                if len(self._missing) > 10_000:
-                    now = time.monotonic()
-                    self._missing = {k: t for k, t in self._missing.items() if t > now}
-                raise _not_found(key, field)
-            return self._adopt(key, meta)
-
-    def _take_lookup(self, tenant: str) -> None:
-        wait = self._lookups.take(tenant)
-        if wait:
-            raise ResourceExhausted(
-                f"tenant '{tenant}' looks up more unknown adapters than the "
-                f"{self._lookups.rate:g} per second this pod allows (adapter_store_lookups_per_second)",
-                reason="ADAPTER_LOOKUPS",
-                retry_after=wait,
-            )
-        self.counters.store_lookups += 1
-
-    def _adopt(self, key: Key, meta: AdapterMeta) -> _Record:
-        """Take the store's record of ``key`` (call with the lock held): a new or replaced adapter
-        gets a fresh record; requests holding the old one finish on it."""
-        record = self._records.get(key)
-        if record is not None and record.meta.version == meta.version:
-            return record
-        if record is not None:
-            self._drop_resident(key, record)
-        fresh = _Record(meta, last_used_at=time.time(), cached=False)
-        self._records[key] = fresh
-        self._missing.pop(key, None)
-        return fresh
-
-    def _forget(self, key: Key) -> bool:
-        """Drop a deleted adapter (call with the lock held); True when its local files may go."""
-        record = self._records.pop(key, None)
-        if record is None:
-            return False
-        self._drop_resident(key, record)
-        return not record.in_use
-
-    def sync(self) -> int:
-        """Apply what the shared store changed since the last sync; returns how many adapters
-        changed. Raises :class:`StoreUnavailable` when the store cannot be read."""
-        if self.shared is None:
-            return 0
-        changed = self.shared.poll()
-        if changed is None:
-            self._replace_all(self.shared.read_all(), {})
-            return len(self._records)
-        fresh = {key: self.shared.read(key) for key in changed if key not in self._pending}
-        stale = []
-        with self._lock:
-            for key, meta in fresh.items():
-                if key in self._pending:
-                    continue
-                old = self._records.get(key)
-                if meta is None:
-                    if self._forget(key):
-                        stale.append(key)
-                elif old is None or old.meta.version != meta.version:
-                    self._adopt(key, meta)
-                    if old is not None and not old.in_use:
-                        stale.append(key)
-        for key in stale:
-            self.store.remove(*key)
-        return len(fresh)
-
-    def _replace_all(self, metas: list[AdapterMeta], local: dict[Key, AdapterMeta]) -> None:
-        """Make the records the store's (a full read); local copies of other versions leave."""
-        stale = []
-        with self._lock:
-            wanted = {_key_of(meta): meta for meta in metas}
-            for key in [k for k in self._records if k not in wanted and k not in self._pending]:
-                if self._forget(key):
-                    stale.append(key)
-            for key, meta in wanted.items():
-                if key in self._pending:
-                    continue
-                old = self._records.get(key)
-                record = self._adopt(key, meta)
-                if old is None and key in local:
-                    record.cached = local[key].version == meta.version
-                    record.last_used_at = meta.created_at
-                if not record.cached and (key in local or (old is not None and not old.in_use)):
-                    stale.append(key)
-            stale += [key for key in local if key not in wanted]
-            self._complete = True
-        for key in stale:
-            self.store.remove(*key)
-
-    def collect_garbage(self) -> int:
-        """Delete orphaned payloads and old change entries from the store; only once this pod's
-        records mirror the whole store, so a payload some record names is never taken."""
-        if self.shared is None or not self._complete:
-            return 0
-        with self._lock:
-            metas = [record.meta for record in self._records.values()]
-        payloads, _changes = self.shared.collect_garbage(metas)
-        with self._lock:
-            self.counters.collected_payloads += payloads
-        return payloads
 
     # -- queries and deletion ----------------------------------------------------------------------
 
@@ -563,7 +381,7 @@ class AdapterManager:
         record = self._find(key, field="adapter_id")
         with self._lock:
             if record.deleting or self._records.get(key) is not record:
-                raise _not_found(key, "adapter_id")
+                raise not_found(key, "adapter_id")
             record.deleting = True
             self._pending.add(key)
             finished = self._lock.wait_for(lambda: record.in_use == 0, timeout=DELETE_WAIT_SECONDS)
@@ -580,7 +398,7 @@ class AdapterManager:
                 except StoreUnavailable as exc:
                     with self._lock:
                         record.deleting = False
-                    raise _store_down(exc, "deletes wait for it") from None
+                    raise store_down(exc, "deletes wait for it") from None
             self.store.remove(*key)
             with self._lock:
                 self._drop_resident(key, record)
@@ -626,7 +444,7 @@ class AdapterManager:
                 reason="QUOTA_ADAPTER_BYTES",
             )
 
-    def _info(self, record: _Record) -> AdapterInfo:
+    def _info(self, record: Record) -> AdapterInfo:
         meta = record.meta
         return AdapterInfo(
             model=meta.model,
@@ -642,22 +460,3 @@ class AdapterManager:
             last_used_at=record.last_used_at,
             sha256=meta.sha256,
         )
-
-
-def _not_found(key: Key, field: str) -> NotFound:
-    """Another tenant's adapter is answered exactly like a missing one."""
-    model, _tenant, adapter_id = key
-    return NotFound(f"adapter '{adapter_id}' is not registered on model '{model}'", field=field)
-
-
-def _exists(adapter_id: str, model: str) -> AlreadyExists:
-    return AlreadyExists(
-        f"adapter '{adapter_id}' already exists on model '{model}'; set replace to overwrite it",
-        field="adapter_id",
-    )
-
-
-def _store_down(exc: StoreUnavailable, consequence: str) -> Unavailable:
-    return Unavailable(
-        f"{exc}; {consequence}", reason="ADAPTER_STORE_UNAVAILABLE", retry_after=STORE_RETRY_SECONDS
-    )

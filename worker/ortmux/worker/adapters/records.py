@@ -1,0 +1,65 @@
+"""What the adapter manager keeps per adapter, and the errors it answers with."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+from ortmux.worker.adapters.loading import Resident
+from ortmux.worker.adapters.objects import StoreUnavailable
+from ortmux.worker.adapters.store import AdapterMeta
+from ortmux.worker.errors import AlreadyExists, NotFound, Unavailable
+
+STORE_RETRY_SECONDS = 5.0
+
+Key = tuple[str, str, str]  # (model, tenant, adapter id)
+
+
+@dataclasses.dataclass
+class Record:
+    meta: AdapterMeta
+    resident: Resident | None = None
+    last_used_at: float = 0.0
+    in_use: int = 0
+    deleting: bool = False
+    evicted: bool = False
+    cached: bool = True  # its payload is on the local disk
+    verified: bool = False  # that payload is known whole (written or checked by this process)
+    loading: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+
+@dataclasses.dataclass
+class AdapterCounters:
+    registrations: int = 0
+    evictions: int = 0
+    reloads: int = 0
+    load_seconds_total: float = 0.0
+    disk_hits: int = 0
+    disk_misses: int = 0  # loads that fetched the payload from the shared store
+    disk_evictions: int = 0
+    store_lookups: int = 0  # ids this pod did not know, looked up in the store
+    sync_errors: int = 0
+    collected_payloads: int = 0
+
+
+def key_of(meta: AdapterMeta) -> Key:
+    return (meta.model, meta.tenant, meta.adapter_id)
+
+
+def not_found(key: Key, field: str) -> NotFound:
+    """Another tenant's adapter is answered exactly like a missing one."""
+    model, _tenant, adapter_id = key
+    return NotFound(f"adapter '{adapter_id}' is not registered on model '{model}'", field=field)
+
+
+def exists_error(adapter_id: str, model: str) -> AlreadyExists:
+    return AlreadyExists(
+        f"adapter '{adapter_id}' already exists on model '{model}'; set replace to overwrite it",
+        field="adapter_id",
+    )
+
+
+def store_down(exc: StoreUnavailable, consequence: str) -> Unavailable:
+    return Unavailable(
+        f"{exc}; {consequence}", reason="ADAPTER_STORE_UNAVAILABLE", retry_after=STORE_RETRY_SECONDS
+    )
