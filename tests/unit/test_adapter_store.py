@@ -147,3 +147,30 @@ def test_a_full_disk_is_resource_exhausted_and_leaves_nothing(tmp_path: Path, in
         pending.finish()
         pending.commit(_meta("a", len(data)))
         assert store.read_payload("m", "default", "a") == data
+
+
+def test_one_adapter_directory_serves_one_worker_at_a_time(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from ortmux.worker.errors import FailedPrecondition
+
+    first = AdapterStore(tmp_path / "adapters")
+    holder = (
+        "import sys, time; from pathlib import Path; from ortmux.worker.adapters.store import AdapterStore;"
+        "held = AdapterStore(Path(sys.argv[1])); print('held', flush=True); time.sleep(30)"
+    )
+    with pytest.raises(FailedPrecondition, match="in use by another worker process"):
+        AdapterStore(tmp_path / "adapters")
+    first.close()
+    other = subprocess.Popen(
+        [sys.executable, "-c", holder, str(tmp_path / "adapters")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "held"
+        with pytest.raises(FailedPrecondition, match="give each worker its own data_dir"):
+            AdapterStore(tmp_path / "adapters")
+    finally:
+        other.kill()
+        other.wait()
+    AdapterStore(tmp_path / "adapters").close()  # free again once the other process is gone

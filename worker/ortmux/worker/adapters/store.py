@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ortmux.worker.adapters.formats import Payload
-from ortmux.worker.errors import ResourceExhausted
+from ortmux.worker.errors import FailedPrecondition, ResourceExhausted
 from ortmux.worker.files import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ META_FILE = "meta.json"
 PAYLOAD_FILE = "payload"
 _WORK_DIRS = (".staging", ".trash")
 CACHE_MARKER = ".cache-of"  # names the shared store this directory caches
+LOCK_FILE = ".lock"  # held by the one worker process that uses the directory
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 DEFAULT_UPLOAD_MEMORY_BYTES = 512 << 20
 
@@ -246,6 +247,21 @@ class PendingAdapter:
                 self._held = 0
 
 
+def _exclusive(path: Path):
+    """Hold ``path`` locked for this store's lifetime: two workers on one adapter directory would
+    remove each other's staging and serve each other's half-made state."""
+    handle = path.open("a")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise FailedPrecondition(
+            f"adapter directory {path.parent} is in use by another worker process: give each worker "
+            "its own data_dir (several pods share adapters through adapter_store)"
+        ) from None
+    return handle
+
+
 def _write_all(fd: int, view: memoryview, offset: int) -> None:
     """``pwrite`` every byte of ``view`` at ``offset``; falls back to buffered I/O where the file
     system refuses direct I/O at the first write. Every slice it takes is released before it
@@ -268,6 +284,8 @@ class AdapterStore:
     def __init__(self, root: Path, upload_memory_bytes: int = DEFAULT_UPLOAD_MEMORY_BYTES) -> None:
         self.root = root
         self.upload_memory = UploadMemory(upload_memory_bytes)
+        root.mkdir(parents=True, exist_ok=True)
+        self._lock_file = _exclusive(root / LOCK_FILE)
         for name in _WORK_DIRS:
             shutil.rmtree(root / name, ignore_errors=True)
             (root / name).mkdir(parents=True, exist_ok=True)
@@ -288,6 +306,10 @@ class AdapterStore:
             fsync_dir(model_dir)
             fsync_dir(target.parent)
             log.info("adapter %s/%s moved to tenant '%s'", model_dir.name, directory.name, DEFAULT_TENANT)
+
+    def close(self) -> None:
+        """Let another worker use this directory (the lock also goes when the process ends)."""
+        self._lock_file.close()
 
     def is_cache_of(self, store_url: str) -> bool:
         """Whether this directory already serves as the local cache of ``store_url`` (and so holds

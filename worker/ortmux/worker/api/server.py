@@ -107,6 +107,7 @@ class Worker:
         if self.adapter_sync is not None:
             self.adapter_sync.stop()
         self.dataplane.close()
+        self.dataplane.adapters.store.close()
         self.metrics.close()
         log.info("worker stopped")
 
