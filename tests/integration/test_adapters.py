@@ -15,6 +15,7 @@ import pytest
 from ortmux.client import Client, OrtmuxError
 from ortmux.v1 import adapters_pb2, adapters_pb2_grpc
 from ortmux.worker.adapters import safetensors
+from ortmux.worker.adapters.store import LOCK_FILE
 from ortmux.worker.api.server import Worker, start_worker
 
 from ..conftest import scrape, serve_process, worker_settings
@@ -351,7 +352,7 @@ def test_bad_adapter_is_invalid_argument_and_leaves_nothing(
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert BAD_ADAPTERS[case] in message
     root = adapter_worker.settings.data_dir / "adapters"
-    assert not [p for p in root.rglob("*") if p.is_file()]
+    assert not [p for p in root.rglob("*") if p.is_file() and p.name != LOCK_FILE]
     assert client.list_adapters() == []
     assert client.infer("demo", {"input_ids": IDS})["logits"].shape == (2, 5, 1000)
 
@@ -477,7 +478,7 @@ def test_a_crash_mid_upload_leaves_nothing_behind(tmp_path: Path) -> None:
     try:
         with Client(address) as client:
             assert client.list_adapters() == []
-        assert not [p for p in (data_dir / "adapters").rglob("*") if p.is_file()]
+        assert not [p for p in (data_dir / "adapters").rglob("*") if p.is_file() and p.name != LOCK_FILE]
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
