@@ -338,3 +338,34 @@ def test_a_local_store_becomes_the_shared_stores_cache_without_losing_adapters(
                 np.testing.assert_allclose(
                     logits(client, "from-before"), merged_reference(peft, IDS), rtol=1e-4, atol=1e-4
                 )
+
+
+def test_requests_in_flight_on_another_pods_delete_finish(tmp_path: Path, s3_server: S3Server) -> None:
+    """Pod B streams requests on an adapter while pod A deletes it: B answers every request it
+    took before the delete reached it, then NOT_FOUND, never anything else."""
+    from ortmux.client import InferRequest
+
+    peft = write_peft(tmp_path / "peft", seed=70)
+    heavy = {"input_ids": np.random.default_rng(5).integers(0, 1000, size=(4, 128), dtype=np.int64)}
+    with pods(tmp_path, s3_server, 2) as running:
+        (_a, first), (_b, second) = running
+        with Client(first, retry_attempts=1) as deleter, Client(second, retry_attempts=1) as reader:
+            deleter.register_adapter("demo", "leaving", peft)
+            logits(reader, "leaving")  # resident on B
+            gone = threading.Event()
+            started = time.monotonic()
+
+            def requests() -> Iterator[InferRequest]:
+                while not gone.is_set() and time.monotonic() - started < 30:
+                    yield InferRequest("demo", heavy, adapter="leaving")
+
+            codes: list[str] = []
+            for count, result in enumerate(reader.stream_infer(requests(), window=4, ordered=True)):
+                codes.append("OK" if result.ok else result.error.code.name)
+                if count == 10:
+                    deleter.delete_adapter("demo", "leaving")
+                if codes[-1] == "NOT_FOUND" and len([c for c in codes if c == "NOT_FOUND"]) >= 3:
+                    gone.set()
+    first_missing = codes.index("NOT_FOUND")
+    assert first_missing > 10 and set(codes[:first_missing]) == {"OK"}, codes
+    assert set(codes[first_missing:]) == {"NOT_FOUND"}, codes
