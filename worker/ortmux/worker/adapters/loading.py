@@ -13,6 +13,7 @@ from ortmux.worker.adapters.store import AdapterMeta
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.lora.feeds import LoraWeights, rank_bucket
 from ortmux.worker.engine.lora.targets import map_modules
+from ortmux.worker.engine.quantized import projection_counts, replaced_by
 from ortmux.worker.errors import FailedPrecondition, InvalidArgument
 
 
@@ -45,6 +46,13 @@ def load(
 def _materialize(model: BaseModel, parsed: formats.ParsedAdapter) -> tuple[Resident, int, list[str]]:
     """The resident form of a parsed adapter on ``model``, with its rank and target weights."""
     if parsed.format == formats.PEFT_LORA:
+        quantized = projection_counts(model.quantized)
+        if not model.lora_inputs and quantized:
+            ops = ", ".join(f"{count} {op}" for op, count in quantized.items())
+            raise FailedPrecondition(
+                f"model '{model.name}' is quantized ({ops}) and LoRA branches through quantized "
+                "projections are not served yet; serve the float model for LoRA adapters"
+            )
         if not model.lora_inputs and not model.unadaptable and not model.fused:
             raise FailedPrecondition(
                 f"model '{model.name}' takes no LoRA adapters: it has no MatMul or Gemm on a "
@@ -83,6 +91,14 @@ def _materialize(model: BaseModel, parsed: formats.ParsedAdapter) -> tuple[Resid
     specs = model.feedable_specs()
     for name, array in parsed.tensors.items():
         if name not in model.overridable:
+            quantized = replaced_by(name, model.quantized)
+            if quantized is not None:
+                raise FailedPrecondition(
+                    f"weight '{name}' is quantized on model '{model.name}' (as '{quantized}', read by "
+                    f"{model.quantized[quantized]}): an override cannot replace a quantized weight; use a "
+                    "LoRA adapter, or serve the float model with --overridable",
+                    field="tensors",
+                )
             known = name in model.initializer_names
             raise (FailedPrecondition if known else InvalidArgument)(
                 f"weight '{name}' is not overridable on model '{model.name}'"

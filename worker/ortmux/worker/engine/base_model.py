@@ -40,6 +40,7 @@ from ortmux.worker.engine.lora.graph import (
 )
 from ortmux.worker.engine.lora.targets import LoraSite, SiteReport, Unadaptable, find_sites
 from ortmux.worker.engine.providers import CUDA
+from ortmux.worker.engine.quantized import quantized_weights
 from ortmux.worker.engine.runtime import RuntimeOptions
 from ortmux.worker.engine.specs import TensorSpec, leading_rows, validate_inputs, validate_output_names
 from ortmux.worker.errors import InternalError, InvalidArgument, NotFound
@@ -110,6 +111,7 @@ class BaseModel:
             raise InvalidArgument(f"model '{name}' at {path} cannot be read: {exc}", field="path") from None
         self.overridable = select_overridable(source_model, overridable_patterns, path)
         self.initializer_names = frozenset(tensor.name for tensor in source_model.graph.initializer)
+        self.quantized = quantized_weights(source_model)  # quantized initializer -> the op reading it
         mark_overridable(source_model, self.overridable)
         self._graph: onnx.ModelProto | None = source_model
         self.lora_inputs: list[LoraInput] = []
