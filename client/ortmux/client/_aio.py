@@ -138,7 +138,7 @@ class AsyncClient:
         call = (await self._stream_stubs(route)).inference.InferStream(
             outgoing(),
             timeout=self.stream_timeout if timeout is None else timeout,
-            metadata=self._metadata + route_headers(*(route or ("", None))),
+            metadata=self._metadata + route_headers(route),
         )
         try:
             async for message in call:
@@ -295,8 +295,7 @@ class AsyncClient:
         if connections.refresh_due():
             for channel in await asyncio.get_running_loop().run_in_executor(None, connections.refresh):
                 await channel.close()
-        key = f"{route[0]}/{route[1]}" if route and route[1] else None
-        return connections.order(key, idempotent)
+        return connections.order(route, idempotent)
 
     async def _stream_stubs(self, route: tuple[str, str] | None) -> Stubs:
         return self._connections.stubs((await self._addresses(route, idempotent=False))[0])
@@ -314,7 +313,7 @@ class AsyncClient:
         """As :meth:`Client._call`, awaited."""
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        metadata = self._metadata + route_headers(*(route or ("", None)))
+        metadata = self._metadata + route_headers(route)
         addresses = await self._addresses(route, idempotent)
         for attempt, address in enumerate(addresses, start=1):
             stub = getattr(self._connections.stubs(address), service)

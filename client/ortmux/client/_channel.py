@@ -8,7 +8,7 @@ import json
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -95,6 +95,10 @@ def _resolve(entry: str) -> tuple[str, str]:
     return "ipv4", f"{ip}:{port}"
 
 
+if TYPE_CHECKING:
+    from ortmux.client._routing import Route
+
+
 @dataclasses.dataclass(frozen=True)
 class Stubs:
     channel: Any
@@ -117,7 +121,7 @@ class Connections:
         keepalive_seconds: float,
         refresh_seconds: float,
     ) -> None:
-        from ortmux.client._routing import Pods, is_routed
+        from ortmux.client._routing import Pods, is_routed  # _routing imports this module
 
         self._open_channel = open_channel
         self.retry_attempts = max(retry_attempts, 1)
@@ -152,11 +156,11 @@ class Connections:
                 stubs = self._stubs[address] = self._open(address)  # type: ignore[arg-type]
             return stubs
 
-    def order(self, key: str | None, idempotent: bool) -> list[str | None]:
-        """The addresses a call tries in turn ([None]: the single channel)."""
+    def order(self, route: Route | None, idempotent: bool) -> list[str | None]:
+        """The addresses a call on ``route`` tries in turn ([None]: the single channel)."""
         if self.pods is None:
             return [None]
-        return list(self.pods.order(key, self.retry_attempts if idempotent else 1))
+        return list(self.pods.order(route, self.retry_attempts if idempotent else 1))
 
     def refresh_due(self) -> bool:
         return self.pods is not None and self.pods.due()

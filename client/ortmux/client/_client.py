@@ -151,7 +151,7 @@ class Client:
         call = self._stream_stubs(route).inference.InferStream(
             outgoing(),
             timeout=self.stream_timeout if timeout is None else timeout,
-            metadata=self._metadata + route_headers(*(route or ("", None))),
+            metadata=self._metadata + route_headers(route),
         )
         try:
             for message in call:
@@ -302,8 +302,7 @@ class Client:
         if connections.refresh_due():
             for channel in connections.refresh():
                 channel.close()
-        key = f"{route[0]}/{route[1]}" if route and route[1] else None
-        return connections.order(key, idempotent)
+        return connections.order(route, idempotent)
 
     def _stream_stubs(self, route: tuple[str, str] | None) -> Stubs:
         return self._connections.stubs(self._addresses(route, idempotent=False)[0])
@@ -322,7 +321,7 @@ class Client:
         unavailable goes on to the next, within the one deadline."""
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        metadata = self._metadata + route_headers(*(route or ("", None)))
+        metadata = self._metadata + route_headers(route)
         addresses = self._addresses(route, idempotent)
         for attempt, address in enumerate(addresses, start=1):
             stub = getattr(self._connections.stubs(address), service)

@@ -28,10 +28,21 @@ DOWN_SECONDS = 3.0
 DEFAULT_REFRESH_SECONDS = 30.0
 
 
-def route_headers(model: str, adapter: str | None) -> tuple[tuple[str, str], ...]:
-    if not adapter:
+Route = tuple[str, str | None]  # (model, adapter); a call without an adapter has no affinity
+
+
+def route_headers(route: Route | None) -> tuple[tuple[str, str], ...]:
+    """The headers a proxy hashes on: a call's model and adapter (none without an adapter)."""
+    if route is None or not route[1]:
         return ()
-    return ((MODEL_HEADER, model), (ADAPTER_HEADER, adapter))
+    return ((MODEL_HEADER, route[0]), (ADAPTER_HEADER, route[1]))
+
+
+def route_key(route: Route | None) -> str | None:
+    """What rendezvous hashing ranks pods by: ``model/adapter``; None without an adapter."""
+    if route is None or not route[1]:
+        return None
+    return f"{route[0]}/{route[1]}"
 
 
 def is_routed(target: str | Sequence[str]) -> bool:
@@ -95,10 +106,11 @@ class Pods:
             self._addresses = addresses
             self._resolved_at = time.monotonic()
 
-    def order(self, key: str | None, count: int) -> list[str]:
-        """The ``count`` addresses a call tries, in turn (repeating when there are fewer pods):
-        by rendezvous rank for an adapter ``key``, else starting at the next pod in turn; pods
-        that were unavailable in the last seconds go last."""
+    def order(self, route: Route | None, count: int) -> list[str]:
+        """The ``count`` addresses a call on ``route`` tries, in turn (repeating when there are
+        fewer pods): by rendezvous rank for a call on an adapter, else starting at the next pod in
+        turn; pods that were unavailable in the last seconds go last."""
+        key = route_key(route)
         with self._lock:
             addresses = list(self._addresses)
             now = time.monotonic()
