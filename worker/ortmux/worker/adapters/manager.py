@@ -32,15 +32,13 @@ from ortmux.worker.adapters.mirror import StoreMirror
 from ortmux.worker.adapters.objects import StoreUnavailable
 from ortmux.worker.adapters.records import (
     AdapterCounters,
-    Key,
     Record,
     exists_error,
-    key_of,
     not_found,
     store_down,
 )
 from ortmux.worker.adapters.shared import SharedStore
-from ortmux.worker.adapters.store import DEFAULT_TENANT, AdapterMeta, AdapterStore, PendingAdapter
+from ortmux.worker.adapters.store import DEFAULT_TENANT, AdapterMeta, AdapterStore, Key, PendingAdapter
 from ortmux.worker.adapters.uploads import UploadHeader, UploadTrailer, receive_path, receive_upload
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.errors import InvalidArgument, ResourceExhausted, Unavailable
@@ -119,23 +117,21 @@ class AdapterManager(StoreMirror):
         self._lookups = TokenBuckets(limits.store_lookups_per_second)  # per tenant
         self._complete = shared is None  # the records mirror every record of the store
         self._lock = threading.Condition()
-        local = {key_of(meta): meta for meta in store.scan()}
-        if shared is None:
-            for key, meta in local.items():
-                self._records[key] = Record(meta, last_used_at=meta.created_at)
-            if self._records:
-                log.info("%d adapters on disk; they load on first use", len(self._records))
-            return
-        try:
-            if not store.is_cache_of(shared.description):
-                self._migrate(local)
-            self._replace_all(shared.read_all(), local)
-            store.mark_cache_of(shared.description)
-            log.info("%d adapters in %s; they load on first use", len(self._records), shared.description)
-        except StoreUnavailable as exc:
-            log.error("%s; serving the %d adapters on local disk until it answers", exc, len(local))
-            for key, meta in local.items():
-                self._records[key] = Record(meta, last_used_at=meta.created_at)
+        local = {meta.key: meta for meta in store.scan()}
+        if shared is not None:
+            try:
+                if not store.is_cache_of(shared.description):
+                    self._migrate(local)
+                self._replace_all(shared.read_all(), local)
+                store.mark_cache_of(shared.description)
+                log.info("%d adapters in %s; they load on first use", len(self._records), shared.description)
+                return
+            except StoreUnavailable as exc:
+                log.error("%s; serving the %d adapters on local disk until it answers", exc, len(local))
+        for key, meta in local.items():
+            self._records[key] = Record(meta, last_used_at=meta.created_at)
+        if self._records and shared is None:
+            log.info("%d adapters on disk; they load on first use", len(self._records))
 
     # -- registration ------------------------------------------------------------------------------
 

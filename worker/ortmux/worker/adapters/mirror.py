@@ -16,15 +16,13 @@ from collections.abc import Callable
 from ortmux.worker.adapters.objects import Conflict, StoreUnavailable
 from ortmux.worker.adapters.records import (
     AdapterCounters,
-    Key,
     Record,
     exists_error,
-    key_of,
     not_found,
     store_down,
 )
 from ortmux.worker.adapters.shared import SharedStore
-from ortmux.worker.adapters.store import AdapterMeta, AdapterStore
+from ortmux.worker.adapters.store import AdapterMeta, AdapterStore, Key
 from ortmux.worker.errors import ResourceExhausted
 from ortmux.worker.quotas import TokenBuckets
 
@@ -72,7 +70,7 @@ class StoreMirror:
     def _publish(self, meta: AdapterMeta, replace: bool) -> None:
         """Write a committed adapter to the shared store; on failure it leaves the local disk too."""
         assert self.shared is not None
-        key = key_of(meta)
+        key = meta.key
         try:
             self.shared.publish(meta, self.store.payload_path(*key), replace=replace)
         except Conflict:
@@ -170,7 +168,7 @@ class StoreMirror:
         """Make the records the store's (a full read); local copies of other versions leave."""
         stale = []
         with self._lock:
-            wanted = {key_of(meta): meta for meta in metas}
+            wanted = {meta.key: meta for meta in metas}
             for key in [k for k in self._records if k not in wanted and k not in self._pending]:
                 if self._forget(key):
                     stale.append(key)

@@ -7,12 +7,10 @@ import threading
 
 from ortmux.worker.adapters.loading import Resident
 from ortmux.worker.adapters.objects import StoreUnavailable
-from ortmux.worker.adapters.store import AdapterMeta
+from ortmux.worker.adapters.store import AdapterMeta, Key
 from ortmux.worker.errors import AlreadyExists, NotFound, Unavailable
 
 STORE_RETRY_SECONDS = 5.0
-
-Key = tuple[str, str, str]  # (model, tenant, adapter id)
 
 
 @dataclasses.dataclass
@@ -40,10 +38,6 @@ class AdapterCounters:
     store_lookups: int = 0  # ids this pod did not know, looked up in the store
     sync_errors: int = 0
     collected_payloads: int = 0
-
-
-def key_of(meta: AdapterMeta) -> Key:
-    return (meta.model, meta.tenant, meta.adapter_id)
 
 
 def not_found(key: Key, field: str) -> NotFound:

@@ -25,11 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ortmux.worker.adapters.objects import Conflict, Objects, StoreUnavailable
-from ortmux.worker.adapters.store import AdapterMeta
+from ortmux.worker.adapters.store import AdapterMeta, Key
 
 log = logging.getLogger(__name__)
 
-Key = tuple[str, str, str]  # (model, tenant, adapter id)
 
 RECORDS = "records/"
 OBJECTS = "objects/"
@@ -72,7 +71,7 @@ class SharedStore:
     def publish(self, meta: AdapterMeta, payload: Path, *, replace: bool) -> None:
         """Write an adapter: its payload, then its record (refused with :class:`Conflict` when one
         exists and not ``replace``, where the store honours ``If-None-Match``), then a change entry."""
-        key = (meta.model, meta.tenant, meta.adapter_id)
+        key = meta.key
         self.objects.put_file(object_key(meta), payload)
         try:
             self.objects.put(record_key(key), meta.to_json(), if_absent=not replace)

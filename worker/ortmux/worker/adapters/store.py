@@ -31,6 +31,7 @@ from ortmux.worker.files import fsync_dir
 log = logging.getLogger(__name__)
 
 DEFAULT_TENANT = "default"  # the one tenant of a worker without API keys
+Key = tuple[str, str, str]  # (model, tenant, adapter id)
 META_FILE = "meta.json"
 PAYLOAD_FILE = "payload"
 _WORK_DIRS = (".staging", ".trash")
@@ -106,6 +107,10 @@ class AdapterMeta:
 
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True).encode()
+
+    @property
+    def key(self) -> Key:
+        return (self.model, self.tenant, self.adapter_id)
 
 
 class PendingAdapter:
