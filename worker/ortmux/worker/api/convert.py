@@ -13,11 +13,11 @@ from ortmux.v1 import adapters_pb2, inference_pb2, models_pb2, tensor_pb2
 from ortmux.worker.adapters import formats
 from ortmux.worker.adapters.manager import AdapterInfo, UploadHeader, UploadTrailer
 from ortmux.worker.api.errors import to_rpc_status
-from ortmux.worker.dataplane import InferenceRequest, InferenceResult
+from ortmux.worker.dataplane import DataPlane, InferenceRequest, InferenceResult
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.specs import TensorSpec
 from ortmux.worker.errors import InvalidArgument
-from ortmux.worker.streaming import StreamAnswer
+from ortmux.worker.streaming import AnswerStream, Incoming, StreamAnswer
 
 
 def spec_to_proto(spec: TensorSpec) -> tensor_pb2.TensorSpec:
@@ -108,6 +108,20 @@ def call_deadline(context: grpc.ServicerContext) -> float | None:
     if remaining is None or remaining > NO_DEADLINE_SECONDS:
         return None
     return time.monotonic() + remaining
+
+
+def answer_stream(
+    dataplane: DataPlane, incoming: Iterator[Incoming], window: int, context: grpc.ServicerContext
+) -> Iterator[StreamAnswer]:
+    """The answers of a streaming call's requests, through the data plane with at most ``window``
+    unanswered: reading stops when the call ends, and the stream drains with the worker."""
+    answers = AnswerStream(incoming, dataplane.submit, window)
+    context.add_callback(answers.stop)
+    forget = dataplane.on_drain(answers.drain)
+    try:
+        yield from answers
+    finally:
+        forget()
 
 
 def request_from_proto(

@@ -18,7 +18,7 @@ from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.errors import OrtmuxError, Unimplemented
 from ortmux.worker.oip import grpc_service_pb2 as oip
 from ortmux.worker.oip import grpc_service_pb2_grpc as oip_grpc
-from ortmux.worker.streaming import AnswerStream, Incoming, StreamAnswer
+from ortmux.worker.streaming import Incoming, StreamAnswer
 
 SERVICE = "inference.GRPCInferenceService"
 PLATFORM = "onnxruntime_onnx"
@@ -132,14 +132,8 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
                     partial(oip_convert.request_from_proto, message, deadline, context.is_active, tenant),
                 )
 
-        answers = AnswerStream(incoming(), self._dataplane.submit, self._stream_window)
-        context.add_callback(answers.stop)
-        forget = self._dataplane.on_drain(answers.drain)
-        try:
-            for answer in answers:
-                yield _stream_answer(answer, names.pop(answer.request_id, ""))
-        finally:
-            forget()
+        for answer in convert.answer_stream(self._dataplane, incoming(), self._stream_window, context):
+            yield _stream_answer(answer, names.pop(answer.request_id, ""))
 
     def ModelStatistics(
         self, request: oip.ModelStatisticsRequest, context: grpc.ServicerContext

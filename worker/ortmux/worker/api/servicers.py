@@ -24,7 +24,7 @@ from ortmux.worker.api.interceptors import current_identity
 from ortmux.worker.api.pages import paginate
 from ortmux.worker.dataplane import DataPlane
 from ortmux.worker.engine.base_model import BaseModel
-from ortmux.worker.streaming import AnswerStream, Incoming
+from ortmux.worker.streaming import Incoming
 
 
 class ModelServicer(models_pb2_grpc.ModelServiceServicer):
@@ -132,11 +132,5 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     partial(convert.request_from_proto, message, deadline, context.is_active, tenant),
                 )
 
-        answers = AnswerStream(incoming(), self._dataplane.submit, self._stream_window)
-        context.add_callback(answers.stop)
-        forget = self._dataplane.on_drain(answers.drain)
-        try:
-            for answer in answers:
-                yield convert.stream_answer_to_proto(answer)
-        finally:
-            forget()
+        for answer in convert.answer_stream(self._dataplane, incoming(), self._stream_window, context):
+            yield convert.stream_answer_to_proto(answer)
