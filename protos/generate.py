@@ -3,10 +3,10 @@
 Usage: .venv-protoc/bin/python protos/generate.py [OUT_DIR]   (what ``make protos`` runs; OUT_DIR
 defaults to the repository root)
 
-Two fenced packages: ``ortmux.v1`` (the native API) goes to OUT_DIR/client (default client/), and
-``ortmux.worker.oip`` (the Open Inference Protocol, package ``inference``, which only the worker
-serves: the thin client must load beside tritonclient and kserve, which define that package
-too) to OUT_DIR/worker (default worker/). The test suite runs this into a temporary directory and
+Two fenced packages: ``ortmux.v1`` (the native API) goes to OUT_DIR/client (default client/),
+and ``ortmux.worker.api.inference_v2`` (the Open Inference Protocol, package ``inference``, which
+only the worker serves: the thin client must load beside tritonclient and kserve, which define
+that package too) to OUT_DIR/worker (default worker/). The test suite runs this into a temporary directory and
 diffs the result with the checked-in files, so edit the .proto files and rerun this script;
 never edit the output by hand.
 
@@ -27,11 +27,11 @@ PROTO_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PROTO_ROOT.parent
 PACKAGES = {  # package directory under protos/ -> the top-level directory its code goes to
     Path("ortmux") / "v1": "client",
-    Path("ortmux") / "worker" / "oip": "worker",
+    Path("ortmux") / "worker" / "api" / "inference_v2": "worker",
 }
 DOCSTRINGS = {
     "v1": "Generated protobuf and gRPC modules of the ortmux v1 API (protos/generate.py).",
-    "oip": "Generated protobuf and gRPC modules of the Open Inference Protocol (protos/generate.py).",
+    "inference_v2": "Generated protobuf and gRPC modules of the KServe v2 protocol (protos/generate.py).",
 }
 PROTOC_VERSION = "1.72.2"  # keep in step with the Makefile's PROTOC_TOOLS
 

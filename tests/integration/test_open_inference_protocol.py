@@ -4,107 +4,20 @@ statistics, probes without keys, and a status for every wrong input."""
 
 from __future__ import annotations
 
-import json
 import struct
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import ml_dtypes
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from ortmux.client import Client
 from ortmux.worker.api import oip_convert
-from ortmux.worker.api.server import Worker, start_worker
-from ortmux.worker.auth import key_digest
-from ortmux.worker.oip import grpc_service_pb2 as oip
-from ortmux.worker.oip import grpc_service_pb2_grpc as oip_grpc
+from ortmux.worker.api.inference_v2 import grpc_service_pb2 as oip
+from ortmux.worker.api.server import Worker
 
-from ..conftest import make_venv, worker_settings
-from ..demo_adapters import write_peft
-
-IDS = np.arange(16, dtype=np.int64).reshape(2, 8) % 1000
-ADMIN_KEY, TENANT_KEY = "oip-admin-key", "oip-tenant-key"
-# Every numeric datatype the engine serves, as ONNX element types.
-TYPES = {
-    "BOOL": TensorProto.BOOL,
-    "UINT8": TensorProto.UINT8,
-    "UINT16": TensorProto.UINT16,
-    "UINT32": TensorProto.UINT32,
-    "UINT64": TensorProto.UINT64,
-    "INT8": TensorProto.INT8,
-    "INT16": TensorProto.INT16,
-    "INT32": TensorProto.INT32,
-    "INT64": TensorProto.INT64,
-    "FP16": TensorProto.FLOAT16,
-    "FP32": TensorProto.FLOAT,
-    "FP64": TensorProto.DOUBLE,
-}
-
-
-def types_model(path: Path, types: tuple[str, ...] = tuple(TYPES)) -> Path:
-    """One input and one output per datatype, each output its input (Identity), batch first."""
-    inputs = [helper.make_tensor_value_info(f"in_{t.lower()}", TYPES[t], ["batch", 3]) for t in types]
-    outputs = [helper.make_tensor_value_info(f"out_{t.lower()}", TYPES[t], ["batch", 3]) for t in types]
-    nodes = [helper.make_node("Identity", [f"in_{t.lower()}"], [f"out_{t.lower()}"]) for t in types]
-    graph = helper.make_graph(nodes, "types", inputs, outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    onnx.save(model, str(path))
-    return path
-
-
-def faulty_model(path: Path) -> Path:
-    """Loads fine, fails at run time for an odd number of elements (Reshape to [2, -1])."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, None])
-    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [2, -1])
-    graph = helper.make_graph(
-        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "faulty", [x], [y], [shape]
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
-    return path
-
-
-def sample(datatype: str, rows: int = 2) -> np.ndarray:
-    dtype = oip_convert.DTYPE_BY_DATATYPE[datatype]
-    values = np.arange(rows * 3).reshape(rows, 3) % 2 == 1 if datatype == "BOOL" else np.arange(rows * 3) + 1
-    return np.asarray(values).reshape(rows, 3).astype(dtype)
-
-
-@pytest.fixture(scope="module")
-def oip_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    data = tmp_path_factory.mktemp("oip")
-    keys = data / "keys.toml"
-    keys.write_text(
-        f'[[key]]\nsha256 = "{key_digest(ADMIN_KEY)}"\ntenant = "ops"\nrole = "admin"\n\n'
-        f'[[key]]\nsha256 = "{key_digest(TENANT_KEY)}"\ntenant = "acme"\nrole = "tenant"\n'
-    )
-    model = types_model(data / "types.onnx")
-    typed = types_model(data / "typed.onnx", tuple(t for t in TYPES if t in oip_convert.TYPED_FIELD))
-    flags = ["--api-keys-file", str(keys), "--model", f"demo={_demo(data)}", "--model", f"types={model}"]
-    flags += ["--model", f"typed={typed}", "--model", f"faulty={faulty_model(data / 'faulty.onnx')}"]
-    running = start_worker(worker_settings(data, *flags))
-    with Client(running.address, api_key=TENANT_KEY) as client:
-        client.register_adapter("demo", "acme-a", write_peft(data / "peft", seed=60))
-    yield running
-    running.stop(0)
-
-
-def _demo(data: Path) -> Path:
-    from ortmux.worker.demo import ensure_demo_model
-
-    return ensure_demo_model(data)
-
-
-@pytest.fixture()
-def stub(oip_worker: Worker) -> Iterator[oip_grpc.GRPCInferenceServiceStub]:
-    with grpc.insecure_channel(oip_worker.address) as channel:
-        yield oip_grpc.GRPCInferenceServiceStub(channel)
-
+from .oip_models import ADMIN_KEY, IDS, TENANT_KEY, TYPES, sample, types_model
 
 AUTH = (("authorization", f"Bearer {TENANT_KEY}"),)
 
@@ -427,55 +340,3 @@ def test_the_protocols_status_table(stub, tmp_path: Path) -> None:
         assert code_of(call) == expected, row
     assert _loading_status(stub, tmp_path) == grpc.StatusCode.UNAVAILABLE
     # UNIMPLEMENTED: test_unserved_triton_rpcs_are_unimplemented_by_name.
-
-
-CLIENTS = Path(__file__).resolve().parents[1] / "oip_clients"
-
-
-def _run_in(python: Path, script: str, *args: str) -> dict:
-    result = subprocess.run(
-        [str(python), str(CLIENTS / script), *args], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.slow
-def test_tritonclient_works_unchanged(oip_worker: Worker, tmp_path: Path) -> None:
-    python = make_venv(tmp_path / "venv", "tritonclient[grpc]==2.73.0")
-    out = tmp_path / "triton.npz"
-    found = _run_in(python, "triton_checks.py", oip_worker.address, TENANT_KEY, str(out))
-    got = np.load(out)
-    with Client(oip_worker.address, api_key=TENANT_KEY) as native:
-        base = native.infer("demo", {"input_ids": IDS})["logits"]
-        adapted = native.infer("demo", {"input_ids": IDS}, adapter="acme-a")["logits"]
-    assert found["live"] and found["ready"]
-    assert "model_repository" in found["extensions"]
-    assert found["metadata"] == ["demo:acme-a", "onnxruntime_onnx", [["input_ids", "INT64", ["-1", "-1"]]]]
-    assert found["config"] == ["demo", 32, ["input_ids"]]
-    assert found["model_ready"] == [True, True, False]
-    assert "demo:acme-a" in found["index"] and "demo" in found["index"]
-    for name in ("by_name", "by_parameter", "stream_adapter"):
-        assert np.array_equal(got[name], adapted), name  # bit-equal to the native client
-    assert np.array_equal(got["base"], base) and np.array_equal(got["stream_base"], base)
-    for datatype in TYPES:
-        assert got[f"got_{datatype}"].dtype == got[f"sent_{datatype}"].dtype, datatype
-        assert np.array_equal(got[f"got_{datatype}"], got[f"sent_{datatype}"]), datatype
-    assert (found["request_id"], found["model_name"]) == ("x1", "demo:acme-a")
-    assert len(found["stream_errors"]) == 1 and "NOT_FOUND" in found["stream_errors"][0]
-    assert found["unknown_adapter"] == "StatusCode.NOT_FOUND"
-    assert found["no_key"] == "StatusCode.UNAUTHENTICATED"
-    assert found["both_names"] == "StatusCode.INVALID_ARGUMENT"
-    assert int(found["statistics"]) >= 3
-    assert found["shared_memory"] == "StatusCode.UNIMPLEMENTED"
-
-
-@pytest.mark.slow
-def test_kserves_client_sends_typed_contents(oip_worker: Worker, tmp_path: Path) -> None:
-    python = make_venv(tmp_path / "venv", "kserve==0.21.0")
-    found = _run_in(python, "kserve_checks.py", oip_worker.address, TENANT_KEY)
-    with Client(oip_worker.address, api_key=TENANT_KEY) as native:
-        adapted = native.infer("demo", {"input_ids": IDS}, adapter="acme-a")["logits"]
-    assert found["live"] and found["ready"] and found["model_ready"]
-    assert np.array_equal(np.array(found["logits"], dtype=np.float32), adapted)
-    assert found["unknown"] == "NOT_FOUND"

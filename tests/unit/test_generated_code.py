@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 CHECKED_IN = {  # generated package -> where it is checked in
     "client/ortmux/v1": REPO / "client" / "ortmux" / "v1",
-    "worker/ortmux/worker/oip": REPO / "worker" / "ortmux" / "worker" / "oip",
+    "worker/ortmux/worker/api/inference_v2": REPO / "worker" / "ortmux" / "worker" / "api" / "inference_v2",
 }
 
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import grpc
 
 from ortmux.worker.api import convert, oip_convert
+from ortmux.worker.api.inference_v2 import grpc_service_pb2 as oip
+from ortmux.worker.api.inference_v2 import grpc_service_pb2_grpc as oip_grpc
 from ortmux.worker.api.interceptors import current_identity
 from ortmux.worker.dataplane import DataPlane
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.errors import OrtmuxError, Unimplemented
-from ortmux.worker.oip import grpc_service_pb2 as oip
-from ortmux.worker.oip import grpc_service_pb2_grpc as oip_grpc
 from ortmux.worker.streaming import Incoming, StreamAnswer
 
 SERVICE = "inference.GRPCInferenceService"

@@ -16,10 +16,10 @@ from collections.abc import Callable, Mapping
 import ml_dtypes
 import numpy as np
 
+from ortmux.worker.api.inference_v2 import grpc_service_pb2 as oip
 from ortmux.worker.dataplane import InferenceRequest, InferenceResult
 from ortmux.worker.engine.specs import TensorSpec
 from ortmux.worker.errors import InvalidArgument
-from ortmux.worker.oip import grpc_service_pb2 as oip
 
 LORA_PARAMETER = "lora_name"
 MAX_NAME_CHARS = 256

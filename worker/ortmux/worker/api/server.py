@@ -27,6 +27,7 @@ from ortmux.worker.adapters.objects import S3Objects
 from ortmux.worker.adapters.shared import SharedStore
 from ortmux.worker.adapters.store import AdapterStore
 from ortmux.worker.adapters.sync import SyncLoop
+from ortmux.worker.api.inference_v2 import grpc_service_pb2_grpc as oip_grpc
 from ortmux.worker.api.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from ortmux.worker.api.oip import SERVICE as OIP_SERVICE
 from ortmux.worker.api.oip import OipServicer, UnservedRpcs
@@ -41,7 +42,6 @@ from ortmux.worker.engine.registry import ModelRegistry
 from ortmux.worker.engine.runtime import RuntimeOptions, configure_process
 from ortmux.worker.errors import InvalidArgument
 from ortmux.worker.observability.metrics import Metrics
-from ortmux.worker.oip import grpc_service_pb2_grpc as oip_grpc
 from ortmux.worker.quotas import RequestQuotas
 from ortmux.worker.scheduler.batcher import BatchLimits
 from ortmux.worker.settings import Settings
