@@ -75,6 +75,7 @@ def model_info(message: models_pb2.ModelInfo) -> ModelInfo:
                 node=target.node,
                 layout=target.layout,
                 aliases=tuple(target.aliases),
+                quantized_op=target.quantized_op,
             )
             for target in message.adapter_targets
         ),

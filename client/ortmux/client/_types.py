@@ -31,6 +31,7 @@ class AdapterTargetInfo:
     node: str = ""
     layout: str = ""  # rows, matrix or flattened (LoRA targets)
     aliases: tuple[str, ...] = ()
+    quantized_op: str = ""  # on a quantized base: the operator computing the projection
 
 
 @dataclasses.dataclass(frozen=True)

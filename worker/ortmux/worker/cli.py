@@ -168,6 +168,10 @@ def _print_projections(
         print(f"  fused nodes no branch can reach: {', '.join(fused)}")
 
 
+def _layout(layout: str, quantized: str) -> str:
+    return f"{layout}, through {quantized}" if quantized else layout
+
+
 def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         import onnx
@@ -184,7 +188,10 @@ def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     report = find_sites(model)
     print(args.model_path)
     _print_projections(
-        [(s.module, s.weight, s.in_features, s.out_features, s.rule, s.layout) for s in report.sites],
+        [
+            (s.module, s.weight, s.in_features, s.out_features, s.rule, _layout(s.layout, s.quantized))
+            for s in report.sites
+        ],
         [(u.node, u.op_type, u.module, u.reason) for u in report.unadaptable],
         report.fused,
     )
@@ -207,7 +214,17 @@ def _models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                         print(f"  {label} {spec.name}: {spec.dtype}{list(spec.shape)}")
                 lora = [t for t in info.adapter_targets if t.kind == "lora"]
                 _print_projections(
-                    [(t.module, t.weight, t.shape[0], t.shape[1], t.rule, t.layout) for t in lora],
+                    [
+                        (
+                            t.module,
+                            t.weight,
+                            t.shape[0],
+                            t.shape[1],
+                            t.rule,
+                            _layout(t.layout, t.quantized_op),
+                        )
+                        for t in lora
+                    ],
                     [(u.node, u.op_type, u.module, u.reason) for u in info.unadaptable],
                     info.fused_nodes,
                 )

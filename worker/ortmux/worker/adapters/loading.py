@@ -13,7 +13,7 @@ from ortmux.worker.adapters.store import AdapterMeta
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.lora.feeds import LoraWeights, rank_bucket
 from ortmux.worker.engine.lora.targets import map_modules
-from ortmux.worker.engine.quantized import projection_counts, replaced_by
+from ortmux.worker.engine.quantized import replaced_by
 from ortmux.worker.errors import FailedPrecondition, InvalidArgument
 
 
@@ -46,13 +46,6 @@ def load(
 def _materialize(model: BaseModel, parsed: formats.ParsedAdapter) -> tuple[Resident, int, list[str]]:
     """The resident form of a parsed adapter on ``model``, with its rank and target weights."""
     if parsed.format == formats.PEFT_LORA:
-        quantized = projection_counts(model.quantized)
-        if not model.lora_inputs and quantized:
-            ops = ", ".join(f"{count} {op}" for op, count in quantized.items())
-            raise FailedPrecondition(
-                f"model '{model.name}' is quantized ({ops}) and LoRA branches through quantized "
-                "projections are not served yet; serve the float model for LoRA adapters"
-            )
         if not model.lora_inputs and not model.unadaptable and not model.fused:
             raise FailedPrecondition(
                 f"model '{model.name}' takes no LoRA adapters: it has no MatMul or Gemm on a "

@@ -42,6 +42,7 @@ def model_to_proto(model: BaseModel, adapters: int = 0, resident_adapters: int =
             node=site.node,
             layout=site.layout,
             aliases=site.aliases,
+            quantized_op=site.quantized,
         )
         for site in model.lora_sites
     ]

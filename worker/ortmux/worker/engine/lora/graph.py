@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 
 from ortmux.worker.engine.lora.targets import ROWS, LoraSite, SiteReport, batch_symbol, find_sites
 
-REWRITE_VERSION = 3
+REWRITE_VERSION = 4
 RANK_DIM = "ortmux_lora_rank"
 BATCH_DIM = "ortmux_batch"
 
@@ -73,7 +73,7 @@ def rewrite(
     extra_nodes: list[onnx.NodeProto] = []
     for index, site in enumerate(report.sites):
         prefix = f"ortmux.lora.{index}"
-        lora = LoraInput(site, f"{prefix}.a", f"{prefix}.b", dtypes[site.weight])
+        lora = LoraInput(site, f"{prefix}.a", f"{prefix}.b", site.dtype or dtypes[site.weight])
         node = nodes[site.node_index]
         base_output = f"{site.output}.ortmux_base"
         node.output[0] = base_output

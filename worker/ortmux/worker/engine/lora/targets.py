@@ -1,15 +1,12 @@
 """Which base weights adapters can change, and which source-framework module each one is.
 
 A LoRA site is a MatMul (or Gemm) whose weight operand is a 2-D initializer, directly, through a
-Transpose (how exporters store torch's [out, in] Linear weights), a Cast, or Gemm's ``transB``.
-Its module name comes from every signal an exporter leaves, in this order:
-
-1. an explicit ``module_mapping`` (applied in :func:`map_modules`);
-2. the initializer's name, ``<module>.weight`` (the demo model, GPT-2's Conv1D weights);
-3. the TorchScript exporter's node scope, ``/encoder/layer.0/attention/self/query/MatMul`` ->
-   ``encoder.layer.0.attention.self.query`` (Optimum, ``torch.onnx.export(dynamo=False)``);
-4. the dynamo exporter's ``pkg.torch.onnx.name_scopes`` node metadata;
-5. the bias that a following Add or Gemm adds, ``<module>.bias``.
+Transpose (how exporters store torch's [out, in] Linear weights), a Cast, a DequantizeLinear (QDQ
+quantization) or Gemm's ``transB``; or a quantized projection (MatMulInteger, DynamicQuantizeMatMul,
+MatMulNBits: see :mod:`ortmux.worker.engine.quantized`), whose branch reads the float activation
+going in and adds to the float result coming out, so adapters stay float over a quantized base.
+Its module name comes from an explicit ``module_mapping`` (applied in :func:`map_modules`), else
+from the signals :mod:`ortmux.worker.engine.lora.naming` reads.
 
 A PEFT module matches a site's name exactly, or on whole trailing path components where the
 two disagree on a wrapper prefix (``transformer.``, ``model.``, a task head's ``bert.``). Shapes
@@ -24,18 +21,24 @@ with the reason, so ``ortmux inspect`` shows users what they can target.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 
 import onnx
 
+from ortmux.worker.engine.lora.naming import module_names
+from ortmux.worker.engine.quantized import (
+    QUANTIZED_OUTPUT,
+    WEIGHT_INPUT,
+    QuantizedProjection,
+    quantized_projection,
+    replaced_by,
+)
 from ortmux.worker.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 
-NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 ROWS, MATRIX, FLATTENED = "rows", "matrix", "flattened"
 # Fused ONNX Runtime / Optimum operators that consume projection weights no branch can reach.
 FUSED_OPS = frozenset(
@@ -63,6 +66,8 @@ class LoraSite:
     aliases: tuple[str, ...] = ()  # further module names other signals gave
     layout: str = ROWS
     source_rank: int = 3
+    dtype: int = 0  # onnx type of the branch's factors; 0: the weight's own
+    quantized: str = ""  # the quantized operator computing the projection, if one does
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -92,30 +97,6 @@ class SiteReport:
     sites: list[LoraSite]
     unadaptable: list[Unadaptable]
     fused: list[str]  # fused nodes holding projection weights ("Attention 'Attention_0'")
-
-
-def _module_from_scopes(node: onnx.NodeProto) -> str:
-    for prop in node.metadata_props:
-        if prop.key == NAME_SCOPES_KEY:
-            try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                return ""
-            if isinstance(scopes, list):
-                # ['', 'encoder', ..., 'encoder.layer.0.attention.self.query', 'linear']: the
-                # deepest dotted module path names the torch module the MatMul belongs to.
-                paths = [scope for scope in scopes if isinstance(scope, str) and scope]
-                modules = list(paths[:-1]) if len(paths) > 1 else paths
-                return modules[-1] if modules else ""
-    return ""
-
-
-def _module_from_node_name(name: str) -> str:
-    """``/model/layers.0/self_attn/q_proj/MatMul`` -> ``model.layers.0.self_attn.q_proj``."""
-    if not name.startswith("/"):
-        return ""
-    parts = [part for part in name.split("/") if part]
-    return ".".join(parts[:-1]) if len(parts) > 1 else ""
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[str | int]:
@@ -186,13 +167,13 @@ class _Graph:
         self._model = model
         self._concrete: dict[int, dict[str, list[str | int]]] | None = None
 
-    def weight_behind(self, name: str) -> tuple[str, bool] | None:
-        """The 2-D initializer ``name`` reads, through Cast and Transpose, and whether it is
-        transposed on the way."""
-        transposed = False
+    def weight_behind(self, name: str) -> tuple[str, bool, int] | None:
+        """The 2-D initializer ``name`` reads through Cast, Transpose and DequantizeLinear, whether
+        it is transposed on the way, and the float type a DequantizeLinear gives it (0 if none)."""
+        transposed, dequantized = False, 0
         for _ in range(4):
             if name in self.initializers:
-                return (name, transposed) if len(self.initializers[name].dims) == 2 else None
+                return (name, transposed, dequantized) if len(self.initializers[name].dims) == 2 else None
             producer = self.producers.get(name)
             if producer is None:
                 return None
@@ -201,6 +182,9 @@ class _Graph:
                 if perm not in ([], [[1, 0]]):
                     return None
                 transposed = not transposed
+            elif producer.op_type == "DequantizeLinear":
+                scale = self.initializers.get(producer.input[1]) if len(producer.input) > 1 else None
+                dequantized = scale.data_type if scale is not None else onnx.TensorProto.FLOAT
             elif producer.op_type != "Cast":
                 return None
             name = producer.input[0]
@@ -299,62 +283,85 @@ def _show(dims: Sequence[str | int]) -> str:
 def find_sites(model: onnx.ModelProto, shapes: Mapping[str, list[str | int]] | None = None) -> SiteReport:
     """Every LoRA site of the main graph in graph order, with the projections that cannot take one."""
     graph = _Graph(model, shapes)
+    index_of = {id(node): index for index, node in enumerate(model.graph.node)}
     sites: list[LoraSite] = []
     unadaptable: list[Unadaptable] = []
     fused: list[str] = []
     for index, node in enumerate(model.graph.node):
+        label = node.name or f"#{index}"
         if node.op_type in FUSED_OPS and any(
             name in graph.initializers and len(graph.initializers[name].dims) == 2 for name in node.input
         ):
-            fused.append(f"{node.op_type} '{node.name or f'#{index}'}'")
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            fused.append(f"{node.op_type} '{label}'")
+        projection = quantized_projection(node, graph.initializers, graph.producers, graph.consumers)
+        if isinstance(projection, str):
+            weight = node.input[WEIGHT_INPUT[node.op_type]]
+            _rule, module, _aliases = module_names(node, weight, graph.bias_module(node))
+            unadaptable.append(Unadaptable(label, node.op_type, weight, module, projection))
             continue
-        found = graph.weight_behind(node.input[1])
-        if found is None:
-            continue  # activation x activation (attention scores), not a projection
-        operand, transposed = found
-        attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
-        label = node.name or f"#{index}"
-        signals = [
-            ("initializer", operand[: -len(".weight")] if operand.endswith(".weight") else ""),
-            ("node scope", _module_from_node_name(node.name)),
-            ("name scopes", _module_from_scopes(node)),
-            ("bias", graph.bias_module(node)),
-        ]
-        named = [(rule, name) for rule, name in signals[:3] if name] or [(r, n) for r, n in signals[3:] if n]
-        rule, module = named[0] if named else ("", "")
-        aliases = tuple(dict.fromkeys(name for _rule, name in named[1:] if name != module))
-        if node.op_type == "Gemm":
-            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
-                unadaptable.append(
-                    Unadaptable(label, node.op_type, operand, module, "Gemm with transA or alpha != 1")
-                )
-                continue
-            transposed = transposed != bool(attrs.get("transB", 0))
-        rows, cols = graph.initializers[operand].dims
-        in_features, out_features = (cols, rows) if transposed else (rows, cols)
-        placed = graph.layout(node.input[0], int(in_features))
+        if projection is None:
+            projection = _float_projection(graph, node, label, unadaptable)
+        if projection is None:
+            continue
+        output_node = projection.output_node
+        rule, module, aliases = module_names(node, projection.weight, graph.bias_module(output_node))
+        placed = graph.layout(projection.activation, projection.in_features)
         if isinstance(placed, str):
-            unadaptable.append(Unadaptable(label, node.op_type, operand, module, placed))
+            unadaptable.append(Unadaptable(label, node.op_type, projection.weight, module, placed))
             continue
         layout, source, source_rank = placed
         sites.append(
             LoraSite(
-                weight=operand,
+                weight=projection.weight,
                 module=module,
                 node=node.name,
                 activation=source,
-                output=node.output[0],
-                in_features=int(in_features),
-                out_features=int(out_features),
-                node_index=index,
+                output=output_node.output[0],
+                in_features=projection.in_features,
+                out_features=projection.out_features,
+                node_index=index_of[id(output_node)],
                 rule=rule,
                 aliases=aliases,
                 layout=layout,
                 source_rank=source_rank,
+                dtype=projection.dtype,
+                quantized="" if projection.op_type in ("MatMul", "Gemm") else projection.op_type,
             )
         )
     return SiteReport(sites, unadaptable, fused)
+
+
+def _float_projection(
+    graph: _Graph, node: onnx.NodeProto, label: str, unadaptable: list[Unadaptable]
+) -> QuantizedProjection | None:
+    """A MatMul or Gemm on a (possibly dequantized) weight, in the shape of a quantized one
+    (``op_type`` DequantizeLinear when its weight is quantized); None when ``node`` is none."""
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+        return None
+    found = graph.weight_behind(node.input[1])
+    if found is None:
+        return None  # activation x activation (attention scores), not a projection
+    operand, transposed, dequantized = found
+    if node.op_type == "Gemm":
+        attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+            _rule, module, _aliases = module_names(node, operand, graph.bias_module(node))
+            unadaptable.append(
+                Unadaptable(label, node.op_type, operand, module, "Gemm with transA or alpha != 1")
+            )
+            return None
+        transposed = transposed != bool(attrs.get("transB", 0))
+    rows, cols = (int(d) for d in graph.initializers[operand].dims)
+    in_features, out_features = (cols, rows) if transposed else (rows, cols)
+    op_type = "DequantizeLinear" if dequantized else node.op_type
+    activation = node.input[0]
+    dequantize = graph.producers.get(activation)
+    if dequantize is not None and dequantize.op_type == "DequantizeLinear":
+        # QDQ: the branch reads the float tensor before QuantizeLinear -> DequantizeLinear.
+        quantize = graph.producers.get(dequantize.input[0])
+        if quantize is not None and quantize.op_type == "QuantizeLinear":
+            activation = quantize.input[0]
+    return QuantizedProjection(op_type, operand, activation, node, in_features, out_features, dequantized)
 
 
 def _matches(module: str, name: str) -> bool:
@@ -379,7 +386,8 @@ def map_modules(
     problems = []
     for module in modules:
         if explicit and module in explicit:
-            site = by_weight.get(explicit[module])
+            weight = explicit[module]
+            site = by_weight.get(weight) or by_weight.get(replaced_by(weight, by_weight) or "")
             if site is None:
                 problems.append(f"{module} -> {explicit[module]} (mapping names no adaptable weight)")
             else:
@@ -398,6 +406,12 @@ def map_modules(
             )
             continue
         blocked = [u for u in unadaptable if u.module and _matches(module, u.module)]
+        if blocked and blocked[0].op_type in QUANTIZED_OUTPUT:
+            raise FailedPrecondition(
+                f"cannot map adapter module '{module}': its projection {blocked[0].node} is "
+                f"{blocked[0].reason}",
+                field="target_modules",
+            )
         if blocked:
             problems.append(
                 f"{module} (its projection {blocked[0].node} cannot take a branch: {blocked[0].reason})"
