@@ -2,11 +2,13 @@
 
     python tests/quantize_fixture.py KIND SOURCE OUT [INPUT_NAME VOCAB]
 
-KIND: ``int8`` (quantize_dynamic), ``qdq`` (quantize_static, QDQ format, calibrated on random
-token ids), ``qoperator`` (quantize_static, QOperator format), ``int4`` (MatMulNBitsQuantizer,
-4-bit blocks of 32). Each runs quant_pre_process first, which folds the weights' Transposes so the
-MatMuls read initializers. Run it in a process of its own: the pre-processing optimizes with
-per-session threads, which a process that set ONNX Runtime's global thread pool forbids.
+KIND: ``int8`` (quantize_dynamic), ``int8-matmul`` (the same, MatMuls only), ``qdq``
+(quantize_static, QDQ format, calibrated on random token ids), ``qoperator`` (quantize_static,
+QOperator format), ``int4`` (MatMulNBitsQuantizer, 4-bit blocks of 32), ``int4-acc4`` (the same at
+accuracy_level 4, int8 compute, as ONNX Runtime GenAI's and Olive's CPU recipes make them).
+Each runs quant_pre_process first, which folds the weights' Transposes so the MatMuls read
+initializers. Run it in a process of its own: the pre-processing optimizes with per-session
+threads, which a process that set ONNX Runtime's global thread pool forbids.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ def quantize(kind: str, source: Path, out: Path, input_name: str = "input_ids", 
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared))
-        if kind == "int8":
-            quantize_dynamic(prepared, out, weight_type=QuantType.QInt8)
+        if kind in ("int8", "int8-matmul"):
+            only = ["MatMul"] if kind == "int8-matmul" else None
+            quantize_dynamic(prepared, out, op_types_to_quantize=only, weight_type=QuantType.QInt8)
         elif kind in ("qdq", "qoperator"):
             quantize_static(
                 prepared,
@@ -47,10 +50,15 @@ def quantize(kind: str, source: Path, out: Path, input_name: str = "input_ids", 
                 weight_type=QuantType.QInt8,
                 activation_type=QuantType.QUInt8,
             )
-        elif kind == "int4":
+        elif kind in ("int4", "int4-acc4"):
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-            quantizer = MatMulNBitsQuantizer(onnx.load(str(prepared)), block_size=32, is_symmetric=True)
+            quantizer = MatMulNBitsQuantizer(
+                onnx.load(str(prepared)),
+                block_size=32,
+                is_symmetric=True,
+                accuracy_level=4 if kind == "int4-acc4" else None,
+            )
             quantizer.process()
             quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
         else:

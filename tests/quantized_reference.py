@@ -9,6 +9,8 @@ model and applied to the quantized one.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +22,23 @@ from onnx import helper, numpy_helper
 from ortmux.worker.adapters import safetensors
 
 from .conftest import plain_session
+
+FIXTURE_SCRIPT = Path(__file__).resolve().parent / "quantize_fixture.py"
+
+
+def quantize(kind: str, source: Path, out: Path) -> Path:
+    """``source`` quantized by onnxruntime's tools, in a process of their own (see the script)."""
+    subprocess.run(
+        [sys.executable, str(FIXTURE_SCRIPT), kind, str(source), str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return out
+
+
+def relative(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def peft_factors(directory: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

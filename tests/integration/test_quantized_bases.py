@@ -23,23 +23,12 @@ from ortmux.worker.engine.lora.feeds import RowSpan
 
 from ..conftest import plain_session, worker_settings
 from ..demo_adapters import demo_weight, merged_reference, write_peft
-from ..quantized_reference import branched_reference, peft_factors
+from ..quantized_reference import branched_reference, peft_factors, quantize, relative
 
 IDS = np.random.default_rng(11).integers(0, 1000, size=(2, 8), dtype=np.int64)
-FIXTURE_SCRIPT = Path(__file__).resolve().parents[1] / "quantize_fixture.py"
-ADAPTABLE = {"q8": "int8", "qdq": "qdq", "q4": "int4"}  # served model -> quantize_fixture kind
-OPS = {"q8": "MatMulInteger", "qdq": "DequantizeLinear", "q4": "MatMulNBits"}
-
-
-def quantize(kind: str, source: Path, out: Path) -> Path:
-    """``source`` quantized by onnxruntime's tools, in a process of their own (see the script)."""
-    subprocess.run(
-        [sys.executable, str(FIXTURE_SCRIPT), kind, str(source), str(out)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return out
+# served model -> quantize_fixture kind
+ADAPTABLE = {"q8": "int8", "qdq": "qdq", "q4": "int4", "q4a": "int4-acc4"}
+OPS = {"q8": "MatMulInteger", "qdq": "DequantizeLinear", "q4": "MatMulNBits", "q4a": "MatMulNBits"}
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +54,6 @@ def quantized_worker(
                 client.register_adapter(name, f"a{seed}", write_peft(adapters / f"{name}-{seed}", seed=seed))
     yield running
     running.stop(0)
-
-
-def relative(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 @pytest.mark.parametrize("name", [*ADAPTABLE, "qop"])

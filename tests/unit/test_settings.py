@@ -63,3 +63,13 @@ def test_config_file_with_unknown_key_or_bad_toml_is_refused(tmp_path: Path) -> 
 def test_every_field_is_documented() -> None:
     for field in Settings.fields():
         assert field.metadata.get("help"), field.name
+
+
+def test_quantize_takes_its_kinds_and_refuses_others() -> None:
+    assert Settings.load([], environ={}).quantize == "none"
+    assert Settings.load(["--quantize", "int4"], environ={}).quantize == "int4"
+    assert Settings.load([], environ={"ORTMUX_QUANTIZE": "int8"}).quantize == "int8"
+    with pytest.raises(
+        InvalidArgument, match="setting 'quantize' must be one of none, int8, int4, got 'fp8'"
+    ):
+        Settings.load(["--quantize", "fp8"], environ={})

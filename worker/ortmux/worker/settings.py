@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ortmux.worker.engine.quantize import QUANTIZE_KINDS
 from ortmux.worker.errors import InvalidArgument
 from ortmux.worker.files import read_toml
 
@@ -55,6 +56,12 @@ class Settings:
         "Graph of base-only runs: shared (the LoRA graph without its branches, one copy of the weights) "
         "or separate (the original graph optimized on its own: keeps the fusions LoRA branches block, "
         "costs a second weight file).",
+    )
+    quantize: str = _field(
+        "none",
+        "Quantize float base models once when they enter the cache, before the LoRA rewrite (adapters "
+        "stay float): none, int8 (dynamic, MatMul weights) or int4 (MatMulNBits, weight-only); models "
+        "already quantized are served as they are.",
     )
     overridable: list[str] = _field(
         [],
@@ -215,6 +222,11 @@ class Settings:
                 f"setting 'optimization_level' must be one of {', '.join(levels)}, "
                 f"got '{self.optimization_level}'",
                 field="optimization_level",
+            )
+        if self.quantize not in QUANTIZE_KINDS:
+            raise InvalidArgument(
+                f"setting 'quantize' must be one of {', '.join(QUANTIZE_KINDS)}, got '{self.quantize}'",
+                field="quantize",
             )
         if self.base_graph not in ("shared", "separate"):
             raise InvalidArgument(

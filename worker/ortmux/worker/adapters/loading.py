@@ -89,7 +89,7 @@ def _materialize(model: BaseModel, parsed: formats.ParsedAdapter) -> tuple[Resid
                 raise FailedPrecondition(
                     f"weight '{name}' is quantized on model '{model.name}' (as '{quantized}', read by "
                     f"{model.quantized[quantized]}): an override cannot replace a quantized weight; use a "
-                    "LoRA adapter, or serve the float model with --overridable",
+                    "LoRA adapter, or serve the float model (without --quantize) with --overridable",
                     field="tensors",
                 )
             known = name in model.initializer_names

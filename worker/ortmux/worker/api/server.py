@@ -145,6 +145,7 @@ def create_server(
         intra_op_threads=settings.intra_op_threads,
         optimization_level=settings.optimization_level,
         base_graph=settings.base_graph,
+        quantize=settings.quantize,
     )
     models = ModelRegistry(runtime, ModelCache(settings.cache_path()), settings.overridable)
     limits = AdapterLimits(

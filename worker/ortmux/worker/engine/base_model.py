@@ -7,10 +7,12 @@ import dataclasses
 import fnmatch
 import logging
 import shutil
+import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +40,10 @@ from ortmux.worker.engine.lora.graph import (
     rewrite,
     strip_branches,
 )
-from ortmux.worker.engine.lora.targets import LoraSite, SiteReport, Unadaptable, find_sites
+from ortmux.worker.engine.lora.targets import LoraSite, SiteReport, Unadaptable, carry_names, find_sites
 from ortmux.worker.engine.providers import CUDA
-from ortmux.worker.engine.quantized import quantized_weights
+from ortmux.worker.engine.quantize import QUANTIZE_VERSION, quantize_model
+from ortmux.worker.engine.quantized import projection_counts, quantized_weights, unsavable_prepacking
 from ortmux.worker.engine.runtime import RuntimeOptions
 from ortmux.worker.engine.specs import TensorSpec, leading_rows, validate_inputs, validate_output_names
 from ortmux.worker.errors import InternalError, InvalidArgument, NotFound
@@ -112,6 +115,15 @@ class BaseModel:
         self.overridable = select_overridable(source_model, overridable_patterns, path)
         self.initializer_names = frozenset(tensor.name for tensor in source_model.graph.initializer)
         self.quantized = quantized_weights(source_model)  # quantized initializer -> the op reading it
+        quantize = (
+            runtime.quantize if runtime.quantize != "none" and not projection_counts(self.quantized) else ""
+        )
+        if quantize and self.overridable:
+            raise InvalidArgument(
+                f"model '{name}': --quantize {quantize} and --overridable do not combine (an overridable "
+                "weight must stay float); serve the float model with --overridable, or quantized without it",
+                field="quantize",
+            )
         mark_overridable(source_model, self.overridable)
         self._graph: onnx.ModelProto | None = source_model
         self.lora_inputs: list[LoraInput] = []
@@ -122,6 +134,7 @@ class BaseModel:
             optimization_level=runtime.optimization_level,
             cpu=cpu_signature(),
             overridable=self.overridable,
+            quantize=f"{quantize}-{QUANTIZE_VERSION}" if quantize else "",
             rewrite=f"lora-{REWRITE_VERSION}-{runtime.base_graph}"
             if has_batch_dimension(source_model)
             else "",
@@ -129,6 +142,7 @@ class BaseModel:
         self.run_options = ort.RunOptions()
         self.run_options.log_severity_level = 4  # failures are raised to the caller and logged here
         self.entry, self._base = self._open()
+        self.quantized = dict(self.entry.extra.get("quantized", self.quantized))
         if not self.entry.cached:  # built aside because the cache was full: removed with the model
             weakref.finalize(self, shutil.rmtree, str(self.entry.directory), True)
         # Base-only runs use the graph without LoRA branches; both map the same data file.
@@ -191,6 +205,8 @@ class BaseModel:
             return graph, [], SiteReport([], [], [])
         try:
             report = find_sites(graph)
+            if self._graph is not None and graph is not self._graph:  # quantized by the worker
+                report = carry_names(report, find_sites(self._graph))
             rewritten, inputs = rewrite(graph, report)
             return rewritten, inputs, report
         except Exception as exc:  # a graph the rewrite cannot handle is served without LoRA
@@ -217,30 +233,62 @@ class BaseModel:
         raise AssertionError("unreachable")
 
     def _optimize(self, directory: Path) -> dict:
-        """Build the cache entry: rewrite, optimize, prepack, save. Records the LoRA inputs, so a
-        cache hit needs neither the rewrite nor its shape inference."""
+        """Build the cache entry: quantize (``--quantize``), rewrite, optimize, prepack, save.
+        Records the LoRA inputs, so a cache hit needs neither the rewrite nor its shape inference."""
         log.info("optimizing model '%s' from %s (large models take minutes)", self.name, self.path)
         options = self.runtime.session_options(self.runtime.graph_optimization_level())
         assert self._graph is not None, "the graph is kept until the first successful load"
-        graph, lora_inputs, report = self._rewrite(self._graph)
-        try:
-            optimize_into(
-                graph, self.path.parent, directory, options=options, providers=self.runtime.providers
-            )
-        except Exception as exc:
-            raise InvalidArgument(
-                f"model '{self.name}' at {self.path} does not load: {exc}", field="path"
-            ) from None
-        extra: dict = {
-            "lora_inputs": [lora.to_json() for lora in lora_inputs],
-            "unadaptable": [dataclasses.asdict(item) for item in report.unadaptable],
-            "fused": report.fused,
-        }
-        if lora_inputs:
-            extra["base_graph"] = self._build_base_graph(directory, lora_inputs)
+        with self._source(directory) as (source, data_dir):
+            graph, lora_inputs, report = self._rewrite(source)
+            unpacked = unsavable_prepacking(source)
+            if unpacked:
+                log.info(
+                    "model '%s': %d MatMulNBits at accuracy_level 4 are prepacked by each session "
+                    "(ONNX Runtime reloads their saved prepacked weights wrong)",
+                    self.name,
+                    unpacked,
+                )
+            try:
+                optimize_into(
+                    graph,
+                    data_dir,
+                    directory,
+                    options=options,
+                    providers=self.runtime.providers,
+                    save_prepacked=not unpacked,
+                )
+            except Exception as exc:
+                raise InvalidArgument(
+                    f"model '{self.name}' at {self.path} does not load: {exc}", field="path"
+                ) from None
+            extra: dict = {
+                "lora_inputs": [lora.to_json() for lora in lora_inputs],
+                "unadaptable": [dataclasses.asdict(item) for item in report.unadaptable],
+                "fused": report.fused,
+                "quantized": quantized_weights(source),
+            }
+            if lora_inputs:
+                extra["base_graph"] = self._build_base_graph(directory, lora_inputs, source, data_dir)
         return extra
 
-    def _build_base_graph(self, directory: Path, lora_inputs: list[LoraInput]) -> str:
+    @contextmanager
+    def _source(self, directory: Path) -> Iterator[tuple[onnx.ModelProto, Path]]:
+        """The graph the entry is built from and the directory of its external data: the model as
+        given, or (``--quantize``) its quantized form in a scratch directory beside the entry."""
+        assert self._graph is not None
+        if not self.key.quantize:
+            yield self._graph, self.path.parent
+            return
+        kind = self.key.quantize.rsplit("-", 1)[0]
+        with tempfile.TemporaryDirectory(prefix=".quantize-", dir=directory.parent) as scratch:
+            started = time.perf_counter()
+            path = quantize_model(kind, self.path, Path(scratch), label=f"model '{self.name}'")
+            log.info("model '%s' quantized (%s) in %.1f s", self.name, kind, time.perf_counter() - started)
+            yield onnx.load(str(path), load_external_data=False), path.parent
+
+    def _build_base_graph(
+        self, directory: Path, lora_inputs: list[LoraInput], source: onnx.ModelProto, data_dir: Path
+    ) -> str:
         """The graph base-only runs execute, and how it was made.
 
         ``shared``: the LoRA graph without its branches, on the LoRA graph's weights. The branches
@@ -248,7 +296,6 @@ class BaseModel:
         LayerNormalization, attention patterns); ``separate`` then optimizes the original graph on
         its own, at the price of its own weight file (a second copy, mapped like the first). The
         log says which fusions the shared graph misses."""
-        assert self._graph is not None
         optimized = onnx.load(str(directory / MODEL_FILE), load_external_data=False)
         try:
             stripped = strip_branches(optimized, lora_inputs)
@@ -260,12 +307,13 @@ class BaseModel:
         scratch.mkdir()
         try:
             optimize_into(
-                self._graph,
-                self.path.parent,
+                source,
+                data_dir,
                 scratch,
                 options=options,
                 providers=self.runtime.providers,
                 data_file=BASE_DATA_FILE,
+                save_prepacked=not unsavable_prepacking(source),
             )
             plain = onnx.load(str(scratch / MODEL_FILE), load_external_data=False)
             missed = _operator_difference(stripped, plain)

@@ -63,6 +63,7 @@ class CacheKey:
     optimization_level: str
     cpu: str
     overridable: tuple[str, ...]
+    quantize: str = ""  # quantization applied before the rewrite, with its version ("int8-1")
     rewrite: str = ""  # graph rewrite applied before optimizing, with its version ("lora-1")
     format: int = CACHE_FORMAT
 
@@ -354,16 +355,18 @@ def optimize_into(
     options: ort.SessionOptions,
     providers: Sequence[str],
     data_file: str = DATA_FILE,
+    save_prepacked: bool = True,
 ) -> None:
     """Run ONNX Runtime's graph optimization on ``model`` (its external data read from
-    ``external_data_dir``) and save the result, with its weights and prepacked blobs as external
-    data, in ``directory``."""
+    ``external_data_dir``) and save the result, with its weights and (``save_prepacked``) prepacked
+    blobs as external data, in ``directory``."""
     options.optimized_model_filepath = str(directory / MODEL_FILE)
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_file)
     options.add_session_config_entry(
         "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
     )
-    options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+    if save_prepacked:
+        options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
     options.add_session_config_entry(
         "session.model_external_initializers_file_folder_path", str(external_data_dir)
     )

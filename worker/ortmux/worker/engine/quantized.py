@@ -140,5 +140,17 @@ def quantized_projection(
     return QuantizedProjection(node.op_type, weight, activation, scaled, in_features, out_features, to)
 
 
+def unsavable_prepacking(model: onnx.ModelProto) -> int:
+    """MatMulNBits nodes at ``accuracy_level`` 4 (int8 compute): ONNX Runtime 1.31 reloads their
+    saved prepacked weights wrong (NaN results), so a graph holding them is saved unpacked and
+    each session prepacks them itself."""
+    return sum(
+        1
+        for node in model.graph.node
+        if node.op_type == "MatMulNBits"
+        and any(attr.name == "accuracy_level" and attr.i == 4 for attr in node.attribute)
+    )
+
+
 def _only(nodes: list[onnx.NodeProto], op_type: str) -> onnx.NodeProto | None:
     return nodes[0] if len(nodes) == 1 and nodes[0].op_type == op_type else None

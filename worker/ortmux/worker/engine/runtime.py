@@ -79,6 +79,8 @@ class RuntimeOptions:
     # Base-only runs: "shared" strips the LoRA graph's branches (one copy of the weights);
     # "separate" optimizes the original graph on its own, keeping fusions the branches block.
     base_graph: str = "shared"
+    # Float bases quantized once when they enter the cache: none, int8 or int4 (engine/quantize.py).
+    quantize: str = "none"
 
     def graph_optimization_level(self) -> ort.GraphOptimizationLevel:
         """The level the cache optimizes at (sessions on cached models run at ORT_DISABLE_ALL)."""

@@ -331,6 +331,19 @@ def find_sites(model: onnx.ModelProto, shapes: Mapping[str, list[str | int]] | N
     return SiteReport(sites, unadaptable, fused)
 
 
+def carry_names(report: SiteReport, named: SiteReport) -> SiteReport:
+    """``report``'s sites named as the sites of ``named`` (the same graph before quantization)
+    that produced the same result tensor: the quantizers keep those names, not the metadata."""
+    by_output = {site.output: site for site in named.sites}
+    sites = []
+    for site in report.sites:
+        source = by_output.get(site.output)
+        if source is not None and source.module:
+            site = dataclasses.replace(site, module=source.module, rule=source.rule, aliases=source.aliases)
+        sites.append(site)
+    return SiteReport(sites, report.unadaptable, report.fused)
+
+
 def _float_projection(
     graph: _Graph, node: onnx.NodeProto, label: str, unadaptable: list[Unadaptable]
 ) -> QuantizedProjection | None:

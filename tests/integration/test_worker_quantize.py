@@ -1,0 +1,112 @@
+"""``--quantize``: the worker quantizes a float base once, when it enters the cache, the way a user
+would with onnxruntime's tools, keeps the float graph's module names, and serves LoRA adapters on
+it with float branches."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ortmux.client import Client
+from ortmux.worker.api.server import Worker, start_worker
+from ortmux.worker.demo import build_demo_model, ensure_demo_model
+from ortmux.worker.engine.base_model import BaseModel
+from ortmux.worker.engine.cache import ModelCache
+from ortmux.worker.engine.runtime import RuntimeOptions
+from ortmux.worker.errors import InvalidArgument
+
+from ..conftest import plain_session, worker_settings
+from ..demo_adapters import write_peft
+from ..quantized_reference import branched_reference, peft_factors, quantize, relative
+
+IDS = np.random.default_rng(11).integers(0, 1000, size=(2, 8), dtype=np.int64)
+
+PEFT = Path(__file__).resolve().parents[1] / "fixtures" / "peft"
+EXPECTED = np.load(PEFT / "expected.npz")
+RECIPES = {"int8": "int8-matmul", "int4": "int4"}  # --quantize -> the same recipe run by hand
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_demo_model(tmp_path_factory.mktemp("float"))
+
+
+@pytest.fixture(scope="module", params=sorted(RECIPES))
+def quantizing_worker(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, demo: Path
+) -> Iterator[tuple[str, Worker]]:
+    data = tmp_path_factory.mktemp(f"quantize-{request.param}")
+    models = ["--model", f"demo={demo}", "--model", f"llama={PEFT / 'llama.onnx'}"]
+    running = start_worker(worker_settings(data, "--quantize", request.param, *models))
+    yield request.param, running
+    running.stop(0)
+
+
+def test_the_worker_quantizes_as_onnxruntimes_tools_do_and_keeps_module_names(
+    quantizing_worker: tuple[str, Worker], demo: Path, tmp_path: Path
+) -> None:
+    kind, worker = quantizing_worker
+    by_hand = quantize(RECIPES[kind], demo, tmp_path / "by-hand.onnx")
+    with Client(worker.address) as client:
+        got = client.infer("demo", {"input_ids": IDS})["logits"]
+        targets = [t for t in client.model_info("demo").adapter_targets if t.kind == "lora"]
+        client.register_adapter("demo", "a", write_peft(tmp_path / "peft"))
+        adapted = client.infer("demo", {"input_ids": IDS}, adapter="a")["logits"]
+    np.testing.assert_allclose(
+        got, plain_session(by_hand).run(None, {"input_ids": IDS})[0], rtol=1e-4, atol=1e-4
+    )
+    assert len(targets) == 13
+    assert {t.quantized_op for t in targets} == {"MatMulInteger" if kind == "int8" else "MatMulNBits"}
+    assert "layers.1.mlp.up_proj" in {t.module for t in targets}
+    factors = peft_factors(tmp_path / "peft")
+    reference = branched_reference(by_hand, build_demo_model(), [factors] * 2, {"input_ids": IDS})
+    assert relative(adapted, reference) <= 1e-4
+    model = worker.dataplane.get_model("demo")
+    assert model.key.quantize == f"{kind}-1"
+    assert model.quantized  # overrides of its weights are refused like on any quantized base
+
+
+def test_a_dynamo_export_keeps_its_module_names_through_the_quantizer(
+    quantizing_worker: tuple[str, Worker],
+) -> None:
+    """The quantizers drop the dynamo exporter's name_scopes; the worker names the quantized
+    projections after the float graph's, so PEFT adapters map as on the float model."""
+    kind, worker = quantizing_worker
+    adapters = {a: b for a, b in json.loads((PEFT / "adapters.json").read_text()).items() if b == "llama"}
+    with Client(worker.address) as client:
+        base = client.infer("llama", {"input_ids": EXPECTED["input_ids"]})["logits"]
+        print(f"llama {kind} base against torch: {relative(base, EXPECTED['llama/base']):.4f}")
+        for adapter in sorted(adapters):
+            client.register_adapter("llama", adapter, PEFT / adapter)
+            got = client.infer("llama", {"input_ids": EXPECTED["input_ids"]}, adapter=adapter)["logits"]
+            drift = relative(got, EXPECTED[adapter])  # against PEFT on the float model: reported
+            print(f"llama {kind} + {adapter} against PEFT in float: {drift:.4f}")
+            assert relative(got, base) > 1e-3  # the adapter is applied
+        targets = [t for t in client.model_info("llama").adapter_targets if t.kind == "lora"]
+    assert "model.layers.0.self_attn.q_proj" in {t.module for t in targets}
+
+
+def test_quantization_happens_once_per_cache_entry_and_already_quantized_bases_are_kept(
+    tmp_path: Path, demo: Path
+) -> None:
+    cache = ModelCache(tmp_path / "cache")
+    runtime = RuntimeOptions(providers=("CPUExecutionProvider",), quantize="int8")
+    first = BaseModel("demo", demo, runtime, cache)
+    again = BaseModel("demo", demo, runtime, cache)
+    plain = BaseModel("demo", demo, RuntimeOptions(providers=("CPUExecutionProvider",)), cache)
+    assert (first.cache_hit, again.cache_hit, plain.cache_hit) == (False, True, False)
+    assert first.key.digest == again.key.digest != plain.key.digest
+    assert not list((tmp_path / "cache").glob(".quantize-*"))  # the scratch copy is gone
+    quantized = quantize("int8", demo, tmp_path / "int8.onnx")
+    kept = BaseModel("q8", quantized, runtime, cache)
+    assert kept.key.quantize == ""
+
+
+def test_quantize_and_overridable_do_not_combine(tmp_path: Path, demo: Path) -> None:
+    runtime = RuntimeOptions(providers=("CPUExecutionProvider",), quantize="int4")
+    with pytest.raises(InvalidArgument, match="--quantize int4 and --overridable do not combine"):
+        BaseModel("demo", demo, runtime, ModelCache(tmp_path / "cache"), ["layers.0.*"])
