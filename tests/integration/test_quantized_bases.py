@@ -20,6 +20,7 @@ from ortmux.worker.adapters import safetensors
 from ortmux.worker.api.server import Worker, start_worker
 from ortmux.worker.demo import build_demo_model, ensure_demo_model
 from ortmux.worker.engine.lora.feeds import RowSpan
+from ortmux.worker.engine.providers import cuda_works
 
 from ..conftest import plain_session, worker_settings
 from ..demo_adapters import demo_weight, merged_reference, write_peft
@@ -201,3 +202,32 @@ def test_a_module_the_quantized_base_lacks_is_an_invalid_argument(
         error = _error(lambda: client.register_adapter("q4", "nope", peft))
         assert error.code is grpc.StatusCode.INVALID_ARGUMENT, error
         assert "layers.0.self_attn.nope_proj (no weight of the base model belongs to it)" in error.message
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_works(), reason="needs a CUDA device")
+def test_a_4bit_base_with_lora_runs_on_cuda_like_on_cpu(
+    quantized_models: dict[str, Path], tmp_path: Path
+) -> None:
+    factors = peft_factors(write_peft(tmp_path / "a0", seed=0))
+    reference = branched_reference(
+        quantized_models["q4"], build_demo_model(), [factors] * 2, {"input_ids": IDS}
+    )
+    running = start_worker(
+        worker_settings(
+            tmp_path / "data",
+            "--providers",
+            "CUDAExecutionProvider",
+            "--model",
+            f"q4={quantized_models['q4']}",
+        )
+    )
+    try:
+        model = running.dataplane.get_model("q4")
+        assert model.providers[0] == "CUDAExecutionProvider"
+        with Client(running.address) as client:
+            client.register_adapter("q4", "a0", tmp_path / "a0")
+            got = client.infer("q4", {"input_ids": IDS}, adapter="a0")["logits"]
+        assert relative(got, reference) <= 1e-2  # CUDA's MatMulNBits kernel, not the CPU's
+    finally:
+        running.stop(0)

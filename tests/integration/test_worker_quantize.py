@@ -110,3 +110,10 @@ def test_quantize_and_overridable_do_not_combine(tmp_path: Path, demo: Path) -> 
     runtime = RuntimeOptions(providers=("CPUExecutionProvider",), quantize="int4")
     with pytest.raises(InvalidArgument, match="--quantize int4 and --overridable do not combine"):
         BaseModel("demo", demo, runtime, ModelCache(tmp_path / "cache"), ["layers.0.*"])
+
+
+def test_quantize_int8_is_refused_on_cuda_saying_what_runs_there(tmp_path: Path, demo: Path) -> None:
+    """Decided before any session: dynamic int8 operators have CPU kernels only."""
+    runtime = RuntimeOptions(providers=("CUDAExecutionProvider", "CPUExecutionProvider"), quantize="int8")
+    with pytest.raises(InvalidArgument, match=r"CPU only.*--quantize int4 \(MatMulNBits has a CUDA kernel\)"):
+        BaseModel("demo", demo, runtime, ModelCache(tmp_path / "cache"))

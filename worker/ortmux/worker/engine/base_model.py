@@ -43,7 +43,13 @@ from ortmux.worker.engine.lora.graph import (
 from ortmux.worker.engine.lora.targets import LoraSite, SiteReport, Unadaptable, carry_names, find_sites
 from ortmux.worker.engine.providers import CUDA
 from ortmux.worker.engine.quantize import QUANTIZE_VERSION, quantize_model
-from ortmux.worker.engine.quantized import projection_counts, quantized_weights, unsavable_prepacking
+from ortmux.worker.engine.quantized import (
+    CPU_ONLY,
+    cpu_only_ops,
+    projection_counts,
+    quantized_weights,
+    unsavable_prepacking,
+)
 from ortmux.worker.engine.runtime import RuntimeOptions
 from ortmux.worker.engine.specs import TensorSpec, leading_rows, validate_inputs, validate_output_names
 from ortmux.worker.errors import InternalError, InvalidArgument, NotFound
@@ -124,6 +130,7 @@ class BaseModel:
                 "weight must stay float); serve the float model with --overridable, or quantized without it",
                 field="quantize",
             )
+        self._check_provider(source_model, quantize)
         mark_overridable(source_model, self.overridable)
         self._graph: onnx.ModelProto | None = source_model
         self.lora_inputs: list[LoraInput] = []
@@ -169,6 +176,28 @@ class BaseModel:
             ", ".join(self.providers),
             self.arena.total_bytes,
         )
+
+    def _check_provider(self, model: onnx.ModelProto, quantize: str) -> None:
+        """Dynamic int8 runs on CPU kernels only: refused as ``--quantize`` on a CUDA worker,
+        served with a warning when the model comes quantized that way."""
+        if self.runtime.providers[0] != CUDA:
+            return
+        if quantize == "int8":
+            raise InvalidArgument(
+                f"model '{self.name}': --quantize int8 makes a dynamic int8 model, whose operators "
+                f"({', '.join(sorted(CPU_ONLY))}) ONNX Runtime runs on CPU only, copying activations "
+                "around each one; on CUDA use --quantize int4 (MatMulNBits has a CUDA kernel) or none",
+                field="quantize",
+            )
+        cpu_only = cpu_only_ops(model)
+        if cpu_only:
+            log.warning(
+                "model '%s' holds operators ONNX Runtime runs on CPU only (%s): on %s they run on the "
+                "CPU with host copies around each; a 4-bit MatMulNBits or float16 model serves faster",
+                self.name,
+                ", ".join(f"{count} {op}" for op, count in cpu_only.items()),
+                CUDA,
+            )
 
     @property
     def cache_hit(self) -> bool:

@@ -38,6 +38,12 @@ PROJECTIONS = frozenset(
     | {"QLinearMatMul", "QGemm"}
 )
 QUANTIZED_OUTPUT = frozenset({"QLinearMatMul", "QGemm"})
+# Dynamic int8 operators only ONNX Runtime's CPU provider implements: on a CUDA worker they run on
+# the CPU, with the activations copied to the host and back around each one (MatMulNBits and
+# QuantizeLinear / DequantizeLinear have CUDA kernels).
+CPU_ONLY = frozenset(
+    {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+)
 _ACTIVATION_QUANTIZERS = frozenset({"DynamicQuantizeLinear", "QuantizeLinear"})
 _SUFFIXES = ("_quantized", "_Q4", "_Q8", "_q4", "_q8", "_quant")
 
@@ -138,6 +144,13 @@ def quantized_projection(
         return "MatMulInteger's int32 result is not turned back into float by one Cast and one Mul"
     to = next((onnx.helper.get_attribute_value(a) for a in cast.attribute if a.name == "to"), 0)
     return QuantizedProjection(node.op_type, weight, activation, scaled, in_features, out_features, to)
+
+
+def cpu_only_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """Nodes of operators in :data:`CPU_ONLY`, by operator."""
+    return dict(
+        sorted(collections.Counter(n.op_type for n in model.graph.node if n.op_type in CPU_ONLY).items())
+    )
 
 
 def unsavable_prepacking(model: onnx.ModelProto) -> int:
