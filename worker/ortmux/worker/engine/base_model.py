@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import fnmatch
 import logging
 import shutil
-import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,34 +17,26 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from ortmux.worker.engine.arena import Arena
+from ortmux.worker.engine.build import EntryBuilder, quantization
 from ortmux.worker.engine.cache import (
-    BASE_DATA_FILE,
     BASE_MODEL_FILE,
-    MODEL_FILE,
     CacheEntry,
     CacheKey,
     ModelCache,
     cpu_signature,
     mark_overridable,
-    optimize_into,
 )
 from ortmux.worker.engine.lora.feeds import FeedBuffers, RowSpan, build_feeds
 from ortmux.worker.engine.lora.graph import (
     REWRITE_VERSION,
     LoraInput,
     has_batch_dimension,
-    rewrite,
-    strip_branches,
 )
-from ortmux.worker.engine.lora.targets import LoraSite, SiteReport, Unadaptable, carry_names, find_sites
+from ortmux.worker.engine.lora.targets import LoraSite, Unadaptable
 from ortmux.worker.engine.providers import CUDA
-from ortmux.worker.engine.quantize import QUANTIZE_VERSION, quantize_model
+from ortmux.worker.engine.quantize import QUANTIZE_VERSION
 from ortmux.worker.engine.quantized import (
-    CPU_ONLY,
-    cpu_only_ops,
-    projection_counts,
     quantized_weights,
-    unsavable_prepacking,
 )
 from ortmux.worker.engine.runtime import RuntimeOptions
 from ortmux.worker.engine.specs import TensorSpec, leading_rows, validate_inputs, validate_output_names
@@ -121,16 +109,7 @@ class BaseModel:
         self.overridable = select_overridable(source_model, overridable_patterns, path)
         self.initializer_names = frozenset(tensor.name for tensor in source_model.graph.initializer)
         self.quantized = quantized_weights(source_model)  # quantized initializer -> the op reading it
-        quantize = (
-            runtime.quantize if runtime.quantize != "none" and not projection_counts(self.quantized) else ""
-        )
-        if quantize and self.overridable:
-            raise InvalidArgument(
-                f"model '{name}': --quantize {quantize} and --overridable do not combine (an overridable "
-                "weight must stay float); serve the float model with --overridable, or quantized without it",
-                field="quantize",
-            )
-        self._check_provider(source_model, quantize)
+        quantize = quantization(name, runtime, source_model, self.quantized, self.overridable)
         mark_overridable(source_model, self.overridable)
         self._graph: onnx.ModelProto | None = source_model
         self.lora_inputs: list[LoraInput] = []
@@ -177,28 +156,6 @@ class BaseModel:
             self.arena.total_bytes,
         )
 
-    def _check_provider(self, model: onnx.ModelProto, quantize: str) -> None:
-        """Dynamic int8 runs on CPU kernels only: refused as ``--quantize`` on a CUDA worker,
-        served with a warning when the model comes quantized that way."""
-        if self.runtime.providers[0] != CUDA:
-            return
-        if quantize == "int8":
-            raise InvalidArgument(
-                f"model '{self.name}': --quantize int8 makes a dynamic int8 model, whose operators "
-                f"({', '.join(sorted(CPU_ONLY))}) ONNX Runtime runs on CPU only, copying activations "
-                "around each one; on CUDA use --quantize int4 (MatMulNBits has a CUDA kernel) or none",
-                field="quantize",
-            )
-        cpu_only = cpu_only_ops(model)
-        if cpu_only:
-            log.warning(
-                "model '%s' holds operators ONNX Runtime runs on CPU only (%s): on %s they run on the "
-                "CPU with host copies around each; a 4-bit MatMulNBits or float16 model serves faster",
-                self.name,
-                ", ".join(f"{count} {op}" for op, count in cpu_only.items()),
-                CUDA,
-            )
-
     @property
     def cache_hit(self) -> bool:
         return self.entry.hit
@@ -228,24 +185,12 @@ class BaseModel:
         """Fused nodes (ONNX Runtime's Attention, ...) whose projection weights no branch reaches."""
         return list(self.entry.extra.get("fused", []))
 
-    def _rewrite(self, graph: onnx.ModelProto) -> tuple[onnx.ModelProto, list[LoraInput], SiteReport]:
-        """Every adaptable projection gets a LoRA branch (done once, when the cache builds)."""
-        if not self.key.rewrite:
-            return graph, [], SiteReport([], [], [])
-        try:
-            report = find_sites(graph)
-            if self._graph is not None and graph is not self._graph:  # quantized by the worker
-                report = carry_names(report, find_sites(self._graph))
-            rewritten, inputs = rewrite(graph, report)
-            return rewritten, inputs, report
-        except Exception as exc:  # a graph the rewrite cannot handle is served without LoRA
-            log.warning("model '%s' is served without LoRA adapters: %s", self.name, exc)
-            return graph, [], SiteReport([], [], [])
-
     def _open(self) -> tuple[CacheEntry, ModelSession]:
         """The cache entry and the base session; an entry that fails to load is rebuilt once."""
         for attempt in (1, 2):
-            entry = self._cache.get_or_build(self.key, self._optimize, label=f"model '{self.name}'")
+            assert self._graph is not None, "the graph is kept until the first successful load"
+            build = EntryBuilder(self.name, self.path, self.runtime, self.key, self._graph)
+            entry = self._cache.get_or_build(self.key, build, label=f"model '{self.name}'")
             device = "cuda" if self.runtime.providers[0] == CUDA else "cpu"
             try:
                 self.entry = entry
@@ -260,113 +205,6 @@ class BaseModel:
                 log.warning("cached model for '%s' does not load (%s); rebuilding", self.name, exc)
                 self._cache.discard(entry.directory)
         raise AssertionError("unreachable")
-
-    def _optimize(self, directory: Path) -> dict:
-        """Build the cache entry: quantize (``--quantize``), rewrite, optimize, prepack, save.
-        Records the LoRA inputs, so a cache hit needs neither the rewrite nor its shape inference."""
-        log.info("optimizing model '%s' from %s (large models take minutes)", self.name, self.path)
-        options = self.runtime.session_options(self.runtime.graph_optimization_level())
-        assert self._graph is not None, "the graph is kept until the first successful load"
-        with self._source(directory) as (source, data_dir):
-            graph, lora_inputs, report = self._rewrite(source)
-            unpacked = unsavable_prepacking(source)
-            if unpacked:
-                log.info(
-                    "model '%s': %d MatMulNBits at accuracy_level 4 are prepacked by each session "
-                    "(ONNX Runtime reloads their saved prepacked weights wrong)",
-                    self.name,
-                    unpacked,
-                )
-            try:
-                optimize_into(
-                    graph,
-                    data_dir,
-                    directory,
-                    options=options,
-                    providers=self.runtime.providers,
-                    save_prepacked=not unpacked,
-                )
-            except Exception as exc:
-                raise InvalidArgument(
-                    f"model '{self.name}' at {self.path} does not load: {exc}", field="path"
-                ) from None
-            extra: dict = {
-                "lora_inputs": [lora.to_json() for lora in lora_inputs],
-                "unadaptable": [dataclasses.asdict(item) for item in report.unadaptable],
-                "fused": report.fused,
-                "quantized": quantized_weights(source),
-            }
-            if lora_inputs:
-                extra["base_graph"] = self._build_base_graph(directory, lora_inputs, source, data_dir)
-        return extra
-
-    @contextmanager
-    def _source(self, directory: Path) -> Iterator[tuple[onnx.ModelProto, Path]]:
-        """The graph the entry is built from and the directory of its external data: the model as
-        given, or (``--quantize``) its quantized form in a scratch directory beside the entry."""
-        assert self._graph is not None
-        if not self.key.quantize:
-            yield self._graph, self.path.parent
-            return
-        kind = self.key.quantize.rsplit("-", 1)[0]
-        with tempfile.TemporaryDirectory(prefix=".quantize-", dir=directory.parent) as scratch:
-            started = time.perf_counter()
-            path = quantize_model(kind, self.path, Path(scratch), label=f"model '{self.name}'")
-            log.info("model '%s' quantized (%s) in %.1f s", self.name, kind, time.perf_counter() - started)
-            yield onnx.load(str(path), load_external_data=False), path.parent
-
-    def _build_base_graph(
-        self, directory: Path, lora_inputs: list[LoraInput], source: onnx.ModelProto, data_dir: Path
-    ) -> str:
-        """The graph base-only runs execute, and how it was made.
-
-        ``shared``: the LoRA graph without its branches, on the LoRA graph's weights. The branches
-        may keep ONNX Runtime from fusing what they sit between (MatMul + bias, Add +
-        LayerNormalization, attention patterns); ``separate`` then optimizes the original graph on
-        its own, at the price of its own weight file (a second copy, mapped like the first). The
-        log says which fusions the shared graph misses."""
-        optimized = onnx.load(str(directory / MODEL_FILE), load_external_data=False)
-        try:
-            stripped = strip_branches(optimized, lora_inputs)
-        except ValueError as exc:
-            log.warning("model '%s': %s", self.name, exc)
-            stripped = None
-        options = self.runtime.session_options(self.runtime.graph_optimization_level())
-        scratch = directory / ".base"
-        scratch.mkdir()
-        try:
-            optimize_into(
-                source,
-                data_dir,
-                scratch,
-                options=options,
-                providers=self.runtime.providers,
-                data_file=BASE_DATA_FILE,
-                save_prepacked=not unsavable_prepacking(source),
-            )
-            plain = onnx.load(str(scratch / MODEL_FILE), load_external_data=False)
-            missed = _operator_difference(stripped, plain)
-            if stripped is not None and self.runtime.base_graph == "shared":
-                onnx.save(stripped, str(directory / BASE_MODEL_FILE))
-                if missed:
-                    log.info(
-                        "model '%s': base-only runs miss fusions the LoRA branches block (%s); "
-                        "base_graph=separate keeps them at the cost of a second weight file",
-                        self.name,
-                        missed,
-                    )
-                return "shared"
-            (scratch / MODEL_FILE).rename(directory / BASE_MODEL_FILE)
-            if (scratch / BASE_DATA_FILE).exists():
-                (scratch / BASE_DATA_FILE).rename(directory / BASE_DATA_FILE)
-            log.info(
-                "model '%s': base-only runs use the original graph optimized on its own (%s)",
-                self.name,
-                missed or "same operators",
-            )
-            return "separate"
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
 
     def new_session(
         self, own_tensors: Mapping[str, np.ndarray] | None = None, *, graph: Path | None = None
@@ -429,18 +267,6 @@ class BaseModel:
             log.exception("model '%s' failed to run", self.name)
             raise InternalError(f"model '{self.name}' failed to run: {_ort_message(exc)}") from None
         return dict(zip(names, results, strict=True))
-
-
-def _operators(model: onnx.ModelProto) -> collections.Counter:
-    return collections.Counter(node.op_type for node in model.graph.node if node.op_type != "Identity")
-
-
-def _operator_difference(stripped: onnx.ModelProto | None, plain: onnx.ModelProto) -> str:
-    """What the original graph optimized on its own fuses beyond the stripped graph ("" if nothing)."""
-    if stripped is None:
-        return "the LoRA graph's branches could not be stripped"
-    more = _operators(plain) - _operators(stripped)
-    return ", ".join(f"{count} more {op}" for op, count in sorted(more.items()))
 
 
 def _ort_message(exc: BaseException) -> str:
