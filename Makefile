@@ -57,6 +57,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/streaming.py
 	$(PY) bench/served.py
 	$(PY) bench/exports.py
+	$(PY) bench/quantized.py --rounds 5
 
 protos: $(PROTOC_STAMP)
 	$(PROTOC_VENV)/bin/python protos/generate.py

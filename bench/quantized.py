@@ -4,8 +4,9 @@
 
 Each variant is a worker in its own process (``ortmux serve``, ``--quantize none|int8|int4`` on
 the float bench base; the worker quantizes it once, when it enters the cache). Measured per
-variant: worker PSS with the base alone and with 16 rank-16 adapters resident (on all 48
-attention projections), served latency of one client at 1 x 8 and 32 x 8 tokens (medians of
+variant: worker PSS with the base alone, each of two worker processes on one model cache (the
+second maps the first one's pages: one copy per node), and with 16 rank-16 adapters resident (on
+all 48 attention projections), served latency of one client at 1 x 8 and 32 x 8 tokens (medians of
 ``--runs``), and served requests/s at ``--clients`` clients (1 x 8 tokens each) base-only and on
 64 random adapters, in interleaved rounds (medians). Then, in-process, one 32-row batch split as
 the batcher runs it: the base-only run, gathering each row's factors, and the run with each row
@@ -39,7 +40,7 @@ def _cache(variant: str) -> Path:
     return WORK / variant / "data" / "cache"
 
 
-def batch_parts(variant: str, rows: int = 32, runs: int = 5) -> dict:
+def batch_parts(variant: str, rows: int = 32, runs: int = 11) -> dict:
     """In this (child) process: load the variant from its cache (building it if needed) and time
     one batch of ``rows`` base-only, and with each row on its own rank-16 adapter."""
     from ortmux.worker.engine.cache import ModelCache
@@ -72,17 +73,24 @@ def batch_parts(variant: str, rows: int = 32, runs: int = 5) -> dict:
     inputs = {"input_ids": rng.integers(0, 8000, (rows, 8), dtype=np.int64)}
     buffers = FeedBuffers()
 
-    def timed_ms(function) -> float:
-        function()
-        return median([timed(function)[0] * 1000 for _ in range(runs)])
+    def mixed() -> None:
+        model.run(inputs, lora_spans=spans, buffers=buffers)
 
-    base = timed_ms(lambda: model.run(inputs))
-    gather = timed_ms(lambda: build_feeds(model.lora_inputs, rows, spans, buffers))
-    mixed = timed_ms(lambda: model.run(inputs, lora_spans=spans, buffers=buffers))
+    def gather() -> None:
+        build_feeds(model.lora_inputs, rows, spans, buffers)
+
+    samples: dict[str, list[float]] = {"base": [], "gather": [], "mixed": []}
+    calls = {"base": lambda: model.run(inputs), "gather": gather, "mixed": mixed}
+    for function in calls.values():
+        function()  # warm: buffers allocated, shapes seen
+    for _ in range(runs):  # interleaved, so drifts of a shared machine hit all three alike
+        for part, function in calls.items():
+            samples[part].append(timed(function)[0] * 1000)
+    base, gather_ms, mixed_ms = (median(samples[part]) for part in ("base", "gather", "mixed"))
     return {
         "base_ms": base,
-        "gather_ms": gather,
-        "mixed_ms": mixed,
+        "gather_ms": gather_ms,
+        "mixed_ms": mixed_ms,
         "built": not model.cache_hit,
         "load_seconds": load_seconds,
         "cache_mib": model.entry.total_bytes / (1 << 20),
@@ -100,10 +108,15 @@ def _latency_ms(address: str, rows: int, runs: int) -> float:
         return median([timed(client.infer, "bench", ids)[0] * 1000 for _ in range(runs)])
 
 
-def _start(variant: str) -> WorkerProcess:
-    data = WORK / variant / "data"
+def _start(variant: str, second: bool = False) -> WorkerProcess:
+    """The variant's worker; ``second``: another worker process of the same node, on the first
+    one's model cache with a data dir of its own."""
+    data = WORK / variant / ("data-second" if second else "data")
     shutil.rmtree(data / "adapters", ignore_errors=True)
-    return WorkerProcess("--data-dir", str(data), "--quantize", variant, "--model", f"bench={bench_model()}")
+    flags = ["--cache-dir", str(_cache(variant))] if second else []
+    return WorkerProcess(
+        "--data-dir", str(data), *flags, "--quantize", variant, "--model", f"bench={bench_model()}"
+    )
 
 
 def main() -> None:
@@ -124,9 +137,16 @@ def main() -> None:
     try:
         memory: dict[str, tuple[float, float]] = {}
         latency: dict[str, tuple[float, float]] = {}
+        pair: dict[str, float] = {}
         for variant, worker in workers.items():
             _latency_ms(worker.address, 1, 3)  # the base has run
             alone = pss_of(worker.pid)
+            second = _start(variant, second=True)  # one copy per node: the pages are shared
+            try:
+                _latency_ms(second.address, 1, 3)
+                pair[variant] = (pss_of(worker.pid) + pss_of(second.pid)) / 2
+            finally:
+                second.stop()
             with Client(worker.address, timeout=120) as client:
                 ids = {"input_ids": np.zeros((1, 8), dtype=np.int64)}
                 for index in range(ADAPTERS):
@@ -165,6 +185,7 @@ def main() -> None:
                 parts[variant]["cache_mib"],
                 memory[variant][0],
                 memory[variant][0] / float_pss,
+                pair[variant],
                 memory[variant][1],
                 latency[variant][0],
                 latency[variant][1],
@@ -185,6 +206,7 @@ def main() -> None:
                 "cache entry MiB",
                 "PSS base MiB",
                 "x float",
+                "PSS each of 2 workers MiB",
                 f"PSS {RESIDENT} adapters MiB",
                 "1x8 ms",
                 "32x8 ms",
@@ -196,7 +218,8 @@ def main() -> None:
         )
     )
     print(
-        "\nOne batch of 32 requests (1 x 8 tokens), in-process, median of 5; mixed: every row its own adapter"
+        "\nOne batch of 32 requests (1 x 8 tokens), in-process, medians of 11 interleaved runs; "
+        "mixed: every row its own adapter"
     )
     breakdown = []
     for variant in VARIANTS:
