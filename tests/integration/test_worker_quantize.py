@@ -8,14 +8,17 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
+import onnx
 import pytest
 
-from ortmux.client import Client
+from ortmux.client import Client, OrtmuxError
 from ortmux.worker.api.server import Worker, start_worker
 from ortmux.worker.demo import build_demo_model, ensure_demo_model
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.cache import ModelCache
+from ortmux.worker.engine.lora.targets import find_sites
 from ortmux.worker.engine.runtime import RuntimeOptions
 from ortmux.worker.errors import InvalidArgument
 
@@ -40,7 +43,8 @@ def quantizing_worker(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, demo: Path
 ) -> Iterator[tuple[str, Worker]]:
     data = tmp_path_factory.mktemp(f"quantize-{request.param}")
-    models = ["--model", f"demo={demo}", "--model", f"llama={PEFT / 'llama.onnx'}"]
+    models = ["--model", f"demo={demo}"]
+    models += [arg for base in ("llama", "bert") for arg in ("--model", f"{base}={PEFT / f'{base}.onnx'}")]
     running = start_worker(worker_settings(data, "--quantize", request.param, *models))
     yield request.param, running
     running.stop(0)
@@ -70,24 +74,27 @@ def test_the_worker_quantizes_as_onnxruntimes_tools_do_and_keeps_module_names(
     assert model.quantized  # overrides of its weights are refused like on any quantized base
 
 
+@pytest.mark.parametrize(("base", "output"), [("llama", "logits"), ("bert", "last_hidden_state")])
 def test_a_dynamo_export_keeps_its_module_names_through_the_quantizer(
-    quantizing_worker: tuple[str, Worker],
+    quantizing_worker: tuple[str, Worker], base: str, output: str
 ) -> None:
     """The quantizers drop the dynamo exporter's name_scopes; the worker names the quantized
     projections after the float graph's, so PEFT adapters map as on the float model."""
     kind, worker = quantizing_worker
-    adapters = {a: b for a, b in json.loads((PEFT / "adapters.json").read_text()).items() if b == "llama"}
+    adapters = {a: b for a, b in json.loads((PEFT / "adapters.json").read_text()).items() if b == base}
+    feeds = {"input_ids": EXPECTED["input_ids"]}
     with Client(worker.address) as client:
-        base = client.infer("llama", {"input_ids": EXPECTED["input_ids"]})["logits"]
-        print(f"llama {kind} base against torch: {relative(base, EXPECTED['llama/base']):.4f}")
+        plain = client.infer(base, feeds)[output]
+        print(f"{base} {kind} base against torch: {relative(plain, EXPECTED[f'{base}/base']):.4f}")
         for adapter in sorted(adapters):
-            client.register_adapter("llama", adapter, PEFT / adapter)
-            got = client.infer("llama", {"input_ids": EXPECTED["input_ids"]}, adapter=adapter)["logits"]
+            client.register_adapter(base, adapter, PEFT / adapter)
+            got = client.infer(base, feeds, adapter=adapter)[output]
             drift = relative(got, EXPECTED[adapter])  # against PEFT on the float model: reported
-            print(f"llama {kind} + {adapter} against PEFT in float: {drift:.4f}")
-            assert relative(got, base) > 1e-3  # the adapter is applied
-        targets = [t for t in client.model_info("llama").adapter_targets if t.kind == "lora"]
-    assert "model.layers.0.self_attn.q_proj" in {t.module for t in targets}
+            print(f"{base} {kind} + {adapter} against PEFT in float: {drift:.4f}")
+            assert relative(got, plain) > 1e-3  # the adapter is applied
+        targets = [t for t in client.model_info(base).adapter_targets if t.kind == "lora"]
+    assert len(targets) == {"llama": 15, "bert": 12}[base]
+    assert all(t.module and t.quantized_op for t in targets)
 
 
 def test_quantization_happens_once_per_cache_entry_and_already_quantized_bases_are_kept(
@@ -117,3 +124,29 @@ def test_quantize_int8_is_refused_on_cuda_saying_what_runs_there(tmp_path: Path,
     runtime = RuntimeOptions(providers=("CUDAExecutionProvider", "CPUExecutionProvider"), quantize="int8")
     with pytest.raises(InvalidArgument, match=r"CPU only.*--quantize int4 \(MatMulNBits has a CUDA kernel\)"):
         BaseModel("demo", demo, runtime, ModelCache(tmp_path / "cache"))
+
+
+def test_a_dynamo_export_quantized_by_hand_maps_through_module_mapping(tmp_path: Path) -> None:
+    """Quantized outside the worker, the dynamo export's projections lose their names: the error
+    says so and what works; a module_mapping from `ortmux inspect` of the float model (the weight
+    names before quantization) maps them, equal to the branches written into the quantized graph."""
+    quantized = quantize("int8", PEFT / "llama.onnx", tmp_path / "llama-int8.onnx")
+    float_model = onnx.load(str(PEFT / "llama.onnx"))
+    mapping = {site.module: site.weight for site in find_sites(float_model).sites}
+    adapter = PEFT / "llama-r2-mlp"
+    running = start_worker(worker_settings(tmp_path / "data", "--model", f"llama={quantized}"))
+    try:
+        with Client(running.address) as client:
+            with pytest.raises(OrtmuxError) as caught:
+                client.register_adapter("llama", "plain", adapter)
+            assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
+            assert "carry no module name" in caught.value.message and "--quantize" in caught.value.message
+            client.register_adapter("llama", "mapped", adapter, module_mapping=mapping)
+            feeds = {"input_ids": EXPECTED["input_ids"]}
+            got = client.infer("llama", feeds, adapter="mapped")["logits"]
+    finally:
+        running.stop(0)
+    factors = peft_factors(adapter)
+    rows = [factors] * len(EXPECTED["input_ids"])
+    reference = branched_reference(quantized, float_model, rows, feeds, weight_of=mapping.__getitem__)
+    assert relative(got, reference) <= 1e-4

@@ -440,11 +440,19 @@ def map_modules(
         else:
             problems.append(f"{module} (no weight of the base model belongs to it)")
     if problems:
+        unnamed = [site for site in sites if site.quantized and not site.module]
+        hint = (
+            f"; {len(unnamed)} quantized projections carry no module name (the quantizer dropped "
+            "the exporter's metadata): give module_mapping, or serve the float model with --quantize, "
+            "which keeps the names"
+            if unnamed
+            else ""
+        )
         raise InvalidArgument(
             "cannot map these adapter modules to base weights: "
             + "; ".join(problems)
             + " (run `ortmux inspect` on the model to see its adaptable modules; "
-            "module_mapping names weights explicitly)",
+            "module_mapping names weights explicitly" + hint + ")",
             field="target_modules",
         )
     return mapped
