@@ -116,19 +116,12 @@ def flood(address: str, done: threading.Event, count: list[int]) -> None:
             thread.join()
 
 
-def mixed_batch_parts(work: Path, rows: int, runs: int = 5) -> None:
-    """In-process, as the batcher runs them: a base-only batch of ``rows`` requests against one
-    whose every row has its own rank-16 adapter on all 48 projections, split into gathering each
-    row's LoRA factors into the run's inputs and the run itself. Medians of ``runs``."""
-    from ortmux.worker.engine.cache import ModelCache
-    from ortmux.worker.engine.lora.feeds import FeedBuffers, LoraWeights, RowSpan, build_feeds
+def distinct_adapters(model, rows: int) -> tuple[list, dict[str, np.ndarray]]:
+    """A batch of ``rows`` 1 x 8 requests, each row its own random rank-16 adapter on the bench's
+    48 projections: the row spans a run takes, and the inputs."""
+    from ortmux.worker.engine.lora.feeds import LoraWeights, RowSpan
     from ortmux.worker.engine.lora.targets import map_modules
-    from ortmux.worker.engine.registry import ModelRegistry
-    from ortmux.worker.engine.runtime import RuntimeOptions, configure_process
 
-    configure_process(0)
-    registry = ModelRegistry(RuntimeOptions(providers=("CPUExecutionProvider",)), ModelCache(work / "cache"))
-    model = registry.load("bench", bench_model())
     sites = map_modules(model.lora_sites, LORA_MODULES).values()  # what the bench's adapters target
     rng = np.random.default_rng(0)
     spans = [
@@ -145,7 +138,22 @@ def mixed_batch_parts(work: Path, rows: int, runs: int = 5) -> None:
         )
         for row in range(rows)
     ]
-    inputs = {"input_ids": rng.integers(0, 8000, (rows, 8), dtype=np.int64)}
+    return spans, {"input_ids": rng.integers(0, 8000, (rows, 8), dtype=np.int64)}
+
+
+def mixed_batch_parts(work: Path, rows: int, runs: int = 5) -> None:
+    """In-process, as the batcher runs them: a base-only batch of ``rows`` requests against one
+    whose every row has its own rank-16 adapter on all 48 projections, split into gathering each
+    row's LoRA factors into the run's inputs and the run itself. Medians of ``runs``."""
+    from ortmux.worker.engine.cache import ModelCache
+    from ortmux.worker.engine.lora.feeds import FeedBuffers, build_feeds
+    from ortmux.worker.engine.registry import ModelRegistry
+    from ortmux.worker.engine.runtime import RuntimeOptions, configure_process
+
+    configure_process(0)
+    registry = ModelRegistry(RuntimeOptions(providers=("CPUExecutionProvider",)), ModelCache(work / "cache"))
+    model = registry.load("bench", bench_model())
+    spans, inputs = distinct_adapters(model, rows)
     buffers = FeedBuffers()
     factor_bytes = sum(weights.nbytes for span in spans for weights in span.weights.values())
 

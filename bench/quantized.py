@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from adapters import LORA_MODULES, write_peft
-from batching import load
+from adapters import write_peft
+from batching import distinct_adapters, load
 from common import OUT, WorkerProcess, bench_model, child, emit, median, pss_of, table, timed
 
 VARIANTS = ("none", "int8", "int4")
@@ -44,8 +44,7 @@ def batch_parts(variant: str, rows: int = 32, runs: int = 11) -> dict:
     """In this (child) process: load the variant from its cache (building it if needed) and time
     one batch of ``rows`` base-only, and with each row on its own rank-16 adapter."""
     from ortmux.worker.engine.cache import ModelCache
-    from ortmux.worker.engine.lora.feeds import FeedBuffers, LoraWeights, RowSpan, build_feeds
-    from ortmux.worker.engine.lora.targets import map_modules
+    from ortmux.worker.engine.lora.feeds import FeedBuffers, build_feeds
     from ortmux.worker.engine.registry import ModelRegistry
     from ortmux.worker.engine.runtime import RuntimeOptions, configure_process
 
@@ -54,23 +53,7 @@ def batch_parts(variant: str, rows: int = 32, runs: int = 11) -> dict:
     started = time.perf_counter()
     model = ModelRegistry(runtime, ModelCache(_cache(variant))).load("bench", bench_model())
     load_seconds = time.perf_counter() - started
-    sites = map_modules(model.lora_sites, LORA_MODULES).values()
-    rng = np.random.default_rng(0)
-    spans = [
-        RowSpan(
-            row,
-            row + 1,
-            {
-                site.weight: LoraWeights(
-                    a=rng.standard_normal((site.in_features, 16), dtype=np.float32) * 0.02,
-                    b=rng.standard_normal((16, site.out_features), dtype=np.float32) * 0.02,
-                )
-                for site in sites
-            },
-        )
-        for row in range(rows)
-    ]
-    inputs = {"input_ids": rng.integers(0, 8000, (rows, 8), dtype=np.int64)}
+    spans, inputs = distinct_adapters(model, rows)
     buffers = FeedBuffers()
 
     def mixed() -> None:

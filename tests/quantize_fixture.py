@@ -5,7 +5,9 @@
 KIND: ``int8`` (quantize_dynamic), ``int8-matmul`` (the same, MatMuls only), ``qdq``
 (quantize_static, QDQ format, calibrated on random token ids), ``qoperator`` (quantize_static,
 QOperator format), ``int4`` (MatMulNBitsQuantizer, 4-bit blocks of 32), ``int4-acc4`` (the same at
-accuracy_level 4, int8 compute, as ONNX Runtime GenAI's and Olive's CPU recipes make them).
+accuracy_level 4, int8 compute, as ONNX Runtime GenAI's and Olive's CPU recipes make them),
+``int8-fused`` (``int8`` saved again by ONNX Runtime's optimizer, which fuses each projection into
+DynamicQuantizeMatMul or MatMulIntegerToFloat).
 Each runs quant_pre_process first, which folds the weights' Transposes so the MatMuls read
 initializers. Run it in a process of its own: the pre-processing optimizes with per-session
 threads, which a process that set ONNX Runtime's global thread pool forbids.
@@ -40,6 +42,15 @@ def quantize(kind: str, source: Path, out: Path, input_name: str = "input_ids", 
         if kind in ("int8", "int8-matmul"):
             only = ["MatMul"] if kind == "int8-matmul" else None
             quantize_dynamic(prepared, out, op_types_to_quantize=only, weight_type=QuantType.QInt8)
+        elif kind == "int8-fused":
+            import onnxruntime as ort
+
+            unfused = Path(scratch) / "int8.onnx"
+            quantize_dynamic(prepared, unfused, weight_type=QuantType.QInt8)
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            options.optimized_model_filepath = str(out)
+            ort.InferenceSession(str(unfused), options, providers=["CPUExecutionProvider"])
         elif kind in ("qdq", "qoperator"):
             quantize_static(
                 prepared,

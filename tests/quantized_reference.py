@@ -76,9 +76,9 @@ def branched_reference(
     """The first output of ``quantized`` with row ``i`` of ``feeds`` given the factors ``rows[i]``
     (module -> (A, B); None: no adapter)."""
     model = onnx.load(str(quantized))
-    producers = {output: node for node in model.graph.node for output in node.output}
+    producers = {output: index for index, node in enumerate(model.graph.node) for output in node.output}
     modules = sorted({module for factors in rows if factors for module in factors})
-    added = []
+    after: dict[int, list[onnx.NodeProto]] = {}  # branch nodes, by the index of the node they follow
     for index, module in enumerate(modules):
         activation, result = projection_tensors(float_model, weight_of(module))
         shaped = [factors[module] for factors in rows if factors and module in factors]
@@ -91,18 +91,20 @@ def branched_reference(
                 a, b = factors[module]
                 a_rows[row, :, : a.shape[1]] = a
                 b_rows[row, : b.shape[0]] = b
-        producers[result].output[0] = f"{result}.reference_base"
+        if result not in producers:  # an optimizer fused the projection with what followed it
+            result = _fused_result(model, weight_of(module))
+        model.graph.node[producers[result]].output[0] = f"{result}.reference_base"
         prefix = f"reference.{index}"
         model.graph.initializer.extend(
             [numpy_helper.from_array(a_rows, f"{prefix}.a"), numpy_helper.from_array(b_rows, f"{prefix}.b")]
         )
-        added += [
+        after[producers[result]] = [
             helper.make_node("MatMul", [activation, f"{prefix}.a"], [f"{prefix}.xa"]),
             helper.make_node("MatMul", [f"{prefix}.xa", f"{prefix}.b"], [f"{prefix}.delta"]),
             helper.make_node("Add", [f"{result}.reference_base", f"{prefix}.delta"], [result]),
         ]
-    model.graph.node.extend(added)
-    nodes = _sorted(model.graph)
+    # Right after the projection: its activation is computed before it, its result read after.
+    nodes = [item for index, node in enumerate(model.graph.node) for item in (node, *after.get(index, ()))]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     with tempfile.TemporaryDirectory() as scratch:
@@ -111,18 +113,7 @@ def branched_reference(
         return plain_session(path).run(None, feeds)[0]
 
 
-def _sorted(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    ready = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        left = []
-        for node in pending:
-            if all(name in ready for name in node.input):
-                ordered.append(node)
-                ready.update(node.output)
-            else:
-                left.append(node)
-        if len(left) == len(pending):
-            raise ValueError("reference graph does not sort")
-        pending = left
-    return ordered
+def _fused_result(model: onnx.ModelProto, weight: str) -> str:
+    """The output of the one node reading the quantized form of ``weight`` (``<weight>_...``)."""
+    (node,) = [n for n in model.graph.node if any(name.startswith(f"{weight}_") for name in n.input)]
+    return node.output[0]
