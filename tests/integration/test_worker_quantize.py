@@ -5,6 +5,7 @@ it with float branches."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,14 +16,14 @@ import pytest
 
 from ortmux.client import Client, OrtmuxError
 from ortmux.worker.api.server import Worker, start_worker
-from ortmux.worker.demo import build_demo_model, ensure_demo_model
+from ortmux.worker.demo import TransformerShape, build_demo_model, build_transformer, ensure_demo_model
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.cache import ModelCache
 from ortmux.worker.engine.lora.targets import find_sites
 from ortmux.worker.engine.runtime import RuntimeOptions
 from ortmux.worker.errors import InvalidArgument
 
-from ..conftest import plain_session, worker_settings
+from ..conftest import plain_session, small_tmpfs, worker_settings
 from ..demo_adapters import write_peft
 from ..quantized_reference import branched_reference, peft_factors, quantize, relative
 
@@ -150,3 +151,27 @@ def test_a_dynamo_export_quantized_by_hand_maps_through_module_mapping(tmp_path:
     rows = [factors] * len(EXPECTED["input_ids"])
     reference = branched_reference(quantized, float_model, rows, feeds, weight_of=mapping.__getitem__)
     assert relative(got, reference) <= 1e-4
+
+
+def test_a_cache_too_full_to_quantize_into_serves_from_an_uncached_build(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 31 MB model, a cache with 20 MB free: the quantizer runs out of space (and the space
+    comes back when its scratch directory goes), so the worker must read ENOSPC in its output."""
+    path = tmp_path / "model" / "model.onnx"
+    path.parent.mkdir()
+    shape = TransformerShape(vocab=12000, d_model=256, heads=4, d_ff=1024, layers=2)
+    onnx.save_model(
+        build_transformer(shape), str(path), save_as_external_data=True, location="model.onnx.data"
+    )
+    with small_tmpfs(tmp_path / "cache", 48 << 20) as cache:
+        ModelCache(cache)  # its bookkeeping directories first, then fill the rest
+        (cache / "filler").write_bytes(b"\0" * (28 << 20))
+        runtime = RuntimeOptions(providers=("CPUExecutionProvider",), quantize="int8")
+        with caplog.at_level(logging.WARNING):
+            model = BaseModel("big", path, runtime, ModelCache(cache))
+        assert any("is full" in r.message and "uncached" in r.message for r in caplog.records)
+        assert not model.entry.cached and model.quantized
+        assert not [p for p in cache.iterdir() if p.name.startswith((".build-", ".quantize-"))]
+        ids = np.zeros((1, 8), dtype=np.int64)
+        assert model.run({"input_ids": ids})["logits"].shape == (1, 8, 12000)

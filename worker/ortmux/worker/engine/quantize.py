@@ -15,6 +15,7 @@ and result names, so the LoRA sites found on the float graph name the quantized 
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ QUANTIZE_KINDS = ("none", "int8", "int4")
 QUANTIZE_VERSION = 1  # changes what a kind produces: part of the cache key
 QUANTIZED_FILE = "quantized.onnx"
 BLOCK_SIZE = 32
+_FULL_MARKERS = ("No space left on device", "Disk quota exceeded", "errno 28", "Errno 28")
 
 
 def quantize_model(kind: str, source: Path, directory: Path, *, label: str) -> Path:
@@ -38,6 +40,9 @@ def quantize_model(kind: str, source: Path, directory: Path, *, label: str) -> P
     )
     if done.returncode != 0 or not out.is_file():
         lines = [line for line in done.stderr.splitlines() if line.strip()]
+        if any(marker in done.stderr for marker in _FULL_MARKERS):
+            # The cache's file system filled up: the cache builds the entry elsewhere instead.
+            raise OSError(errno.ENOSPC, f"no space left to quantize {label} in {directory}")
         raise InvalidArgument(
             f"{label} at {source} cannot be quantized ({kind}): {lines[-1] if lines else 'no output'}",
             field="quantize",
