@@ -29,7 +29,8 @@ FIXTURE_SCRIPT = Path(__file__).resolve().parent / "quantize_fixture.py"
 def quantize(kind: str, source: Path, out: Path) -> Path:
     """``source`` quantized by onnxruntime's tools, in a process of their own (see the script)."""
     subprocess.run(
-        [sys.executable, str(FIXTURE_SCRIPT), kind, str(source), str(out)],
+        [sys.executable, str(FIXTURE_SCRIPT), kind, str(source.resolve()), str(out.resolve())],
+        cwd=out.parent,  # the tools leave temporary files in the working directory
         check=True,
         capture_output=True,
         timeout=300,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 
 from ortmux.client import Client, OrtmuxError
@@ -20,6 +21,7 @@ from ortmux.worker.adapters import safetensors
 from ortmux.worker.api.server import Worker, start_worker
 from ortmux.worker.demo import build_demo_model, ensure_demo_model
 from ortmux.worker.engine.lora.feeds import RowSpan
+from ortmux.worker.engine.lora.targets import find_sites
 from ortmux.worker.engine.providers import cuda_works
 
 from ..conftest import plain_session, worker_settings
@@ -133,6 +135,16 @@ def test_the_worker_lists_lora_targets_through_their_quantized_operators(quantiz
             assert len(targets) == 13, name
             assert {t.quantized_op for t in targets} == op, name
             assert "layers.0.mlp.up_proj" in {t.module for t in targets}, name
+
+
+def test_site_discovery_writes_nothing_where_it_runs(
+    quantized_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ONNX Runtime's symbolic shape inference cannot follow the fused int8 operators; its own
+    entry point would then save the model and a copy of its weights into the working directory."""
+    monkeypatch.chdir(tmp_path)
+    assert len(find_sites(onnx.load(str(quantized_models["q8f"]))).sites) == 13
+    assert not list(tmp_path.iterdir())
 
 
 def test_inspect_shows_the_quantized_operator_of_each_target(quantized_models: dict[str, Path]) -> None:

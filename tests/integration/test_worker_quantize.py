@@ -99,8 +99,10 @@ def test_a_dynamo_export_keeps_its_module_names_through_the_quantizer(
 
 
 def test_quantization_happens_once_per_cache_entry_and_already_quantized_bases_are_kept(
-    tmp_path: Path, demo: Path
+    tmp_path: Path, demo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # the quantizers' temporary files must not land here
     cache = ModelCache(tmp_path / "cache")
     runtime = RuntimeOptions(providers=("CPUExecutionProvider",), quantize="int8")
     first = BaseModel("demo", demo, runtime, cache)
@@ -109,6 +111,7 @@ def test_quantization_happens_once_per_cache_entry_and_already_quantized_bases_a
     assert (first.cache_hit, again.cache_hit, plain.cache_hit) == (False, True, False)
     assert first.key.digest == again.key.digest != plain.key.digest
     assert not list((tmp_path / "cache").glob(".quantize-*"))  # the scratch copy is gone
+    assert not list((tmp_path / "cwd").iterdir())
     quantized = quantize("int8", demo, tmp_path / "int8.onnx")
     kept = BaseModel("q8", quantized, runtime, cache)
     assert kept.key.quantize == ""

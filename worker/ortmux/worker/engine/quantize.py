@@ -33,7 +33,8 @@ def quantize_model(kind: str, source: Path, directory: Path, *, label: str) -> P
     """``source`` (with its external data) quantized as ``kind`` into ``directory``; the new file."""
     out = directory / QUANTIZED_FILE
     done = subprocess.run(
-        [sys.executable, "-m", __name__, kind, str(source), str(out)],
+        [sys.executable, "-m", __name__, kind, str(source.resolve()), str(out.resolve())],
+        cwd=directory,  # the tools leave temporary files in the working directory
         capture_output=True,
         text=True,
         check=False,

@@ -115,15 +115,36 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, list[str | int]]:
     flatten activations; where it fails, ONNX's own inference is used."""
     inferred = None
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=False)
+        inferred = _symbolic_shapes(model)
     except Exception as exc:  # a graph it cannot follow; ONNX's inference still gives ranks
         log.info("symbolic shape inference failed (%s); using ONNX shape inference", exc)
     if inferred is None:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     graph = inferred.graph
     return {value.name: _dims(value) for value in [*graph.value_info, *graph.input, *graph.output]}
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """ONNX Runtime's symbolic shape inference, or None where it does not infer every shape.
+
+    Its ``infer_shapes`` saves the model with its weights into the working directory before it
+    reports an incomplete inference (``sym_shape_infer_temp.onnx``, a copy of every weight), which
+    a worker must never do; so its steps are run here, without that save."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference, get_opset
+
+    opset = get_opset(model)
+    if not opset or opset < 7:
+        return None
+    inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess rank, verbose
+    inference._preprocess(model)
+    complete = False
+    while inference.run_:
+        complete = inference._infer_impl()
+    inference._update_output_from_vi()
+    if not complete:
+        log.info("symbolic shape inference left shapes unknown; using ONNX shape inference")
+        return None
+    return inference.out_mp_
 
 
 def batch_symbol(model: onnx.ModelProto) -> str:
