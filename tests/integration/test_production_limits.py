@@ -229,3 +229,36 @@ def test_a_full_model_cache_serves_from_an_uncached_build(
                 assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
         finally:
             worker.stop(0)
+
+
+def test_a_model_with_embedded_weights_costs_no_more_memory_than_one_with_external_data(
+    tmp_path: Path,
+) -> None:
+    """Loading parses the whole file when its weights are embedded (most quantized files are);
+    that memory goes back to the system once the model is loaded. Measured on a restart, from the
+    cache (the process that builds an entry holds more; README, memory and disk bounds)."""
+    import onnx
+
+    from ortmux.worker.demo import TransformerShape, build_transformer
+
+    model = build_transformer(TransformerShape(vocab=12000, d_model=256, heads=4, d_ff=1024, layers=2))
+    (tmp_path / "embedded").mkdir()
+    (tmp_path / "external").mkdir()
+    onnx.save_model(model, str(tmp_path / "embedded" / "model.onnx"))  # 31 MB in the file itself
+    onnx.save_model(
+        model,
+        str(tmp_path / "external" / "model.onnx"),
+        save_as_external_data=True,
+        location="model.onnx.data",
+    )
+    held = {}
+    for kind in ("embedded", "external", "embedded", "external"):  # build the entries, then measure
+        data = tmp_path / f"data-{kind}"
+        process, address = serve_process(data, "--model", f"m={tmp_path / kind / 'model.onnx'}")
+        try:
+            with Client(address, timeout=60) as client:
+                client.infer("m", {"input_ids": np.zeros((1, 8), dtype=np.int64)})
+            held[kind] = pss_bytes(process.pid)
+        finally:
+            _stop(process)
+    assert held["embedded"] - held["external"] < 8 * MiB, held

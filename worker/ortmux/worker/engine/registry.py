@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.cache import ModelCache
-from ortmux.worker.engine.runtime import RuntimeOptions
+from ortmux.worker.engine.runtime import RuntimeOptions, release_freed_memory
 from ortmux.worker.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 
 
@@ -54,6 +54,7 @@ class ModelRegistry:
         finally:
             with self._lock:
                 self._loading.discard(name)
+            release_freed_memory()
 
     def get(self, name: str) -> BaseModel:
         if not name:

@@ -7,7 +7,9 @@ that, and hold for the life of the process. Every ortmux session then uses the g
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -95,3 +97,23 @@ class RuntimeOptions:
         options.graph_optimization_level = optimization
         options.log_severity_level = 3
         return options
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap that loading freed back to the system (glibc keeps it otherwise).
+
+    Loading parses the model file into memory (all of it when its weights are embedded, as most
+    quantized files have them), and the cache may optimize it in this process; glibc keeps the
+    freed space mapped, about the model's size in private memory for the worker's lifetime."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
