@@ -120,7 +120,7 @@ def distinct_adapters(model, rows: int) -> tuple[list, dict[str, np.ndarray]]:
     """A batch of ``rows`` 1 x 8 requests, each row its own random rank-16 adapter on the bench's
     48 projections: the row spans a run takes, and the inputs."""
     from ortmux.worker.engine.lora.feeds import LoraWeights, RowSpan
-    from ortmux.worker.engine.lora.targets import map_modules
+    from ortmux.worker.engine.lora.mapping import map_modules
 
     sites = map_modules(model.lora_sites, LORA_MODULES).values()  # what the bench's adapters target
     rng = np.random.default_rng(0)

@@ -12,7 +12,7 @@ from ortmux.worker.adapters.formats import Payload
 from ortmux.worker.adapters.store import AdapterMeta
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.lora.feeds import LoraWeights, rank_bucket
-from ortmux.worker.engine.lora.targets import map_modules
+from ortmux.worker.engine.lora.mapping import map_modules
 from ortmux.worker.engine.quantized import replaced_by
 from ortmux.worker.errors import FailedPrecondition, InvalidArgument
 

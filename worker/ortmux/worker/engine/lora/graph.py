@@ -18,7 +18,8 @@ import dataclasses
 import onnx
 from onnx import TensorProto, helper
 
-from ortmux.worker.engine.lora.targets import ROWS, LoraSite, SiteReport, batch_symbol, find_sites
+from ortmux.worker.engine.lora.shapes import batch_symbol
+from ortmux.worker.engine.lora.targets import ROWS, LoraSite, SiteReport, find_sites
 
 REWRITE_VERSION = 4
 RANK_DIM = "ortmux_lora_rank"

@@ -5,8 +5,8 @@ Transpose (how exporters store torch's [out, in] Linear weights), a Cast, a Dequ
 quantization) or Gemm's ``transB``; or a quantized projection (MatMulInteger, DynamicQuantizeMatMul,
 MatMulNBits: see :mod:`ortmux.worker.engine.quantized`), whose branch reads the float activation
 going in and adds to the float result coming out, so adapters stay float over a quantized base.
-Its module name comes from an explicit ``module_mapping`` (applied in :func:`map_modules`), else
-from the signals :mod:`ortmux.worker.engine.lora.naming` reads.
+Its module name comes from the signals :mod:`ortmux.worker.engine.lora.naming` reads; an explicit
+``module_mapping`` wins over them (:mod:`ortmux.worker.engine.lora.mapping`).
 
 A PEFT module matches a site's name exactly, or on whole trailing path components where the
 two disagree on a wrapper prefix (``transformer.``, ``model.``, a task head's ``bert.``). Shapes
@@ -28,14 +28,12 @@ from collections.abc import Mapping, Sequence
 import onnx
 
 from ortmux.worker.engine.lora.naming import module_names
+from ortmux.worker.engine.lora.shapes import batch_symbol, infer_shapes
 from ortmux.worker.engine.quantized import (
-    QUANTIZED_OUTPUT,
     WEIGHT_INPUT,
     QuantizedProjection,
     quantized_projection,
-    replaced_by,
 )
-from ortmux.worker.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -97,81 +95,6 @@ class SiteReport:
     sites: list[LoraSite]
     unadaptable: list[Unadaptable]
     fused: list[str]  # fused nodes holding projection weights ("Attention 'Attention_0'")
-
-
-def _dims(value: onnx.ValueInfoProto) -> list[str | int]:
-    if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
-        return []
-    return [
-        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-        for d in value.type.tensor_type.shape.dim
-    ]
-
-
-def infer_shapes(model: onnx.ModelProto) -> dict[str, list[str | int]]:
-    """Tensor name -> dims (ints, or symbols such as ``batch_size*sequence_length``).
-
-    ONNX Runtime's symbolic shape inference follows Shape/Slice/Concat chains that exporters use to
-    flatten activations; where it fails, ONNX's own inference is used."""
-    inferred = None
-    try:
-        inferred = _symbolic_shapes(model)
-    except Exception as exc:  # a graph it cannot follow; ONNX's inference still gives ranks
-        log.info("symbolic shape inference failed (%s); using ONNX shape inference", exc)
-    if inferred is None:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    graph = inferred.graph
-    return {value.name: _dims(value) for value in [*graph.value_info, *graph.input, *graph.output]}
-
-
-def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """ONNX Runtime's symbolic shape inference, or None where it does not infer every shape.
-
-    Its ``infer_shapes`` saves the model with its weights into the working directory before it
-    reports an incomplete inference (``sym_shape_infer_temp.onnx``, a copy of every weight), which
-    a worker must never do; so its steps are run here, without that save."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference, get_opset
-
-    opset = get_opset(model)
-    if not opset or opset < 7:
-        return None
-    inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess rank, verbose
-    inference._preprocess(model)
-    complete = False
-    while inference.run_:
-        complete = inference._infer_impl()
-    inference._update_output_from_vi()
-    if not complete:
-        log.info("symbolic shape inference left shapes unknown; using ONNX shape inference")
-        return None
-    return inference.out_mp_
-
-
-def batch_symbol(model: onnx.ModelProto) -> str:
-    """The dim_param every non-initializer graph input leads with ("" when there is none)."""
-    initializers = {tensor.name for tensor in model.graph.initializer}
-    leading = set()
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) < 2 or dims[0].HasField("dim_value") or not dims[0].dim_param:
-            return ""
-        leading.add(dims[0].dim_param)
-    return leading.pop() if len(leading) == 1 else ""
-
-
-def _factors(symbol: str) -> list[str]:
-    """Top-level factors of a product symbol: ``batch*Min(32, seq)`` -> ['batch', 'Min(32, seq)']."""
-    factors, depth, start = [], 0, 0
-    for index, char in enumerate(symbol):
-        depth += char == "("
-        depth -= char == ")"
-        if char == "*" and depth == 0:
-            factors.append(symbol[start:index].strip())
-            start = index + 1
-    factors.append(symbol[start:].strip())
-    return factors
 
 
 class _Graph:
@@ -396,88 +319,3 @@ def _float_projection(
         if quantize is not None and quantize.op_type == "QuantizeLinear":
             activation = quantize.input[0]
     return QuantizedProjection(op_type, operand, activation, node, in_features, out_features, dequantized)
-
-
-def _matches(module: str, name: str) -> bool:
-    """Equal, or equal on whole trailing path components (one side has a wrapper prefix)."""
-    return module == name or module.endswith("." + name) or name.endswith("." + module)
-
-
-def map_modules(
-    sites: Sequence[LoraSite],
-    modules: Sequence[str],
-    explicit: Mapping[str, str] | None = None,
-    unadaptable: Sequence[Unadaptable] = (),
-    fused: Sequence[str] = (),
-) -> dict[str, LoraSite]:
-    """Module name -> site for every module an adapter targets; every miss is listed at once.
-
-    ``explicit`` maps module names to initializer names and wins over the names in the graph. An
-    exact name wins over a prefix-tolerant match; two candidates of the same kind are refused.
-    """
-    by_weight = {site.weight: site for site in sites}
-    mapped: dict[str, LoraSite] = {}
-    problems = []
-    for module in modules:
-        if explicit and module in explicit:
-            weight = explicit[module]
-            site = by_weight.get(weight) or by_weight.get(replaced_by(weight, by_weight) or "")
-            if site is None:
-                problems.append(f"{module} -> {explicit[module]} (mapping names no adaptable weight)")
-            else:
-                mapped[module] = site
-            continue
-        exact = _unique(site for site in sites if module in site.names)
-        candidates = exact or _unique(
-            site for site in sites if any(_matches(module, name) for name in site.names)
-        )
-        if len(candidates) == 1:
-            mapped[module] = candidates[0]
-            continue
-        if candidates:
-            problems.append(
-                f"{module} (ambiguous: " + ", ".join(f"{s.weight} ({s.module})" for s in candidates) + ")"
-            )
-            continue
-        blocked = [u for u in unadaptable if u.module and _matches(module, u.module)]
-        if blocked and blocked[0].op_type in QUANTIZED_OUTPUT:
-            raise FailedPrecondition(
-                f"cannot map adapter module '{module}': its projection {blocked[0].node} is "
-                f"{blocked[0].reason}",
-                field="target_modules",
-            )
-        if blocked:
-            problems.append(
-                f"{module} (its projection {blocked[0].node} cannot take a branch: {blocked[0].reason})"
-            )
-        elif fused:
-            raise FailedPrecondition(
-                f"cannot map adapter module '{module}': the base graph holds fused nodes "
-                f"({', '.join(fused[:4])}) whose packed projection weights no LoRA branch can take; "
-                "serve the model as exported, before ONNX Runtime's transformer optimizer or "
-                "Optimum's ORTOptimizer fused it (e.g. `optimum-cli export onnx` without --optimize)",
-                field="target_modules",
-            )
-        else:
-            problems.append(f"{module} (no weight of the base model belongs to it)")
-    if problems:
-        unnamed = [site for site in sites if site.quantized and not site.module]
-        hint = (
-            f"; {len(unnamed)} quantized projections carry no module name (the quantizer dropped "
-            "the exporter's metadata): give module_mapping, or serve the float model with --quantize, "
-            "which keeps the names"
-            if unnamed
-            else ""
-        )
-        raise InvalidArgument(
-            "cannot map these adapter modules to base weights: "
-            + "; ".join(problems)
-            + " (run `ortmux inspect` on the model to see its adaptable modules; "
-            "module_mapping names weights explicitly" + hint + ")",
-            field="target_modules",
-        )
-    return mapped
-
-
-def _unique(sites) -> list[LoraSite]:
-    return list({site.weight: site for site in sites}.values())
