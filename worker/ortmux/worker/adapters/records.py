@@ -1,4 +1,4 @@
-"""What the adapter manager keeps per adapter, and the errors it answers with."""
+"""What the adapter manager keeps per adapter, its limits, and the errors it answers with."""
 
 from __future__ import annotations
 
@@ -11,6 +11,17 @@ from ortmux.worker.adapters.store import AdapterMeta, Key
 from ortmux.worker.errors import AlreadyExists, NotFound, Unavailable
 
 STORE_RETRY_SECONDS = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterLimits:
+    max_adapter_bytes: int = 1 << 30
+    max_upload_chunks: int = 1 << 20
+    memory_budget_bytes: int = 2 << 30
+    tenant_max_adapters: int = 0  # per tenant and model; 0: no quota
+    tenant_max_adapter_bytes: int = 0  # stored bytes per tenant over all models; 0: no quota
+    disk_bytes: int = 0  # the local cache of a shared store; 0: no bound
+    store_lookups_per_second: float = 20.0  # per tenant, of ids this pod does not know
 
 
 @dataclasses.dataclass
