@@ -158,6 +158,8 @@ class Residency:
         with self._lock:
             cached = [(key, r) for key, r in self._records.items() if r.cached]
             total = sum(r.meta.size_bytes for _, r in cached)
+            if total <= self.limits.disk_bytes:
+                return  # the common case: no sort of every cached record
             victims = []
             for key, record in sorted(cached, key=lambda item: item[1].last_used_at):
                 if total <= self.limits.disk_bytes:
