@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import numpy as np
+from onnx import helper
 
 from ortmux.worker.adapters import formats
 from ortmux.worker.adapters.formats import Payload
@@ -71,7 +72,8 @@ def _materialize(model: BaseModel, parsed: formats.ParsedAdapter) -> tuple[Resid
             if site.weight in weights_of:
                 raise InvalidArgument(f"two modules map to weight '{site.weight}'", field="target_modules")
             weights_of[site.weight] = module
-        lora = _lora_factors(weights_of)
+        dtypes = {lora.site.weight: lora.dtype for lora in model.lora_inputs}
+        lora = _lora_factors(weights_of, {weight: dtypes[weight] for weight in weights_of})
         nbytes = sum(weights.nbytes for weights in lora.values())
         rank = max(module.rank for module in weights_of.values())
         return Resident(lora=lora, nbytes=nbytes), rank, sorted(lora)
@@ -110,9 +112,10 @@ def _materialize(model: BaseModel, parsed: formats.ParsedAdapter) -> tuple[Resid
     return Resident(feeds=tensors, nbytes=sum(a.nbytes for a in tensors.values())), 0, sorted(tensors)
 
 
-def _lora_factors(modules: dict[str, formats.PeftModule]) -> dict[str, LoraWeights]:
+def _lora_factors(modules: dict[str, formats.PeftModule], dtypes: dict[str, int]) -> dict[str, LoraWeights]:
     """Each module's factors as a run feeds them, A [in, R] and B * scale [R, out], carved out of
-    one float32 block: one allocation per adapter, each factor written in a single pass.
+    one float32 block: one allocation per adapter, each factor written in a single pass (a site
+    of another float type, a float16 base's, gets its own copy in that type).
 
     R is the rank rounded up to the power of two runs use, the extra columns of A and rows of B
     zero (exact): a run whose rows all use this adapter is then fed views of these arrays, with
@@ -128,6 +131,9 @@ def _lora_factors(modules: dict[str, formats.PeftModule]) -> dict[str, LoraWeigh
         offset += b.size
         np.copyto(a[:, :rank], module.a.T, casting="same_kind")
         np.multiply(module.b.T, module.scale, out=b[:rank], casting="same_kind")
+        dtype = helper.tensor_dtype_to_np_dtype(dtypes[weight])
+        if dtype != block.dtype:  # a float16 (or bfloat16) base: its branches take its type
+            a, b = a.astype(dtype), b.astype(dtype)
         lora[weight] = LoraWeights(a=a, b=b)
     return lora
 
