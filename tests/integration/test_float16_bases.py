@@ -68,3 +68,40 @@ def test_lora_on_a_float16_base_runs_in_float16_and_equals_the_merged_weight(tmp
     np.testing.assert_allclose(one_row, got[:1], rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(base, plain_session(path).run(None, {"x": x})[0], rtol=1e-3, atol=1e-3)
     assert np.abs(got.astype(np.float32) - base.astype(np.float32)).max() > 0.1
+
+
+def test_lora_on_a_4bit_base_with_float16_activations(tmp_path: Path) -> None:
+    """MatMulNBits with float16 scales, as 4-bit CUDA recipes make them: the branch is float16."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    weight = RNG.standard_normal((64, 32)).astype(np.float16)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "proj.weight"], ["y"], name="/proj/MatMul")],
+        "float16-q4",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", "seq", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["batch", "seq", 32])],
+        [numpy_helper.from_array(weight, "proj.weight")],
+    )
+    quantizer = MatMulNBitsQuantizer(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9),
+        block_size=32,
+        is_symmetric=True,
+    )
+    quantizer.process()
+    path = tmp_path / "q4.onnx"
+    quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
+    a = RNG.standard_normal((2, 64)).astype(np.float32) * 0.2
+    b = RNG.standard_normal((32, 2)).astype(np.float32) * 0.2
+    x = RNG.standard_normal((2, 4, 64)).astype(np.float16)
+    running = start_worker(worker_settings(tmp_path / "data", "--model", f"q4={path}"))
+    try:
+        with Client(running.address) as client:
+            (target,) = [t for t in client.model_info("q4").adapter_targets if t.kind == "lora"]
+            assert (target.module, target.quantized_op) == ("proj", "MatMulNBits")
+            client.register_adapter("q4", "a", _peft(tmp_path / "peft", a, b))
+            got = client.infer("q4", {"x": x}, adapter="a")["y"]
+    finally:
+        running.stop(0)
+    quantized = plain_session(path).run(None, {"x": x})[0].astype(np.float32)
+    expected = quantized + x.astype(np.float32) @ (2.0 * (b @ a).T)
+    np.testing.assert_allclose(got.astype(np.float32), expected, rtol=2e-2, atol=2e-2)
