@@ -191,6 +191,15 @@ def test_a_stream_answers_each_request_with_its_result_or_its_error(stub) -> Non
     assert answers["s0"].infer_response.model_name == "demo:acme-a"
 
 
+def test_a_stream_that_repeats_a_request_id_echoes_the_model_name_on_every_answer(stub) -> None:
+    requests = [infer_request("demo:acme-a") for _ in range(3)]
+    for request in requests:
+        request.id = "same"
+    answers = list(stub.ModelStreamInfer(iter(requests), metadata=AUTH))
+    assert [a.infer_response.id for a in answers] == ["same"] * 3
+    assert [a.infer_response.model_name for a in answers] == ["demo:acme-a"] * 3
+
+
 def test_probes_need_no_key_and_everything_else_does(stub) -> None:
     assert stub.ServerLive(oip.ServerLiveRequest()).live
     assert stub.ServerReady(oip.ServerReadyRequest()).ready

@@ -4,6 +4,7 @@ delegates; errors leave through the same interceptor and table."""
 
 from __future__ import annotations
 
+import collections
 import importlib.metadata
 from collections.abc import Iterator
 from functools import partial
@@ -121,19 +122,23 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     ) -> Iterator[oip.ModelStreamInferResponse]:
         deadline = convert.call_deadline(context)
         tenant = current_identity().tenant  # read here: the stream's reader runs on its own thread
-        names: dict[str, str] = {}  # request id -> the model name it was sent to
+        # request id -> the model names sent with it, in order (a client may repeat an id)
+        names: dict[str, collections.deque[str]] = collections.defaultdict(collections.deque)
 
         def incoming() -> Iterator[Incoming]:
             for number, message in enumerate(request_iterator):
                 key = message.id or f"#{number}"
-                names[key] = message.model_name
+                names[key].append(message.model_name)
                 yield (
                     key,
                     partial(oip_convert.request_from_proto, message, deadline, context.is_active, tenant),
                 )
 
         for answer in convert.answer_stream(self._dataplane, incoming(), self._stream_window, context):
-            yield _stream_answer(answer, names.pop(answer.request_id, ""))
+            sent = names.get(answer.request_id)
+            yield _stream_answer(answer, sent.popleft() if sent else "")
+            if sent is not None and not sent:
+                del names[answer.request_id]
 
     def ModelStatistics(
         self, request: oip.ModelStatisticsRequest, context: grpc.ServicerContext
