@@ -178,3 +178,45 @@ def test_a_cache_too_full_to_quantize_into_serves_from_an_uncached_build(
         assert not [p for p in cache.iterdir() if p.name.startswith((".build-", ".quantize-"))]
         ids = np.zeros((1, 8), dtype=np.int64)
         assert model.run({"input_ids": ids})["logits"].shape == (1, 8, 12000)
+
+
+EXPORTS = Path(__file__).resolve().parents[1] / "fixtures" / "exports"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(RECIPES))
+def test_every_export_fixture_takes_its_adapters_under_quantize(kind: str, tmp_path: Path) -> None:
+    """Optimum, both torch exporters, GPT-2, Qwen2 with past, ConvNeXt, an unnamed graph: with
+    --quantize each adapter maps every module it targets and is applied; drift against PEFT in
+    float is printed (exactness is shown on the demo and the Llama fixture above)."""
+    cases = json.loads((EXPORTS / "cases.json").read_text())
+    expected = np.load(EXPORTS / "expected.npz")
+    models = sorted({case["model"] for case in cases})
+
+    def inputs(model: str) -> dict[str, np.ndarray]:
+        prefix = f"{model}/input/"
+        return {key[len(prefix) :]: expected[key] for key in expected.files if key.startswith(prefix)}
+
+    flags = [arg for model in models for arg in ("--model", f"{model}={EXPORTS / f'{model}.onnx'}")]
+    running = start_worker(worker_settings(tmp_path / "data", "--quantize", kind, *flags))
+    try:
+        with Client(running.address, timeout=120) as client:
+            quantized = {
+                model: {t.quantized_op for t in client.model_info(model).adapter_targets if t.kind == "lora"}
+                for model in models
+            }
+            for case in cases:
+                model, adapter, output = case["model"], case["adapter"], case["output"]
+                client.register_adapter(model, adapter, EXPORTS / adapter)
+                got = client.infer(model, inputs(model), adapter=adapter)[output]
+                base = client.infer(model, inputs(model))[output]
+                drift = relative(got, expected[f"{model}/{adapter}"])
+                print(f"{kind} {model} + {adapter} against PEFT in float: {drift:.4f}")
+                effect = relative(expected[f"{model}/{adapter}"], expected[f"{model}/base"])
+                if effect > 1e-3:  # (ConvNeXt's adapter moves its pooled output by 4e-6 in PEFT)
+                    assert relative(got, base) > effect / 10, (model, adapter)
+                assert drift < 0.5, (model, adapter, drift)
+    finally:
+        running.stop(0)
+    op = "MatMulInteger" if kind == "int8" else "MatMulNBits"
+    assert all(op in ops for model, ops in quantized.items() if model != "convnext-dynamo"), quantized
