@@ -71,7 +71,9 @@ def test_feed_memory_stays_within_its_bound_under_every_batch_size(tmp_path: Pat
                 for thread in threads:
                     thread.join()
             grown = pss_bytes(process.pid) - before
-        assert grown <= bound + 32 * MiB, (
+        # Beyond the bound: ONNX Runtime's buffers for new shapes and the heap the runs take anew
+        # (the worker hands the heap freed by loading back to the system, so runs cannot reuse it).
+        assert grown <= bound + 48 * MiB, (
             f"PSS grew {grown / MiB:.0f} MiB under a {bound / MiB:.0f} MiB bound"
         )
     finally:
