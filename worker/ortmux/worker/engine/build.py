@@ -17,7 +17,7 @@ import onnx
 
 from ortmux.worker.engine.cache import BASE_DATA_FILE, BASE_MODEL_FILE, MODEL_FILE, CacheKey, optimize_into
 from ortmux.worker.engine.lora.graph import LoraInput, rewrite, strip_branches
-from ortmux.worker.engine.lora.targets import SiteReport, carry_names, find_sites
+from ortmux.worker.engine.lora.targets import SiteReport, carry_names, find_sites, projection_names
 from ortmux.worker.engine.providers import CUDA
 from ortmux.worker.engine.quantize import quantize_model
 from ortmux.worker.engine.quantized import (
@@ -25,7 +25,6 @@ from ortmux.worker.engine.quantized import (
     cpu_only_ops,
     projection_counts,
     quantized_weights,
-    unsavable_prepacking,
 )
 from ortmux.worker.engine.runtime import RuntimeOptions
 from ortmux.worker.errors import InvalidArgument
@@ -91,23 +90,8 @@ class EntryBuilder:
         options = self.runtime.session_options(self.runtime.graph_optimization_level())
         with self._source(directory) as (source, data_dir):
             graph, lora_inputs, report = self._rewrite(source)
-            unpacked = unsavable_prepacking(source)
-            if unpacked:
-                log.info(
-                    "model '%s': %d MatMulNBits at accuracy_level 4 are prepacked by each session "
-                    "(ONNX Runtime reloads their saved prepacked weights wrong)",
-                    self.name,
-                    unpacked,
-                )
             try:
-                optimize_into(
-                    graph,
-                    data_dir,
-                    directory,
-                    options=options,
-                    providers=self.runtime.providers,
-                    save_prepacked=not unpacked,
-                )
+                optimize_into(graph, data_dir, directory, options=options, providers=self.runtime.providers)
             except Exception as exc:
                 raise InvalidArgument(
                     f"model '{self.name}' at {self.path} does not load: {exc}", field="path"
@@ -163,7 +147,6 @@ class EntryBuilder:
                 options=options,
                 providers=self.runtime.providers,
                 data_file=BASE_DATA_FILE,
-                save_prepacked=not unsavable_prepacking(source),
             )
             plain = onnx.load(str(scratch / MODEL_FILE), load_external_data=False)
             missed = _operator_difference(stripped, plain)
@@ -196,7 +179,7 @@ class EntryBuilder:
         try:
             report = find_sites(graph)
             if graph is not self._graph:  # quantized by the worker
-                report = carry_names(report, find_sites(self._graph))
+                report = carry_names(report, projection_names(self._graph))
             rewritten, inputs = rewrite(graph, report)
             return rewritten, inputs, report
         except Exception as exc:  # a graph the rewrite cannot handle is served without LoRA

@@ -29,6 +29,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from ortmux.worker.engine.quantized import unsavable_prepacking
 from ortmux.worker.files import fsync_dir, write_atomically
 
 log = logging.getLogger(__name__)
@@ -355,17 +356,25 @@ def optimize_into(
     options: ort.SessionOptions,
     providers: Sequence[str],
     data_file: str = DATA_FILE,
-    save_prepacked: bool = True,
 ) -> None:
     """Run ONNX Runtime's graph optimization on ``model`` (its external data read from
-    ``external_data_dir``) and save the result, with its weights and (``save_prepacked``) prepacked
-    blobs as external data, in ``directory``."""
+    ``external_data_dir``) and save the result, with its weights and prepacked blobs as external
+    data, in ``directory`` (no prepacked blobs for a graph whose blobs ONNX Runtime reloads wrong:
+    :func:`~ortmux.worker.engine.quantized.unsavable_prepacking`)."""
     options.optimized_model_filepath = str(directory / MODEL_FILE)
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_file)
     options.add_session_config_entry(
         "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
     )
-    if save_prepacked:
+    unpacked = unsavable_prepacking(model)
+    if unpacked:
+        log.info(
+            "%d MatMulNBits at accuracy_level 4 are saved unpacked in %s; each session prepacks them "
+            "(ONNX Runtime reloads their saved prepacked weights wrong)",
+            unpacked,
+            directory,
+        )
+    else:
         options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
     options.add_session_config_entry(
         "session.model_external_initializers_file_folder_path", str(external_data_dir)

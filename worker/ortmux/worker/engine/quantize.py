@@ -4,8 +4,9 @@
   initializer), then ``quantize_dynamic`` of the MatMuls (int8 weights, activations quantized per
   run); embeddings and everything else stay float.
 - ``int4``: ``quant_pre_process``, then ``MatMulNBitsQuantizer`` (4-bit weight-only, symmetric
-  blocks of 32 along the input features, float compute: ``accuracy_level`` 4, int8 compute, cannot
-  keep its prepacked weights in the cache, see :func:`~ortmux.worker.engine.quantized.unsavable_prepacking`).
+  blocks of 32 along the input features) at float compute; ``accuracy_level`` 4 (int8 compute)
+  could not keep its prepacked weights in the cache (see
+  :func:`~ortmux.worker.engine.quantized.unsavable_prepacking`).
 
 The tools run in a process of their own: the pre-processing optimizes with per-session threads,
 which a process using ONNX Runtime's global thread pool (as the worker does) forbids, and a large
@@ -80,7 +81,7 @@ def _quantize(kind: str, source: Path, out: Path) -> None:
         quantizer.model.save_model_to_file(str(out), use_external_data_format=True)
     else:
         raise SystemExit(f"unknown quantization '{kind}'")
-    for leftover in out.parent.glob("prepared.onnx*"):
+    for leftover in out.parent.glob("prepared.onnx*"):  # a model's size, freed before optimizing
         leftover.unlink()
 
 

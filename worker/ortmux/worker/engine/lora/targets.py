@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import onnx
 
@@ -106,10 +106,17 @@ class _Graph:
         for node in graph.node:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
-        self.shapes = infer_shapes(model) if shapes is None else shapes
+        self._shapes = shapes
         self.batch = batch_symbol(model)
         self._model = model
         self._concrete: dict[int, dict[str, list[str | int]]] | None = None
+
+    @property
+    def shapes(self) -> Mapping[str, list[str | int]]:
+        """Inferred on first use: naming projections needs no shapes, placing branches does."""
+        if self._shapes is None:
+            self._shapes = infer_shapes(self._model)
+        return self._shapes
 
     def weight_behind(self, name: str) -> tuple[str, bool, int] | None:
         """The 2-D initializer ``name`` reads through Cast, Transpose and DequantizeLinear, whether
@@ -230,23 +237,13 @@ def find_sites(model: onnx.ModelProto, shapes: Mapping[str, list[str | int]] | N
     index_of = {id(node): index for index, node in enumerate(model.graph.node)}
     sites: list[LoraSite] = []
     unadaptable: list[Unadaptable] = []
-    fused: list[str] = []
-    for index, node in enumerate(model.graph.node):
-        label = node.name or f"#{index}"
-        if node.op_type in FUSED_OPS and any(
-            name in graph.initializers and len(graph.initializers[name].dims) == 2 for name in node.input
-        ):
-            fused.append(f"{node.op_type} '{label}'")
-        projection = quantized_projection(node, graph.initializers, graph.producers, graph.consumers)
-        if isinstance(projection, str):
-            weight = node.input[WEIGHT_INPUT[node.op_type]]
-            _rule, module, _aliases = module_names(node, weight, graph.bias_module(node))
-            unadaptable.append(Unadaptable(label, node.op_type, weight, module, projection))
-            continue
-        if projection is None:
-            projection = _float_projection(graph, node, label, unadaptable)
-        if projection is None:
-            continue
+    fused = [
+        f"{node.op_type} '{node.name or f'#{index}'}'"
+        for index, node in enumerate(model.graph.node)
+        if node.op_type in FUSED_OPS
+        and any(name in graph.initializers and len(graph.initializers[name].dims) == 2 for name in node.input)
+    ]
+    for label, node, projection in _projections(model, graph, unadaptable):
         output_node = projection.output_node
         rule, module, aliases = module_names(node, projection.weight, graph.bias_module(output_node))
         placed = graph.layout(projection.activation, projection.in_features)
@@ -275,17 +272,47 @@ def find_sites(model: onnx.ModelProto, shapes: Mapping[str, list[str | int]] | N
     return SiteReport(sites, unadaptable, fused)
 
 
-def carry_names(report: SiteReport, named: SiteReport) -> SiteReport:
-    """``report``'s sites named as the sites of ``named`` (the same graph before quantization)
-    that produced the same result tensor: the quantizers keep those names, not the metadata."""
-    by_output = {site.output: site for site in named.sites}
+def projection_names(model: onnx.ModelProto) -> dict[str, tuple[str, str, tuple[str, ...]]]:
+    """Each projection's result tensor -> (rule, module, aliases), without shape inference."""
+    graph = _Graph(model, None)
+    return {
+        projection.output_node.output[0]: module_names(
+            node, projection.weight, graph.bias_module(projection.output_node)
+        )
+        for _label, node, projection in _projections(model, graph, [])
+    }
+
+
+def carry_names(report: SiteReport, names: Mapping[str, tuple[str, str, tuple[str, ...]]]) -> SiteReport:
+    """``report``'s sites named as :func:`projection_names` of the same graph before quantization
+    named the projection that produced the same result tensor: the quantizers keep those tensor
+    names, not the exporters' metadata."""
     sites = []
     for site in report.sites:
-        source = by_output.get(site.output)
-        if source is not None and source.module:
-            site = dataclasses.replace(site, module=source.module, rule=source.rule, aliases=source.aliases)
+        rule, module, aliases = names.get(site.output, ("", "", ()))
+        if module:
+            site = dataclasses.replace(site, module=module, rule=rule, aliases=aliases)
         sites.append(site)
     return SiteReport(sites, report.unadaptable, report.fused)
+
+
+def _projections(
+    model: onnx.ModelProto, graph: _Graph, unadaptable: list[Unadaptable]
+) -> Iterator[tuple[str, onnx.NodeProto, QuantizedProjection]]:
+    """(label, node, projection) for every projection on a weight, float or quantized, in graph
+    order; those that can never take a branch go to ``unadaptable``."""
+    for index, node in enumerate(model.graph.node):
+        label = node.name or f"#{index}"
+        projection = quantized_projection(node, graph.initializers, graph.producers, graph.consumers)
+        if isinstance(projection, str):
+            weight = node.input[WEIGHT_INPUT[node.op_type]]
+            _rule, module, _aliases = module_names(node, weight, graph.bias_module(node))
+            unadaptable.append(Unadaptable(label, node.op_type, weight, module, projection))
+            continue
+        if projection is None:
+            projection = _float_projection(graph, node, label, unadaptable)
+        if projection is not None:
+            yield label, node, projection
 
 
 def _float_projection(
