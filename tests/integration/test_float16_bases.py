@@ -20,20 +20,20 @@ RNG = np.random.default_rng(3)
 W = RNG.standard_normal((16, 8)).astype(np.float16)  # [in, out], read by MatMul as is
 
 
-def _model(path: Path) -> Path:
+def _projection(weight: np.ndarray, *, relu: bool) -> onnx.ModelProto:
+    """``y = x @ weight`` in float16 (then a Relu, when asked), the projection module "proj"."""
+    fan_in, fan_out = weight.shape
+    nodes = [helper.make_node("MatMul", ["x", "proj.weight"], ["h" if relu else "y"], name="/proj/MatMul")]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["h"], ["y"], name="/act/Relu"))
     graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "proj.weight"], ["h"], name="/proj/MatMul"),
-            helper.make_node("Relu", ["h"], ["y"], name="/act/Relu"),
-        ],
+        nodes,
         "float16",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", "seq", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["batch", "seq", 8])],
-        [numpy_helper.from_array(W, "proj.weight")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", "seq", fan_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["batch", "seq", fan_out])],
+        [numpy_helper.from_array(weight, "proj.weight")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    onnx.save(model, str(path))
-    return path
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
 def _peft(directory: Path, a: np.ndarray, b: np.ndarray) -> Path:
@@ -46,7 +46,8 @@ def _peft(directory: Path, a: np.ndarray, b: np.ndarray) -> Path:
 
 
 def test_lora_on_a_float16_base_runs_in_float16_and_equals_the_merged_weight(tmp_path: Path) -> None:
-    path = _model(tmp_path / "fp16.onnx")
+    path = tmp_path / "fp16.onnx"
+    onnx.save(_projection(W, relu=True), str(path))
     a = RNG.standard_normal((2, 16)).astype(np.float32) * 0.3
     b = RNG.standard_normal((8, 2)).astype(np.float32) * 0.3
     x = RNG.standard_normal((3, 5, 16)).astype(np.float16)
@@ -75,18 +76,7 @@ def test_lora_on_a_4bit_base_with_float16_activations(tmp_path: Path) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     weight = RNG.standard_normal((64, 32)).astype(np.float16)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "proj.weight"], ["y"], name="/proj/MatMul")],
-        "float16-q4",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", "seq", 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["batch", "seq", 32])],
-        [numpy_helper.from_array(weight, "proj.weight")],
-    )
-    quantizer = MatMulNBitsQuantizer(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9),
-        block_size=32,
-        is_symmetric=True,
-    )
+    quantizer = MatMulNBitsQuantizer(_projection(weight, relu=False), block_size=32, is_symmetric=True)
     quantizer.process()
     path = tmp_path / "q4.onnx"
     quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
