@@ -76,6 +76,9 @@ def model_info(message: models_pb2.ModelInfo) -> ModelInfo:
                 layout=target.layout,
                 aliases=tuple(target.aliases),
                 quantized_op=target.quantized_op,
+                per_row=target.per_row,
+                group=target.group,
+                bias=target.bias,
             )
             for target in message.adapter_targets
         ),

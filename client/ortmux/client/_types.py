@@ -32,6 +32,9 @@ class AdapterTargetInfo:
     layout: str = ""  # rows, matrix or flattened (LoRA targets)
     aliases: tuple[str, ...] = ()
     quantized_op: str = ""  # on a quantized base: the operator computing the projection
+    per_row: bool = True  # rows of one run can take different adapters here (LoRA targets)
+    group: str = ""  # the call group: every call of one module shares it (LoRA targets)
+    bias: str = ""  # the bias a trained head (modules_to_save) changes (LoRA targets)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,7 @@ ADAPTER_TARGET_KIND_LORA: AdapterTargetKind
 ADAPTER_TARGET_KIND_OVERRIDE: AdapterTargetKind
 
 class AdapterTarget(_message.Message):
-    __slots__ = ("weight", "module", "shape", "kind", "in_features", "out_features", "rule", "node", "layout", "aliases", "quantized_op")
+    __slots__ = ("weight", "module", "shape", "kind", "in_features", "out_features", "rule", "node", "layout", "aliases", "quantized_op", "per_row", "group", "bias")
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     MODULE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,9 @@ class AdapterTarget(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     QUANTIZED_OP_FIELD_NUMBER: _ClassVar[int]
+    PER_ROW_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
     weight: str
     module: str
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -52,7 +55,10 @@ class AdapterTarget(_message.Message):
     layout: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
     quantized_op: str
-    def __init__(self, weight: _Optional[str] = ..., module: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., kind: _Optional[_Union[AdapterTargetKind, str]] = ..., in_features: _Optional[int] = ..., out_features: _Optional[int] = ..., rule: _Optional[str] = ..., node: _Optional[str] = ..., layout: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., quantized_op: _Optional[str] = ...) -> None: ...
+    per_row: bool
+    group: str
+    bias: str
+    def __init__(self, weight: _Optional[str] = ..., module: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., kind: _Optional[_Union[AdapterTargetKind, str]] = ..., in_features: _Optional[int] = ..., out_features: _Optional[int] = ..., rule: _Optional[str] = ..., node: _Optional[str] = ..., layout: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., quantized_op: _Optional[str] = ..., per_row: bool = ..., group: _Optional[str] = ..., bias: _Optional[str] = ...) -> None: ...
 
 class UnadaptableProjection(_message.Message):
     __slots__ = ("node", "op_type", "weight", "module", "reason")

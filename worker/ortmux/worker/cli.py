@@ -6,6 +6,7 @@ The client commands need only the thin client; ``serve`` needs the ``worker`` ex
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -146,20 +147,51 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+@dataclasses.dataclass(frozen=True)
+class _Use:
+    """One adaptable projection as ``inspect`` and ``models`` print it."""
+
+    module: str
+    weight: str
+    in_features: int
+    out_features: int
+    rule: str
+    layout: str
+    node: str
+    per_row: bool
+    group: str
+
+
 def _print_projections(
-    adaptable: Sequence[tuple[str, str, int, int, str, str]],
+    adaptable: Sequence[_Use],
     unadaptable: Sequence[tuple[str, str, str, str]],
     fused: Sequence[str],
 ) -> None:
-    """The LoRA view of a model: what adapters can target (module as PEFT names it) and what not."""
+    """The LoRA view of a model: what adapters can target (module as PEFT names it) and what not.
+    A module called more than once lists every call (each takes the adapter's branch)."""
     print(f"  adaptable projections: {len(adaptable)}")
-    if adaptable:
-        width = max(len(row[0] or "?") for row in adaptable)
-        for module, weight, in_features, out_features, rule, layout in adaptable:
-            print(
-                f"    {module or '?':{width}s}  {in_features} -> {out_features}  weight {weight}  "
-                f"({rule or 'unnamed'}, {layout})"
-            )
+    groups: dict[str, list[_Use]] = {}
+    for use in adaptable:
+        groups.setdefault(use.group or use.weight, []).append(use)
+    width = max((len(calls[0].module or "?") for calls in groups.values()), default=0)
+    for calls in groups.values():
+        first = calls[0]
+        whole = "" if all(use.per_row for use in calls) else ", one adapter per run"
+        print(
+            f"    {first.module or '?':{width}s}  {first.in_features} -> {first.out_features}  weight "
+            f"{first.weight}  ({first.rule or 'unnamed'}, {first.layout}{whole})"
+        )
+        if len(calls) > 1:
+            for use in calls:
+                shared = "per row" if use.per_row else "activation shared by every row"
+                print(f"      call {use.node or '?'}  ({use.layout}, {shared})")
+        tied = [
+            other[0].module or "?"
+            for other in groups.values()
+            if other is not calls and other[0].weight == first.weight
+        ]
+        if tied:
+            print(f"      weight also read by {', '.join(tied)} (tied: adapted only when targeted itself)")
     if unadaptable:
         print(f"  projections that cannot take a LoRA branch: {len(unadaptable)}")
         for node, op_type, module, reason in unadaptable:
@@ -189,13 +221,24 @@ def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(args.model_path)
     _print_projections(
         [
-            (s.module, s.weight, s.in_features, s.out_features, s.rule, _layout(s.layout, s.quantized))
+            _Use(
+                s.module,
+                s.weight,
+                s.in_features,
+                s.out_features,
+                s.rule,
+                _layout(s.layout, s.quantized),
+                s.node,
+                s.per_row,
+                s.call_group,
+            )
             for s in report.sites
         ],
         [(u.node, u.op_type, u.module, u.reason) for u in report.unadaptable],
         report.fused,
     )
-    modules = sorted({site.module.rsplit(".", 1)[-1] for site in report.sites if site.module})
+    firsts = {site.call_group: site for site in reversed(report.sites)}.values()  # each group's first
+    modules = sorted({site.module.rsplit(".", 1)[-1] for site in firsts if site.module})
     if modules:
         print(f"  PEFT target_modules: {', '.join(modules)}")
     return 0
@@ -215,13 +258,16 @@ def _models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 lora = [t for t in info.adapter_targets if t.kind == "lora"]
                 _print_projections(
                     [
-                        (
+                        _Use(
                             t.module,
                             t.weight,
                             t.shape[0],
                             t.shape[1],
                             t.rule,
                             _layout(t.layout, t.quantized_op),
+                            t.node,
+                            t.per_row,
+                            t.group,
                         )
                         for t in lora
                     ],

@@ -152,7 +152,9 @@ class DataPlane:
         def observe(requests: Sequence[QueuedRequest], started: float, finished: float) -> None:
             rows = sum(request.rows for request in requests)
             adapters = len({id(request.lora) for request in requests if request.lora})
-            self.metrics.observe_batch(model, rows, adapters, finished - started)
+            base_rows = any(not request.lora for request in requests)
+            exclusive = any(request.exclusive for request in requests)
+            self.metrics.observe_batch(model, rows, adapters, finished - started, base_rows, exclusive)
             waited = [started - request.enqueued_at for request in requests]
             for seconds in waited:
                 self.metrics.queue_seconds.labels(model).observe(seconds)
@@ -311,6 +313,7 @@ class DataPlane:
                 is_active=request.is_active,
                 batchable=model.batchable,
                 group="" if self.mix_adapters else request.adapter,
+                exclusive=bool(adapter and adapter.exclusive),
             )
             self.batcher(model).submit(queued)
         except BaseException:

@@ -37,6 +37,11 @@ OVERRIDE_FILE = "override.safetensors"
 _PEFT_KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$"
 )
+# A fully trained module (PEFT's modules_to_save) as PEFT saves it: the module's own parameter
+# names (older releases kept the wrapper's ``modules_to_save.<adapter>`` in the path).
+_FULL_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+?)(?:\.modules_to_save(?:\.[A-Za-z0-9_-]+)?)?\.(?P<part>weight|bias)$"
+)
 _ORT_MAGIC = b"TORT"
 
 
@@ -55,11 +60,22 @@ class PeftModule:
 
 
 @dataclasses.dataclass
+class FullModule:
+    """A module the adapter trained in full (``modules_to_save``): its weight as torch stores it
+    ([out, in] for a Linear) and its bias."""
+
+    module: str
+    weight: np.ndarray
+    bias: np.ndarray | None
+
+
+@dataclasses.dataclass
 class ParsedAdapter:
     """What a payload holds, before it is mapped onto a base model."""
 
     format: str
     peft_modules: list[PeftModule] = dataclasses.field(default_factory=list)
+    full_modules: list[FullModule] = dataclasses.field(default_factory=list)
     tensors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # ORT params or overrides
     module_mapping: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -190,7 +206,6 @@ def _single(files: Mapping[str, bytes], wanted: str) -> bytes:
 
 _REJECTED_WHEN_SET = {
     "use_dora": "DoRA adapters are not supported",
-    "modules_to_save": "fully trained modules (modules_to_save) are not supported",
     "lora_bias": "LoRA bias is not supported",
     "use_qalora": "QA-LoRA is not supported",
     "megatron_config": "Megatron layers are not supported",
@@ -241,8 +256,14 @@ def _parse_peft(files: Mapping[str, bytes]) -> ParsedAdapter:
         if not isinstance(pattern, dict):
             raise InvalidArgument(f"{PEFT_CONFIG}: {field} must be an object", field=field)
     use_rslora = bool(config.get("use_rslora", False))
+    saved = config.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(name, str) for name in saved):
+        raise InvalidArgument(
+            f"{PEFT_CONFIG}: modules_to_save must be a list of module names", field="modules_to_save"
+        )
     tensors = safetensors.load(files[PEFT_WEIGHTS], PEFT_WEIGHTS)
     parts: dict[str, dict[str, np.ndarray]] = {}
+    full: dict[str, dict[str, np.ndarray]] = {}
     for key, array in tensors.items():
         if "lora_embedding_" in key:
             raise InvalidArgument(
@@ -250,7 +271,11 @@ def _parse_peft(files: Mapping[str, bytes]) -> ParsedAdapter:
             )
         match = _PEFT_KEY.match(key)
         if match is None:
-            raise InvalidArgument(f"{PEFT_WEIGHTS}: unexpected tensor '{key}'", field=PEFT_WEIGHTS)
+            whole = _FULL_KEY.match(key)
+            if whole is None or not any(_within(whole["module"], name) for name in saved):
+                raise InvalidArgument(f"{PEFT_WEIGHTS}: unexpected tensor '{key}'", field=PEFT_WEIGHTS)
+            full.setdefault(whole["module"], {})[whole["part"]] = array
+            continue
         if array.ndim != 2:
             raise InvalidArgument(
                 f"{PEFT_WEIGHTS}: '{key}' has {array.ndim} dims; only Linear targets (2-D) are supported "
@@ -258,7 +283,7 @@ def _parse_peft(files: Mapping[str, bytes]) -> ParsedAdapter:
                 field="target_modules",
             )
         parts.setdefault(match["module"], {})[match["part"]] = array
-    if not parts:
+    if not parts and not full:
         raise InvalidArgument(f"{PEFT_WEIGHTS} holds no LoRA tensors", field=PEFT_WEIGHTS)
     modules = []
     for module, pair in sorted(parts.items()):
@@ -280,7 +305,37 @@ def _parse_peft(files: Mapping[str, bytes]) -> ParsedAdapter:
         modules.append(
             PeftModule(module, a.astype(np.float32, copy=False), b.astype(np.float32, copy=False), scale)
         )
-    return ParsedAdapter(PEFT_LORA, peft_modules=modules)
+    return ParsedAdapter(PEFT_LORA, peft_modules=modules, full_modules=_full_modules(full))
+
+
+def _within(module: str, saved: str) -> bool:
+    """Whether ``module`` is the saved module ``saved`` (a path's whole trailing components) or
+    one of its submodules (RoBERTa's saved ``classifier`` holds ``classifier.dense``)."""
+    wrapped = f".{module}."
+    return f".{saved}." in wrapped
+
+
+def _full_modules(full: Mapping[str, Mapping[str, np.ndarray]]) -> list[FullModule]:
+    """The fully trained modules; only Linear layers (a 2-D weight, a 1-D bias) can be served."""
+    modules = []
+    for module, params in sorted(full.items()):
+        weight, bias = params.get("weight"), params.get("bias")
+        if weight is None or weight.ndim != 2 or (bias is not None and bias.shape != weight.shape[:1]):
+            shapes = ", ".join(f"{name} {list(array.shape)}" for name, array in sorted(params.items()))
+            raise InvalidArgument(
+                f"{PEFT_WEIGHTS}: modules_to_save '{module}' ({shapes}) is not a Linear layer; only "
+                "trained Linear layers (classifier heads) are served per request, not trained "
+                "LayerNorms, embeddings or convolutions",
+                field="modules_to_save",
+            )
+        modules.append(
+            FullModule(
+                module,
+                weight.astype(np.float32, copy=False),
+                None if bias is None else bias.astype(np.float32, copy=False),
+            )
+        )
+    return modules
 
 
 # -- ORT adapter -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from ortmux.worker.adapters.store import AdapterMeta
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.lora.feeds import LoraWeights, rank_bucket
 from ortmux.worker.engine.lora.mapping import map_modules
+from ortmux.worker.engine.lora.sites import LoraSite
 from ortmux.worker.engine.quantized import replaced_by
 from ortmux.worker.errors import FailedPrecondition, InvalidArgument
 
@@ -22,9 +23,12 @@ from ortmux.worker.errors import FailedPrecondition, InvalidArgument
 class Resident:
     """An adapter in memory, in the form a run uses."""
 
-    lora: dict[str, LoraWeights] = dataclasses.field(default_factory=dict)
+    lora: dict[str, LoraWeights] = dataclasses.field(default_factory=dict)  # by call group
     feeds: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     nbytes: int = 0
+    # It adapts a projection whose activation every row shares: its requests run without other
+    # adapters' or base rows.
+    exclusive: bool = False
 
 
 def load(
@@ -47,36 +51,7 @@ def load(
 def _materialize(model: BaseModel, parsed: formats.ParsedAdapter) -> tuple[Resident, int, list[str]]:
     """The resident form of a parsed adapter on ``model``, with its rank and target weights."""
     if parsed.format == formats.PEFT_LORA:
-        if not model.lora_inputs and not model.unadaptable and not model.fused:
-            raise FailedPrecondition(
-                f"model '{model.name}' takes no LoRA adapters: it has no MatMul or Gemm on a "
-                "weight, or its inputs share no dynamic batch dimension"
-            )
-        sites = map_modules(
-            model.lora_sites,
-            [m.module for m in parsed.peft_modules],
-            parsed.module_mapping,
-            model.unadaptable,
-            model.fused,
-        )
-        weights_of = {}
-        for module in parsed.peft_modules:
-            site = sites[module.module]
-            if module.a.shape[1] != site.in_features or module.b.shape[0] != site.out_features:
-                raise InvalidArgument(
-                    f"module '{module.module}' has lora_A {list(module.a.shape)} and lora_B "
-                    f"{list(module.b.shape)}, but weight '{site.weight}' is {site.in_features} -> "
-                    f"{site.out_features}",
-                    field="adapter_model.safetensors",
-                )
-            if site.weight in weights_of:
-                raise InvalidArgument(f"two modules map to weight '{site.weight}'", field="target_modules")
-            weights_of[site.weight] = module
-        dtypes = {lora.site.weight: lora.dtype for lora in model.lora_inputs}
-        lora = _lora_factors(weights_of, {weight: dtypes[weight] for weight in weights_of})
-        nbytes = sum(weights.nbytes for weights in lora.values())
-        rank = max(module.rank for module in weights_of.values())
-        return Resident(lora=lora, nbytes=nbytes), rank, sorted(lora)
+        return _peft(model, parsed)
     if parsed.format == formats.ORT_ADAPTER:
         specs = model.feedable_specs()
         for name, array in parsed.tensors.items():
@@ -112,29 +87,144 @@ def _materialize(model: BaseModel, parsed: formats.ParsedAdapter) -> tuple[Resid
     return Resident(feeds=tensors, nbytes=sum(a.nbytes for a in tensors.values())), 0, sorted(tensors)
 
 
-def _lora_factors(modules: dict[str, formats.PeftModule], dtypes: dict[str, int]) -> dict[str, LoraWeights]:
-    """Each module's factors as a run feeds them, A [in, R] and B * scale [R, out], carved out of
-    one float32 block: one allocation per adapter, each factor written in a single pass (a site
-    of another float type, a float16 base's, gets its own copy in that type).
+def _peft(model: BaseModel, parsed: formats.ParsedAdapter) -> tuple[Resident, int, list[str]]:
+    """A PEFT adapter's factors by call group: its LoRA modules, and its fully trained Linear
+    layers (``modules_to_save``) as the exact delta from the base's weight and bias."""
+    if not model.lora_inputs and not model.unadaptable and not model.fused:
+        raise FailedPrecondition(
+            f"model '{model.name}' takes no LoRA adapters: it has no MatMul or Gemm on a "
+            "weight, or its inputs share no dynamic batch dimension"
+        )
+    both = {m.module for m in parsed.peft_modules} & {m.module for m in parsed.full_modules}
+    if both:
+        raise InvalidArgument(
+            f"modules {sorted(both)} are both LoRA targets and in modules_to_save", field="modules_to_save"
+        )
+    sites = map_modules(
+        model.lora_sites,
+        [m.module for m in parsed.peft_modules],
+        parsed.module_mapping,
+        model.unadaptable,
+        model.fused,
+    )
+    heads = _map_full_modules(model, parsed)
+    modules: dict[str, tuple[formats.PeftModule, np.ndarray | None]] = {}
+    for module in parsed.peft_modules:
+        site = sites[module.module]
+        if module.a.shape[1] != site.in_features or module.b.shape[0] != site.out_features:
+            raise InvalidArgument(
+                f"module '{module.module}' has lora_A {list(module.a.shape)} and lora_B "
+                f"{list(module.b.shape)}, but weight '{site.weight}' is {site.in_features} -> "
+                f"{site.out_features}",
+                field="adapter_model.safetensors",
+            )
+        modules[module.module] = (module, None)
+    for full in parsed.full_modules:
+        modules[full.module] = _full_delta(model, full, heads[full.module])
+    sites.update(heads)
+    groups: dict[str, tuple[formats.PeftModule, np.ndarray | None]] = {}
+    for name, factors in modules.items():
+        group = sites[name].call_group
+        if group in groups:
+            raise InvalidArgument(f"two modules map to weight '{sites[name].weight}'", field="target_modules")
+        groups[group] = factors
+    dtypes = {lora.site.call_group: lora.dtype for lora in model.lora_inputs}
+    lora = _lora_factors(groups, dtypes)
+    exclusive = any(not site.per_row for site in model.lora_sites if site.call_group in groups)
+    resident = Resident(
+        lora=lora, nbytes=sum(weights.nbytes for weights in lora.values()), exclusive=exclusive
+    )
+    rank = max(module.rank for module, _bias in groups.values())
+    return resident, rank, sorted(lora)
+
+
+def _map_full_modules(model: BaseModel, parsed: formats.ParsedAdapter) -> dict[str, LoraSite]:
+    """The projection each fully trained module replaces; only Linear layers the graph computes
+    as a MatMul or Gemm can be served."""
+    if not parsed.full_modules:
+        return {}
+    try:
+        return map_modules(
+            model.lora_sites,
+            [m.module for m in parsed.full_modules],
+            parsed.module_mapping,
+            model.unadaptable,
+            model.fused,
+        )
+    except InvalidArgument as exc:
+        raise InvalidArgument(
+            f"modules_to_save: {exc.message}; only trained Linear layers (classifier heads) are "
+            "served per request, not trained embeddings, LayerNorms or convolutions",
+            field="modules_to_save",
+        ) from None
+
+
+def _full_delta(
+    model: BaseModel, full: formats.FullModule, site: LoraSite
+) -> tuple[formats.PeftModule, np.ndarray | None]:
+    """A trained Linear as factors of its exact change from the base, ``x @ (W' - W)``, of rank
+    min(in, out) (``W' - W`` and an identity), and its bias change ``b' - b``."""
+    out_features, in_features = full.weight.shape
+    if (in_features, out_features) != (site.in_features, site.out_features):
+        raise InvalidArgument(
+            f"modules_to_save '{full.module}' has weight {list(full.weight.shape)} ({in_features} -> "
+            f"{out_features}), but the base model's '{site.weight}' is {site.in_features} -> "
+            f"{site.out_features}: a head trained with another number of outputs (labels) is served "
+            f"by a base model exported with that head size ({out_features} outputs)",
+            field="modules_to_save",
+        )
+    if site.quantized:
+        raise FailedPrecondition(
+            f"modules_to_save '{full.module}' replaces a projection quantized as {site.quantized} "
+            "(its exact delta needs the float weight); serve the float model",
+            field="modules_to_save",
+        )
+    base, base_bias = model.projection_values(site)
+    delta = full.weight.T - base  # [in, out]
+    if full.bias is not None and not site.bias:
+        raise FailedPrecondition(
+            f"modules_to_save '{full.module}' trained a bias, but no bias initializer of the base "
+            f"model's '{site.weight}' projection was found to take its change",
+            field="modules_to_save",
+        )
+    bias = None
+    if site.bias:
+        trained = full.bias if full.bias is not None else np.zeros(out_features, np.float32)
+        bias = (trained - base_bias).astype(np.float32)
+    if out_features <= in_features:
+        a, b = delta, np.eye(out_features, dtype=np.float32)
+    else:
+        a, b = np.eye(in_features, dtype=np.float32), delta
+    # As PEFT stores factors: A [r, in], B [out, r]; scale 1.
+    return formats.PeftModule(full.module, np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), 1.0), bias
+
+
+def _lora_factors(
+    groups: dict[str, tuple[formats.PeftModule, np.ndarray | None]], dtypes: dict[str, int]
+) -> dict[str, LoraWeights]:
+    """Each call group's factors as a run feeds them, A [in, R] and B * scale [R, out], carved out
+    of one float32 block: one allocation per adapter, each factor written in a single pass (a
+    site of another float type, a float16 base's, gets its own copy in that type).
 
     R is the rank rounded up to the power of two runs use, the extra columns of A and rows of B
     zero (exact): a run whose rows all use this adapter is then fed views of these arrays, with
     no copy, whatever the rank."""
-    sizes = {weight: (rank_bucket(m.rank), m.a.shape[1], m.b.shape[0]) for weight, m in modules.items()}
+    sizes = {group: (rank_bucket(m.rank), m.a.shape[1], m.b.shape[0]) for group, (m, _bias) in groups.items()}
     block = np.zeros(sum(r * (i + o) for r, i, o in sizes.values()), dtype=np.float32)
     lora, offset = {}, 0
-    for weight, module in modules.items():
-        rank, (bucket, fan_in, fan_out) = module.rank, sizes[weight]
+    for group, (module, bias) in groups.items():
+        rank, (bucket, fan_in, fan_out) = module.rank, sizes[group]
         a = block[offset : offset + fan_in * bucket].reshape(fan_in, bucket)
         offset += a.size
         b = block[offset : offset + bucket * fan_out].reshape(bucket, fan_out)
         offset += b.size
         np.copyto(a[:, :rank], module.a.T, casting="same_kind")
         np.multiply(module.b.T, module.scale, out=b[:rank], casting="same_kind")
-        dtype = helper.tensor_dtype_to_np_dtype(dtypes[weight])
+        dtype = helper.tensor_dtype_to_np_dtype(dtypes[group])
         if dtype != block.dtype:  # a float16 (or bfloat16) base: its branches take its type
             a, b = a.astype(dtype), b.astype(dtype)
-        lora[weight] = LoraWeights(a=a, b=b)
+            bias = bias.astype(dtype) if bias is not None else None
+        lora[group] = LoraWeights(a=a, b=b, bias=bias)
     return lora
 
 

@@ -43,6 +43,9 @@ def model_to_proto(model: BaseModel, adapters: int = 0, resident_adapters: int =
             layout=site.layout,
             aliases=site.aliases,
             quantized_op=site.quantized,
+            per_row=site.per_row,
+            group=site.call_group,
+            bias=site.bias,
         )
         for site in model.lora_sites
     ]

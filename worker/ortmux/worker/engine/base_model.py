@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from ortmux.worker.engine.arena import Arena
@@ -98,6 +99,7 @@ class BaseModel:
         self.runtime = runtime
         self._cache = cache
         self._lock = threading.Lock()
+        self._values: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}  # projection_values
         self.sessions = 0
         try:
             self.sha256 = cache.content_sha256(path)
@@ -182,6 +184,27 @@ class BaseModel:
     def fused(self) -> list[str]:
         """Fused nodes (ONNX Runtime's Attention, ...) whose projection weights no branch reaches."""
         return list(self.entry.extra.get("fused", []))
+
+    def projection_values(self, site: LoraSite) -> tuple[np.ndarray, np.ndarray]:
+        """A float projection's weight as it applies it, [in, out] float32, and its bias ([out],
+        zeros where it has none), read from the model file (once per weight)."""
+        with self._lock:
+            cached = self._values.get((site.weight, site.bias))
+        if cached is None:
+            names = [site.weight, *([site.bias] if site.bias else [])]
+            source = onnx.load(str(self.path), load_external_data=False)
+            tensors = {tensor.name: tensor for tensor in source.graph.initializer if tensor.name in names}
+            arrays = [
+                numpy_helper.to_array(tensors[name], base_dir=str(self.path.parent)).astype(np.float32)
+                for name in names
+            ]
+            weight = arrays[0].reshape(site.weight_shape or arrays[0].shape)
+            weight = weight.T if site.transposed else weight
+            bias = arrays[1] if site.bias else np.zeros(site.out_features, np.float32)
+            cached = (np.ascontiguousarray(weight), bias)
+            with self._lock:
+                self._values[(site.weight, site.bias)] = cached
+        return cached
 
     def _open(self) -> tuple[CacheEntry, ModelSession]:
         """The cache entry and the base session; an entry that fails to load is rebuilt once."""

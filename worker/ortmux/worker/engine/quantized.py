@@ -59,6 +59,10 @@ class QuantizedProjection:
     in_features: int
     out_features: int
     dtype: int  # onnx TensorProto type of the activation and result
+    # Float weights only: the 2-D shape the projection reads the initializer as (a Reshape may
+    # give it one), and whether that is [out, in] (transposed on the way, or Gemm's transB).
+    weight_shape: tuple[int, ...] = ()
+    transposed: bool = False
 
 
 def quantized_weights(model: onnx.ModelProto) -> dict[str, str]:

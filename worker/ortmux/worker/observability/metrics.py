@@ -88,6 +88,20 @@ class Metrics:
             buckets=(0, 1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )
+        self.batch_runs = Counter(
+            "ortmux_batch_runs_total",
+            "Batched runs by base model and what their rows were: base, adapter, adapters (several), "
+            "adapter+base, adapters+base.",
+            ["model", "mix"],
+            registry=self.registry,
+        )
+        self.exclusive_runs = Counter(
+            "ortmux_exclusive_adapter_runs_total",
+            "Runs carrying rows of an adapter that changes activations every row shares (it must "
+            "run without other adapters' or base rows), by base model and the run's mix.",
+            ["model", "mix"],
+            registry=self.registry,
+        )
         self.batch_seconds = Histogram(
             "ortmux_batch_compute_seconds",
             "Time ONNX Runtime spent on a batched run, by base model.",
@@ -122,7 +136,15 @@ class Metrics:
         """Report the bounded memory pools (LoRA feed arrays, uploads in progress) at every scrape."""
         self.registry.register(_MemoryCollector(feeds, uploads))
 
-    def observe_batch(self, model: str, rows: int, adapters: int, seconds: float) -> None:
+    def observe_batch(
+        self, model: str, rows: int, adapters: int, seconds: float, base_rows: bool, exclusive: bool
+    ) -> None:
+        mix = ("base" if not adapters else "adapter" if adapters == 1 else "adapters") + (
+            "+base" if adapters and base_rows else ""
+        )
+        self.batch_runs.labels(model, mix).inc()
+        if exclusive:
+            self.exclusive_runs.labels(model, mix).inc()
         self.batch_rows.labels(model, _adapter_count_label(adapters)).observe(rows)
         self.batch_adapters.labels(model).observe(adapters)
         self.batch_seconds.labels(model).observe(seconds)

@@ -43,6 +43,9 @@ class QueuedRequest:
     is_active: Callable[[], bool] = lambda: True
     batchable: bool = True
     group: str = ""  # requests of different groups never share a run (e.g. one adapter per batch)
+    # Its adapter changes activations every row shares: it shares runs only with requests of the
+    # same adapter.
+    exclusive: bool = False
     future: Future = dataclasses.field(default_factory=Future)
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
     sequence: int = dataclasses.field(default_factory=lambda: next(_sequence))
@@ -61,7 +64,8 @@ class QueuedRequest:
                 self._signature = ("alone", self.sequence)
             else:
                 shapes = tuple(sorted((name, a.dtype.str, a.shape[1:]) for name, a in self.inputs.items()))
-                self._signature = (shapes, tuple(self.output_names), self.group)
+                group = (self.group, id(self.lora)) if self.exclusive else self.group
+                self._signature = (shapes, tuple(self.output_names), group)
         return self._signature
 
     def expired(self, now: float) -> bool:

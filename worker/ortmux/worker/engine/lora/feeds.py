@@ -25,10 +25,12 @@ from ortmux.worker.engine.lora.graph import LoraInput
 
 @dataclasses.dataclass(frozen=True)
 class LoraWeights:
-    """One adapter's low-rank factors on one base weight, ready to feed (scale folded into b)."""
+    """One adapter's factors on one module's calls, ready to feed (scale folded into b), and the
+    change it makes to the projection's bias, if it trained one."""
 
     a: np.ndarray  # [in, r]
     b: np.ndarray  # [r, out]
+    bias: np.ndarray | None = None  # [out]
 
     @property
     def rank(self) -> int:
@@ -36,12 +38,13 @@ class LoraWeights:
 
     @property
     def nbytes(self) -> int:
-        return self.a.nbytes + self.b.nbytes
+        return self.a.nbytes + self.b.nbytes + (self.bias.nbytes if self.bias is not None else 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class RowSpan:
-    """Rows [start, stop) of a batch and the LoRA factors they use (by weight name; empty: none)."""
+    """Rows [start, stop) of a batch and the LoRA factors they use (by the sites' call group,
+    :attr:`LoraSite.call_group`; empty: none)."""
 
     start: int
     stop: int
@@ -158,35 +161,53 @@ def build_feeds(
     plans = []
     for lora in inputs:
         site = lora.site
-        users = [(span, span.weights[site.weight]) for span in spans if site.weight in span.weights]
+        users = [(span, span.weights[site.call_group]) for span in spans if site.call_group in span.weights]
         if not users:
             continue  # the graph's rank-0 default applies
         rank = rank_bucket(max(weights.rank for _span, weights in users))
-        if (
-            len(users) == 1
-            and users[0][1].rank == rank
-            and (users[0][0].start, users[0][0].stop) == (0, batch)
-        ):
+        whole = len(users) == 1 and (users[0][0].start, users[0][0].stop) == (0, batch)
+        if not site.per_row and not whole:
+            raise ValueError(
+                f"the activation of '{site.node}' is shared by every row: its adapter must have the "
+                "run to itself"
+            )
+        if whole and users[0][1].rank == rank:
             # One adapter on every row, no padding: [1, in, R] views that MatMul broadcasts over
             # the batch, so no copies and one product for all rows.
             weights = users[0][1]
             lead = (1,) * (1 + lora.middle_dims)
             feeds[lora.a] = weights.a.reshape(lead + weights.a.shape)
             feeds[lora.b] = weights.b.reshape(lead + weights.b.shape)
+            if lora.bias and weights.bias is not None:
+                feeds[lora.bias] = weights.bias.reshape((1,) * (1 + lora.bias_ones) + weights.bias.shape)
             continue
         plans.append((lora, users, rank, users[0][1].a.dtype))
     wanted = []
-    for lora, _users, rank, dtype in plans:
+    for lora, users, rank, dtype in plans:
         middle = (1,) * lora.middle_dims
         wanted.append((lora.a, (batch, *middle, lora.site.in_features, rank), dtype))
         wanted.append((lora.b, (batch, *middle, rank, lora.site.out_features), dtype))
+        if lora.bias and any(weights.bias is not None for _span, weights in users):
+            wanted.append((lora.bias, (batch, *(1,) * lora.bias_ones, lora.site.out_features), dtype))
     arrays = buffers.arrays(wanted) if buffers is not None else [np.empty(s, d) for _n, s, d in wanted]
-    for index, (lora, users, rank, _dtype) in enumerate(plans):
-        a_rows, b_rows = arrays[2 * index], arrays[2 * index + 1]
+    filled = dict(zip((name for name, _shape, _dtype in wanted), arrays, strict=True))
+    for lora, users, rank, _dtype in plans:
+        a_rows, b_rows = filled[lora.a], filled[lora.b]
         _fill(a_rows, b_rows, users, rank, batch)
         feeds[lora.a] = a_rows
         feeds[lora.b] = b_rows
+        if lora.bias in filled:
+            feeds[lora.bias] = _fill_bias(filled[lora.bias], users)
     return feeds
+
+
+def _fill_bias(rows: np.ndarray, users: Sequence[tuple[RowSpan, LoraWeights]]) -> np.ndarray:
+    """Each span's bias delta in its rows, zeros elsewhere."""
+    rows[...] = 0
+    for span, weights in users:
+        if weights.bias is not None:
+            rows[span.start : span.stop] = weights.bias
+    return rows
 
 
 def _fill(

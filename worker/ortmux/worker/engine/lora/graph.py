@@ -4,10 +4,13 @@
 
 ``A_rows`` [batch, in, rank] and ``B_rows`` [batch, rank, out] are graph inputs (the scale is
 folded into B), so one run can give each row of the batch a different adapter, or none (zeros).
+A projection with a bias gets a third input, a per-row bias delta [batch, 1, out] added to the
+branch, so an adapter that trained the whole layer (PEFT's ``modules_to_save``) is served as the
+exact delta ``x @ (W' - W) + (b' - b)``, with ``W' - W`` factored as ``A @ B``.
 MatMul broadcasts the batch dimension. Rank is a free dimension: a batch pads its adapters to one
 rank with zeros, which is exact. Each input has a default of rank 0 (an overridable initializer
-of shape [1, in, 0]), so a run feeds only the branches its adapters touch and a base-only run
-feeds none.
+of shape [1, in, 0]; zeros for a bias), so a run feeds only the branches its adapters touch and a
+base-only run feeds none.
 W stays a constant, so the optimizer still prepacks it.
 """
 
@@ -15,13 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ortmux.worker.engine.lora.shapes import batch_symbol
 from ortmux.worker.engine.lora.targets import ROWS, LoraSite, SiteReport, find_sites
 
-REWRITE_VERSION = 4
+REWRITE_VERSION = 5
+# Each site's rank is a dimension of its own: runs feed the sites different ranks (0 where no
+# adapter of the run touches one), and ONNX Runtime plans buffer reuse on equal dimension names.
 RANK_DIM = "ortmux_lora_rank"
 BATCH_DIM = "ortmux_batch"
 
@@ -34,6 +40,7 @@ class LoraInput:
     a: str
     b: str
     dtype: int  # onnx TensorProto data type of the weight
+    bias: str = ""  # the per-row bias delta's input, where the projection has a bias
 
     @property
     def middle_dims(self) -> int:
@@ -42,13 +49,22 @@ class LoraInput:
         a [batch, h, w, in] activation)."""
         return 0 if self.site.layout != ROWS else max(self.site.source_rank - 3, 0)
 
+    @property
+    def bias_ones(self) -> int:
+        """Singleton dimensions between the batch and the features in the bias delta's shape."""
+        return max(self.site.source_rank - 2, 1) if self.site.layout == ROWS else 1
+
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, values: dict) -> LoraInput:
         return cls(
-            site=LoraSite.from_json(values["site"]), a=values["a"], b=values["b"], dtype=int(values["dtype"])
+            site=LoraSite.from_json(values["site"]),
+            a=values["a"],
+            b=values["b"],
+            dtype=int(values["dtype"]),
+            bias=values.get("bias", ""),
         )
 
 
@@ -74,7 +90,8 @@ def rewrite(
     extra_nodes: list[onnx.NodeProto] = []
     for index, site in enumerate(report.sites):
         prefix = f"ortmux.lora.{index}"
-        lora = LoraInput(site, f"{prefix}.a", f"{prefix}.b", site.dtype or dtypes[site.weight])
+        bias = f"{prefix}.bias" if site.bias else ""
+        lora = LoraInput(site, f"{prefix}.a", f"{prefix}.b", site.dtype or dtypes[site.weight], bias)
         node = nodes[site.node_index]
         base_output = f"{site.output}.ortmux_base"
         node.output[0] = base_output
@@ -92,12 +109,18 @@ def rewrite(
                 )
             )
         extra_nodes.append(helper.make_node("MatMul", [source, lora.a], [down], name=f"{prefix}.down"))
-        if site.layout == ROWS:
-            extra_nodes.append(helper.make_node("MatMul", [down, lora.b], [delta], name=f"{prefix}.up"))
-        else:  # back to the projection's 2-D [rows, out]
-            extra_nodes.append(
-                helper.make_node("MatMul", [down, lora.b], [f"{delta}.rows"], name=f"{prefix}.up")
+        rows = delta if site.layout == ROWS else f"{delta}.rows"
+        up = f"{prefix}.xab" if bias else rows
+        extra_nodes.append(helper.make_node("MatMul", [down, lora.b], [up], name=f"{prefix}.up"))
+        if bias:
+            extra_nodes.append(helper.make_node("Add", [up, bias], [rows], name=f"{prefix}.bias_add"))
+            ones = [1] * lora.bias_ones
+            graph.input.append(
+                helper.make_tensor_value_info(bias, lora.dtype, [BATCH_DIM, *ones, site.out_features])
             )
+            zeros = np.zeros([1, *ones, site.out_features], helper.tensor_dtype_to_np_dtype(lora.dtype))
+            graph.initializer.append(numpy_helper.from_array(zeros, bias))
+        if site.layout != ROWS:  # back to the projection's 2-D [rows, out]
             shape = f"{prefix}.out_shape"
             graph.initializer.append(
                 helper.make_tensor(shape, TensorProto.INT64, [2], [-1, site.out_features])
@@ -106,16 +129,12 @@ def rewrite(
                 helper.make_node("Reshape", [f"{delta}.rows", shape], [delta], name=f"{prefix}.flat")
             )
         extra_nodes.append(helper.make_node("Add", [base_output, delta], [site.output], name=f"{prefix}.add"))
-        middle = [1] * lora.middle_dims
+        middle, rank = [1] * lora.middle_dims, f"{RANK_DIM}_{index}"
         graph.input.append(
-            helper.make_tensor_value_info(
-                lora.a, lora.dtype, [BATCH_DIM, *middle, site.in_features, RANK_DIM]
-            )
+            helper.make_tensor_value_info(lora.a, lora.dtype, [BATCH_DIM, *middle, site.in_features, rank])
         )
         graph.input.append(
-            helper.make_tensor_value_info(
-                lora.b, lora.dtype, [BATCH_DIM, *middle, RANK_DIM, site.out_features]
-            )
+            helper.make_tensor_value_info(lora.b, lora.dtype, [BATCH_DIM, *middle, rank, site.out_features])
         )
         # Defaults of rank 0 (overridable initializers): a run feeds only the branches it uses.
         graph.initializer.append(
@@ -155,8 +174,9 @@ def strip_branches(optimized: onnx.ModelProto, inputs: list[LoraInput]) -> onnx.
 
     Works on the optimized graph, so both graphs refer to the same (prepacked) weights in the same
     data file and their sessions share its pages. Each branch is the MatMul fed by ``a``, the
-    MatMul fed by ``b`` and the Add joining the base output; the Add's consumers read the base
-    output again (an Identity keeps a graph output's name).
+    MatMul fed by ``b``, the bias delta's Add where there is one, and the Add joining the base
+    output; the Add's consumers read the base output again (an Identity keeps a graph output's
+    name).
     """
     stripped = onnx.ModelProto()
     stripped.CopyFrom(optimized)
@@ -173,9 +193,9 @@ def strip_branches(optimized: onnx.ModelProto, inputs: list[LoraInput]) -> onnx.
         (up,) = consumers[lora.b]
         removed.update((id(down), id(up)))
         tail = up
-        while True:  # the Reshape back to 2-D rows, when the branch has one
+        while True:  # the bias delta's Add and the Reshape back to 2-D rows, when the branch has them
             (join,) = consumers[tail.output[0]]
-            if join.op_type != "Reshape":
+            if join.op_type != "Reshape" and not (lora.bias and lora.bias in join.input):
                 break
             removed.add(id(join))
             tail = join
@@ -195,7 +215,7 @@ def strip_branches(optimized: onnx.ModelProto, inputs: list[LoraInput]) -> onnx.
             while name in renamed:
                 name = renamed[name]
             node.input[index] = name
-    branch_inputs = {name for lora in inputs for name in (lora.a, lora.b)}
+    branch_inputs = {name for lora in inputs for name in (lora.a, lora.b, lora.bias) if name}
     del graph.node[:]
     graph.node.extend(_live(kept, outputs))
     _keep_only(graph.initializer, lambda tensor: tensor.name not in branch_inputs)

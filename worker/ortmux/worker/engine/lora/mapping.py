@@ -1,4 +1,8 @@
-"""Which LoRA site each module an adapter targets maps to (PEFT names against the graph's)."""
+"""Which LoRA sites each module an adapter targets maps to (PEFT names against the graph's).
+
+A module maps to one call group (:mod:`~ortmux.worker.engine.lora.uses`): the sites of every call
+of it. A module whose group also has a use no branch can take is refused, never applied partially.
+"""
 
 from __future__ import annotations
 
@@ -21,12 +25,15 @@ def map_modules(
     unadaptable: Sequence[Unadaptable] = (),
     fused: Sequence[str] = (),
 ) -> dict[str, LoraSite]:
-    """Module name -> site for every module an adapter targets; every miss is listed at once.
+    """Module name -> a site of its call group (the factors are held under
+    :attr:`LoraSite.call_group`) for every module an adapter targets; every miss is listed at once.
 
     ``explicit`` maps module names to initializer names and wins over the names in the graph. An
     exact name wins over a prefix-tolerant match; two candidates of the same kind are refused.
     """
-    by_weight = {site.weight: site for site in sites}
+    by_weight: dict[str, LoraSite] = {}
+    for site in sites:
+        by_weight.setdefault(site.weight, site)
     mapped: dict[str, LoraSite] = {}
     problems = []
     for module in modules:
@@ -71,6 +78,8 @@ def map_modules(
             )
         else:
             problems.append(f"{module} (no weight of the base model belongs to it)")
+    for module, site in mapped.items():
+        _check_every_use(module, site, sites, unadaptable)
     if problems:
         unnamed = [site for site in sites if site.quantized and not site.module]
         hint = (
@@ -91,4 +100,26 @@ def map_modules(
 
 
 def _unique(sites) -> list[LoraSite]:
-    return list({site.weight: site for site in sites}.values())
+    return list({site.call_group: site for site in sites}.values())
+
+
+def _check_every_use(
+    module: str, site: LoraSite, sites: Sequence[LoraSite], unadaptable: Sequence[Unadaptable]
+) -> None:
+    """FailedPrecondition when a call of ``module`` reads its weight where no branch can."""
+    blocked = [
+        use
+        for use in unadaptable
+        if use.weight == site.weight and (use.group or use.weight) == site.call_group
+    ]
+    if not blocked:
+        return
+    use = blocked[0]
+    calls = [s.node or f"#{s.node_index}" for s in sites if s.call_group == site.call_group]
+    raise FailedPrecondition(
+        f"cannot serve adapter module '{module}' exactly: its weight '{site.weight}' is also read "
+        f"by {use.op_type} node '{use.node}', where no LoRA branch can take it ({use.reason}); "
+        f"branches can take its other calls ({', '.join(calls[:4])}) but not this one, and a "
+        "partially applied adapter would give wrong outputs",
+        field="target_modules",
+    )

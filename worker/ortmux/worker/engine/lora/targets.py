@@ -23,12 +23,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 
 import onnx
+from onnx import numpy_helper
 
 from ortmux.worker.engine.lora.naming import module_names
 from ortmux.worker.engine.lora.shapes import batch_symbol, infer_shapes
+from ortmux.worker.engine.lora.sites import (
+    FLATTENED,
+    MATRIX,
+    ROWS,
+    LoraSite,
+    SiteReport,
+    Unadaptable,
+    WeightRead,
+)
+from ortmux.worker.engine.lora.uses import assign_groups, hidden_uses, scope_of
 from ortmux.worker.engine.quantized import (
     WEIGHT_INPUT,
     QuantizedProjection,
@@ -37,64 +49,10 @@ from ortmux.worker.engine.quantized import (
 
 log = logging.getLogger(__name__)
 
-ROWS, MATRIX, FLATTENED = "rows", "matrix", "flattened"
 # Fused ONNX Runtime / Optimum operators that consume projection weights no branch can reach.
 FUSED_OPS = frozenset(
     {"Attention", "MultiHeadAttention", "PackedAttention", "GroupQueryAttention", "QAttention", "FusedMatMul"}
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSite:
-    """One adaptable projection: ``y = x @ W`` with W [in_features, out_features] as applied.
-
-    ``activation`` is the tensor the branch reads (``source_rank`` dims, batch first, features
-    last) and ``output`` the tensor its delta is added to; ``layout`` says how they relate.
-    """
-
-    weight: str
-    module: str
-    node: str
-    activation: str
-    output: str
-    in_features: int
-    out_features: int
-    node_index: int = -1  # position in the source graph's node list (names may be empty)
-    rule: str = ""  # which signal named the module
-    aliases: tuple[str, ...] = ()  # further module names other signals gave
-    layout: str = ROWS
-    source_rank: int = 3
-    dtype: int = 0  # onnx type of the branch's factors; 0: the weight's own
-    quantized: str = ""  # the quantized operator computing the projection, if one does
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(name for name in (self.module, *self.aliases) if name)
-
-    @classmethod
-    def from_json(cls, values: Mapping) -> LoraSite:
-        fields = {field.name for field in dataclasses.fields(cls)}
-        kept = {key: value for key, value in values.items() if key in fields}
-        kept["aliases"] = tuple(kept.get("aliases", ()))
-        return cls(**kept)
-
-
-@dataclasses.dataclass(frozen=True)
-class Unadaptable:
-    """A MatMul/Gemm on a weight that no branch can take, and why."""
-
-    node: str
-    op_type: str
-    weight: str
-    module: str
-    reason: str
-
-
-@dataclasses.dataclass(frozen=True)
-class SiteReport:
-    sites: list[LoraSite]
-    unadaptable: list[Unadaptable]
-    fused: list[str]  # fused nodes holding projection weights ("Attention 'Attention_0'")
 
 
 class _Graph:
@@ -118,28 +76,75 @@ class _Graph:
             self._shapes = infer_shapes(self._model)
         return self._shapes
 
-    def weight_behind(self, name: str) -> tuple[str, bool, int] | None:
-        """The 2-D initializer ``name`` reads through Cast, Transpose and DequantizeLinear, whether
-        it is transposed on the way, and the float type a DequantizeLinear gives it (0 if none)."""
-        transposed, dequantized = False, 0
-        for _ in range(4):
+    def weight_behind(self, name: str) -> WeightRead | None:
+        """The 2-D weight ``name`` reads, through the no-op and layout nodes exporters put in front
+        of weights: Identity, Cast, Transpose, DequantizeLinear, and a Reshape of an initializer by a
+        constant shape. None when ``name`` is no such weight (an activation, or a weight reached
+        through anything else: :mod:`~ortmux.worker.engine.lora.uses` finds those)."""
+        transposed, dequantized, shape = False, 0, None
+        for _ in range(6):
             if name in self.initializers:
-                return (name, transposed, dequantized) if len(self.initializers[name].dims) == 2 else None
+                dims = shape or tuple(int(d) for d in self.initializers[name].dims)
+                return WeightRead(name, transposed, dequantized, dims) if len(dims) == 2 else None
             producer = self.producers.get(name)
             if producer is None:
                 return None
             if producer.op_type == "Transpose":
                 perm = [list(attr.ints) for attr in producer.attribute if attr.name == "perm"]
-                if perm not in ([], [[1, 0]]):
+                if perm not in ([], [[1, 0]]) or shape is not None:  # not a reshaped transpose
                     return None
                 transposed = not transposed
             elif producer.op_type == "DequantizeLinear":
                 scale = self.initializers.get(producer.input[1]) if len(producer.input) > 1 else None
                 dequantized = scale.data_type if scale is not None else onnx.TensorProto.FLOAT
-            elif producer.op_type != "Cast":
+            elif producer.op_type == "Reshape":
+                if shape is not None or dequantized:
+                    return None
+                shape = self._reshaped(producer)
+                if shape is None:
+                    return None
+            elif producer.op_type not in ("Cast", "Identity"):
                 return None
             name = producer.input[0]
         return None
+
+    def _reshaped(self, node: onnx.NodeProto) -> tuple[int, ...] | None:
+        """The shape a Reshape of an initializer by a constant shape gives it, if it is one."""
+        data = self.initializers.get(node.input[0])
+        target = self.initializers.get(node.input[1]) if len(node.input) > 1 else None
+        if data is None or target is None:
+            return None
+        dims = [int(d) for d in data.dims]
+        wanted = [int(v) for v in numpy_helper.to_array(target).reshape(-1)]
+        wanted = [dims[i] if v == 0 and i < len(dims) else v for i, v in enumerate(wanted)]
+        total, known = math.prod(dims), math.prod(d for d in wanted if d != -1)
+        if wanted.count(-1) > 1 or known <= 0 or total % known:
+            return None
+        wanted = [total // known if dim == -1 else dim for dim in wanted]
+        return tuple(wanted) if math.prod(wanted) == total else None
+
+    def bias_of(self, node: onnx.NodeProto, out_features: int) -> str:
+        """The 1-D ``[out]`` initializer added to the projection's result (through Identity):
+        Gemm's C (with beta 1), or one Add right after it. Empty if there is none."""
+        if node.op_type == "Gemm":
+            if len(node.input) < 3 or not node.input[2]:
+                return ""
+            beta = next((attr.f for attr in node.attribute if attr.name == "beta"), 1.0)
+            return self._bias(node.input[2], out_features) if beta == 1.0 else ""
+        adds = [c for c in self.consumers.get(node.output[0], []) if c.op_type == "Add"]
+        if len(adds) != 1:
+            return ""
+        other = [name for name in adds[0].input if name != node.output[0]]
+        return self._bias(other[0], out_features) if len(other) == 1 else ""
+
+    def _bias(self, name: str, out_features: int) -> str:
+        for _ in range(4):
+            producer = self.producers.get(name)
+            if producer is None or producer.op_type != "Identity":
+                break
+            name = producer.input[0]
+        tensor = self.initializers.get(name)
+        return name if tensor is not None and [int(d) for d in tensor.dims] == [out_features] else ""
 
     def bias_module(self, node: onnx.NodeProto) -> str:
         """``<module>`` of a ``<module>.bias`` added to the node's output (by Gemm or an Add)."""
@@ -152,19 +157,23 @@ class _Graph:
                 return name[: -len(".bias")]
         return ""
 
-    def layout(self, x: str, in_features: int) -> tuple[str, str, int] | str:
-        """(layout, branch source, its rank) for an activation, or why no branch can read it."""
+    def layout(self, x: str, in_features: int) -> tuple[str, str, int, bool] | str:
+        """(layout, branch source, its rank, whether rows of the batch can take different
+        adapters) for an activation, or why no branch can read it."""
         dims = self.shapes.get(x, [])
         if not self.batch:
             return "the model's inputs share no dynamic batch dimension"
+        if len(dims) >= 2 and self._shared(x, dims):
+            # The same tensor for every row: one adapter's branch applies to the whole run.
+            return (ROWS if len(dims) >= 3 else MATRIX), x, len(dims), False
         if len(dims) >= 3:
             if dims[0] == self.batch:
-                return ROWS, x, len(dims)
+                return ROWS, x, len(dims), True
             return f"its activation {_show(dims)} does not lead with the batch dimension '{self.batch}'"
         if len(dims) != 2:
             return f"the activation's shape is unknown ({_show(dims)})"
         if dims[0] == self.batch:
-            return MATRIX, x, 2
+            return MATRIX, x, 2, True
         producer = self.producers.get(x)
         if producer is None or producer.op_type != "Reshape":
             return (
@@ -173,12 +182,19 @@ class _Graph:
             )
         source = producer.input[0]
         if self._batch_major(source, x, in_features):
-            return FLATTENED, source, len(self.shapes.get(source, [])) or 3
+            return FLATTENED, source, len(self.shapes.get(source, [])) or 3, True
         return (
             f"its activation {_show(dims)} is a Reshape of {_show(self.shapes.get(source, []))} that "
             f"cannot be shown to keep each row of [{self.batch}, ...] together: rows of different "
             "requests could mix"
         )
+
+    def _shared(self, x: str, dims: Sequence[str | int]) -> bool:
+        """Whether ``x`` has one static shape whatever the batch (no row of its own per request):
+        every dimension a number, and the same at two concrete batch sizes where those infer."""
+        if not all(isinstance(dim, int) and dim > 0 for dim in dims):
+            return False
+        return all(shapes.get(x, list(dims)) == list(dims) for shapes in self.concrete().values())
 
     def _batch_major(self, source: str, flat: str, in_features: int) -> bool:
         """Whether Reshape(source) -> flat [rows, in] keeps rows batch-major: source leads with the
@@ -243,14 +259,18 @@ def find_sites(model: onnx.ModelProto, shapes: Mapping[str, list[str | int]] | N
         if node.op_type in FUSED_OPS
         and any(name in graph.initializers and len(graph.initializers[name].dims) == 2 for name in node.input)
     ]
+    projections_at = set()
     for label, node, projection in _projections(model, graph, unadaptable):
         output_node = projection.output_node
+        projections_at.add(index_of[id(node)])
         rule, module, aliases = module_names(node, projection.weight, graph.bias_module(output_node))
         placed = graph.layout(projection.activation, projection.in_features)
         if isinstance(placed, str):
-            unadaptable.append(Unadaptable(label, node.op_type, projection.weight, module, placed))
+            unadaptable.append(
+                Unadaptable(label, node.op_type, projection.weight, module, placed, scope=scope_of(node))
+            )
             continue
-        layout, source, source_rank = placed
+        layout, source, source_rank, per_row = placed
         sites.append(
             LoraSite(
                 weight=projection.weight,
@@ -267,9 +287,18 @@ def find_sites(model: onnx.ModelProto, shapes: Mapping[str, list[str | int]] | N
                 source_rank=source_rank,
                 dtype=projection.dtype,
                 quantized="" if projection.op_type in ("MatMul", "Gemm") else projection.op_type,
+                per_row=per_row,
+                bias=graph.bias_of(output_node, projection.out_features)
+                if projection.op_type in ("MatMul", "Gemm")
+                else "",
+                weight_shape=projection.weight_shape,
+                transposed=projection.transposed,
+                scope=scope_of(node),
             )
         )
-    return SiteReport(sites, unadaptable, fused)
+    weights = {site.weight for site in sites}
+    unadaptable += hidden_uses(model, graph.initializers, graph.producers, weights, projections_at)
+    return assign_groups(SiteReport(sites, unadaptable, fused))
 
 
 def projection_names(model: onnx.ModelProto) -> dict[str, tuple[str, str, tuple[str, ...]]]:
@@ -307,7 +336,9 @@ def _projections(
         if isinstance(projection, str):
             weight = node.input[WEIGHT_INPUT[node.op_type]]
             _rule, module, _aliases = module_names(node, weight, graph.bias_module(node))
-            unadaptable.append(Unadaptable(label, node.op_type, weight, module, projection))
+            unadaptable.append(
+                Unadaptable(label, node.op_type, weight, module, projection, scope=scope_of(node))
+            )
             continue
         if projection is None:
             projection = _float_projection(graph, node, label, unadaptable)
@@ -325,7 +356,7 @@ def _float_projection(
     found = graph.weight_behind(node.input[1])
     if found is None:
         return None  # activation x activation (attention scores), not a projection
-    operand, transposed, dequantized = found
+    operand, transposed, dequantized = found.name, found.transposed, found.dequantized
     if node.op_type == "Gemm":
         attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
         if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
@@ -335,7 +366,7 @@ def _float_projection(
             )
             return None
         transposed = transposed != bool(attrs.get("transB", 0))
-    rows, cols = (int(d) for d in graph.initializers[operand].dims)
+    rows, cols = found.shape
     in_features, out_features = (cols, rows) if transposed else (rows, cols)
     op_type = "DequantizeLinear" if dequantized else node.op_type
     activation = node.input[0]
@@ -345,4 +376,6 @@ def _float_projection(
         quantize = graph.producers.get(dequantize.input[0])
         if quantize is not None and quantize.op_type == "QuantizeLinear":
             activation = quantize.input[0]
-    return QuantizedProjection(op_type, operand, activation, node, in_features, out_features, dequantized)
+    return QuantizedProjection(
+        op_type, operand, activation, node, in_features, out_features, dequantized, found.shape, transposed
+    )
