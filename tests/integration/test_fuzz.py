@@ -23,13 +23,21 @@ from hypothesis import strategies as st
 
 from ortmux.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc, tensor_pb2
 from ortmux.worker.api.server import Worker, start_worker
+from ortmux.worker.engine.memory import resident_bytes
 
 from ..conftest import worker_settings
 
 Fuzzed = tuple[Worker, Path, grpc.Channel]
 FORBIDDEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 EXAMPLES = 400
-CASES = {"infer": 0, "stream": 0, "upload": 0}
+CASES = {"infer": 0, "stream": 0, "upload": 0, "ids": 0, "bytes": 0}
+METHODS = [
+    "/ortmux.v1.InferenceService/Infer",
+    "/ortmux.v1.ModelService/GetModel",
+    "/ortmux.v1.AdapterService/ListAdapters",
+    "/inference.GRPCInferenceService/ModelInfer",
+    "/inference.GRPCInferenceService/ModelMetadata",
+]
 
 names = st.one_of(
     st.sampled_from(["demo", "input_ids", "logits", "", "..", "../../etc/passwd", "a/b", "x" * 300]),
@@ -201,6 +209,48 @@ def test_fuzzed_uploads_get_deliberate_statuses_and_leave_no_files(
     _assert_data_dir_clean(data)
 
 
+@settings(
+    max_examples=EXAMPLES // 2, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
+)
+@given(
+    rows=st.integers(min_value=0, max_value=40),
+    length=st.integers(min_value=0, max_value=5000),
+    low=st.integers(min_value=-(1 << 62), max_value=1100),
+    dtype=st.sampled_from([np.int64, np.int32]),
+)
+def test_fuzzed_token_ids_and_sizes_get_deliberate_statuses(
+    fuzzed: Fuzzed, rows: int, length: int, low: int, dtype: type
+) -> None:
+    """Well-formed demo requests of any size and id range: served, or refused on the sequence,
+    token or id bounds; never INTERNAL."""
+    _worker, _data, channel = fuzzed
+    CASES["ids"] += 1
+    rng = np.random.default_rng(rows * 7919 + length)
+    low = max(low, np.iinfo(dtype).min)
+    high = min(low + 2000, np.iinfo(dtype).max)
+    ids = rng.integers(low, high, size=(rows, length), dtype=dtype, endpoint=True)
+    request = inference_pb2.InferRequest(model="demo")
+    request.inputs.add(
+        name="input_ids",
+        dtype=tensor_pb2.DATA_TYPE_INT64 if dtype is np.int64 else tensor_pb2.DATA_TYPE_INT32,
+        shape=list(ids.shape),
+        data=ids.tobytes(),
+    )
+    code = _code(lambda: inference_pb2_grpc.InferenceServiceStub(channel).Infer(request, timeout=60))
+    assert code in {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}, code
+
+
+@settings(
+    max_examples=EXAMPLES // 2, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
+)
+@given(method=st.sampled_from(METHODS), payload=st.binary(max_size=200))
+def test_fuzzed_bytes_get_deliberate_statuses(fuzzed: Fuzzed, method: str, payload: bytes) -> None:
+    _worker, _data, channel = fuzzed
+    CASES["bytes"] += 1
+    call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+    assert _code(lambda: call(payload, timeout=20)) not in FORBIDDEN
+
+
 def test_the_worker_still_serves_after_the_fuzzing(fuzzed: Fuzzed) -> None:
     _worker, data, channel = fuzzed
     request = inference_pb2.InferRequest(model="demo")
@@ -214,3 +264,4 @@ def test_the_worker_still_serves_after_the_fuzzing(fuzzed: Fuzzed) -> None:
     assert list(reply.outputs[0].shape) == [1, 8, 1000]
     _assert_data_dir_clean(data)
     assert sum(CASES.values()) >= EXAMPLES  # the properties ran
+    assert resident_bytes() < 3 << 30  # the test process, worker included, stayed bounded

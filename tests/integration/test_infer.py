@@ -52,7 +52,7 @@ BAD_INPUTS = {
     "missing input": ({}, "input 'input_ids' is missing"),
     "token id out of range": (
         {"input_ids": np.array([[5000]], np.int64)},
-        "indices element out of data bounds",
+        "input 'input_ids' holds 5000 at [0, 0]; model 'demo' takes ids in [0, 1000)",
     ),
 }
 

@@ -104,6 +104,8 @@ def model_info(message: models_pb2.ModelInfo) -> ModelInfo:
             for item in message.unadaptable
         ),
         fused_nodes=tuple(message.fused_nodes),
+        max_sequence_length=message.max_sequence_length,
+        max_sequence_length_from=message.max_sequence_length_from,
     )
 
 

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 import socket
 import threading
 import time
 from collections.abc import Sequence
 
+import grpc
+
 from ortmux.client._channel import resolve_address
+from ortmux.client._errors import FieldViolation, OrtmuxError
 
 MODEL_HEADER = "x-ortmux-model"
 ADAPTER_HEADER = "x-ortmux-adapter"
@@ -32,10 +36,25 @@ Route = tuple[str, str | None]  # (model, adapter); a call without an adapter ha
 
 
 def route_headers(route: Route | None) -> tuple[tuple[str, str], ...]:
-    """The headers a proxy hashes on: a call's model and adapter (none without an adapter)."""
+    """The headers a proxy hashes on: a call's model and adapter (none without an adapter).
+
+    A name gRPC metadata cannot carry (non-ASCII, control characters) is refused here with
+    INVALID_ARGUMENT, as the worker would refuse it: its names and ids are ASCII."""
     if route is None or not route[1]:
         return ()
+    for field, value in (("model", route[0]), ("adapter", route[1])):
+        if not _SENDABLE.fullmatch(value):
+            raise OrtmuxError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{field} {value!r} is not a valid name: use printable ASCII (adapter ids: letters, "
+                "digits, '.', '_' or '-')",
+                reason="INVALID_ARGUMENT",
+                field_violations=(FieldViolation(field, "not printable ASCII"),),
+            )
     return ((MODEL_HEADER, route[0]), (ADAPTER_HEADER, route[1]))
+
+
+_SENDABLE = re.compile(r"[\x20-\x7e]*")
 
 
 def route_key(route: Route | None) -> str | None:

@@ -73,6 +73,8 @@ class ModelInfo:
     providers: tuple[str, ...]
     unadaptable: tuple[UnadaptableInfo, ...] = ()
     fused_nodes: tuple[str, ...] = ()
+    max_sequence_length: int = 0  # 0: no limit
+    max_sequence_length_from: str = ""  # the setting, config.json, or position embeddings
 
 
 @dataclasses.dataclass(frozen=True)

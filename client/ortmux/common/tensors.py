@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -73,6 +74,12 @@ def encode(name: str, array: np.ndarray, out: tensor_pb2.Tensor | None = None) -
     return message
 
 
+def element_count(shape: Sequence[int]) -> int:
+    """Elements of a tensor of ``shape``, exactly (a product past int64 does not wrap to a small
+    number, as numpy's would: [2**32, 2**32] is 2**64 elements, not 0)."""
+    return math.prod(int(dim) for dim in shape)
+
+
 def decode(message: tensor_pb2.Tensor) -> np.ndarray:
     """Decode a Tensor message to a read-only array that views the message's bytes."""
     name = message.name
@@ -87,7 +94,7 @@ def decode(message: tensor_pb2.Tensor) -> np.ndarray:
     if any(dim < 0 for dim in shape):
         raise TensorCodecError(f"tensor '{name}': shape {list(shape)} has a negative dimension", tensor=name)
     dtype = np.dtype(numpy_name).newbyteorder("<")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = element_count(shape) * dtype.itemsize
     if len(message.data) != expected:
         raise TensorCodecError(
             f"tensor '{name}': {len(message.data)} bytes of data, but dtype {numpy_name} and shape "

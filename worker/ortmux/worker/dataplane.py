@@ -20,7 +20,9 @@ from ortmux.worker.adapters.store import DEFAULT_TENANT
 from ortmux.worker.audit import audit
 from ortmux.worker.auth import Identity
 from ortmux.worker.engine.base_model import BaseModel
+from ortmux.worker.engine.limits import request_tokens
 from ortmux.worker.engine.lora.feeds import DEFAULT_FEED_MEMORY_BYTES, FeedBuffers, FeedPool
+from ortmux.worker.engine.memory import MemoryGuard
 from ortmux.worker.engine.registry import ModelRegistry
 from ortmux.worker.engine.specs import validate_inputs, validate_output_names
 from ortmux.worker.errors import (
@@ -92,6 +94,7 @@ class DataPlane:
         max_request_elements: int = 1 << 26,
         worker_paths: Sequence[Path] = (),
         feed_pool: FeedPool | None = None,
+        memory: MemoryGuard | None = None,
     ) -> None:
         self.models = models
         self.adapters = adapters
@@ -102,6 +105,7 @@ class DataPlane:
         self.max_request_elements = max_request_elements
         self.worker_paths = tuple(Path(p).resolve() for p in worker_paths)
         self.feed_pool = feed_pool or FeedPool(DEFAULT_FEED_MEMORY_BYTES)
+        self.memory = memory or MemoryGuard(0)
         self._batchers: dict[str, Batcher] = {}
         self._stats: dict[str, ModelStats] = {}
         self._feed_buffers: dict[str, FeedBuffers] = {}
@@ -116,7 +120,10 @@ class DataPlane:
             if batcher is None:
                 buffers = self._feed_buffers[model.name] = FeedBuffers(self.feed_pool)
                 batcher = Batcher(
-                    model.name, batch_runner(model, buffers), self.limits, self._observe_batch(model.name)
+                    model.name,
+                    batch_runner(model, buffers, self.memory.after_run),
+                    self.limits,
+                    self._observe_batch(model.name),
                 )
                 self._batchers[model.name] = batcher
             return batcher
@@ -248,6 +255,7 @@ class DataPlane:
             model = self.models.get(request.model)
             model_label = model.name
             self._check_size(request)
+            self.memory.admit()
             self.quotas.admit(tenant)
             admitted = True
             future = self._queue(model, request, tenant)
@@ -284,7 +292,7 @@ class DataPlane:
                 stats.fail_ns += int(seconds * 1e9)
 
     def _check_size(self, request: InferenceRequest) -> None:
-        elements = sum(int(np.prod(array.shape, dtype=np.int64)) for array in request.inputs.values())
+        elements = sum(array.size for array in request.inputs.values())
         if elements > self.max_request_elements:
             raise ResourceExhausted(
                 f"the request carries {elements} tensor elements, over the limit of "
@@ -294,6 +302,14 @@ class DataPlane:
 
     def _queue(self, model: BaseModel, request: InferenceRequest, tenant: str) -> Future[InferenceResult]:
         validate_inputs(model.name, model.inputs, request.inputs)
+        model.limits.check(model.name, model.inputs, request.inputs)
+        tokens = request_tokens(model.inputs, request.inputs)
+        if tokens > self.limits.max_batch_tokens:
+            raise InvalidArgument(
+                f"the request is {tokens} tokens (rows x sequence), over the {self.limits.max_batch_tokens} "
+                "one run of the worker takes (max_batch_tokens); send it in smaller requests",
+                field="inputs",
+            )
         names = tuple(validate_output_names(model.name, model.outputs, request.output_names))
         held = ExitStack()  # the adapter stays in use (never deleted) until the request is answered
         try:
@@ -314,6 +330,7 @@ class DataPlane:
                 batchable=model.batchable,
                 group="" if self.mix_adapters else request.adapter,
                 exclusive=bool(adapter and adapter.exclusive),
+                tokens=tokens,
             )
             self.batcher(model).submit(queued)
         except BaseException:
@@ -367,7 +384,7 @@ class DataPlane:
             "adapter.register_from_path", identity, header.model, header.adapter_id, path=str(path)
         ):
             identity.require_admin("registering an adapter from a path on the worker")
-            return self.adapters.register_from_path(header, self._readable(path))
+            return self.adapters.register_from_path(header, self._readable(path), self._readable)
 
     def get_adapter(self, identity: Identity, model: str, adapter_id: str) -> AdapterInfo:
         return self.adapters.get(model, adapter_id, identity.tenant)

@@ -9,6 +9,7 @@ adapters can name the modules they target. About 2.6 MB of float32 weights.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -143,9 +144,19 @@ def build_transformer(shape: TransformerShape) -> onnx.ModelProto:
     return model
 
 
+# The demo's declared context length (it has no position embeddings to set one): written beside
+# it as config.json, where the worker reads a model's limits, so that one request cannot ask its
+# attention for gigabytes ([1, 16384] tokens: 4 GiB of scores per layer).
+DEMO_CONFIG = {"model_type": "ortmux-demo", "vocab_size": DEMO_SHAPE.vocab, "max_seq_len": 2048}
+
+
 def ensure_demo_model(data_dir: Path) -> Path:
-    """The demo model's path under ``data_dir``, generated there on first use."""
+    """The demo model's path under ``data_dir``, generated there on first use, with its
+    config.json."""
     path = data_dir / "models" / f"{DEMO_NAME}-v{DEMO_VERSION}.onnx"
     if not path.is_file():
         write_atomically(path, build_demo_model().SerializeToString())
+    config = path.parent / "config.json"
+    if not config.is_file():
+        write_atomically(config, (json.dumps(DEMO_CONFIG, indent=1) + "\n").encode())
     return path

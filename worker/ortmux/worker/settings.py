@@ -110,6 +110,23 @@ class Settings:
         600.0, "With a shared store: how often (jittered) this pod collects orphaned payloads."
     )
     max_batch_size: int = _field(32, "Most rows one batched run takes; 1 turns batching off.")
+    max_batch_tokens: int = _field(
+        16384,
+        "Most tokens one batched run takes (rows x the sizes of the model's dynamic dimensions: "
+        "batch x sequence for text); a request over it alone is refused with INVALID_ARGUMENT.",
+    )
+    max_sequence_length: list[str] = _field(
+        [],
+        "Longest sequence (dimension 1 of integer [batch, sequence] inputs) a model takes, as N for "
+        "every model or NAME=N for one; repeatable. Unset: the model's own limit (config.json's "
+        "max_position_embeddings beside it, or its position-embedding rows), if it has one.",
+    )
+    memory_limit_bytes: int = _field(
+        0,
+        "Worker memory (resident bytes) past which new requests are refused with RESOURCE_EXHAUSTED "
+        "and a retry delay, before the kernel's OOM killer would take the pod. 0: 90% of the "
+        "container's cgroup memory limit when one is set, else no guard; -1: no guard.",
+    )
     max_queue_delay_ms: float = _field(
         0.0,
         "How long a batch waits for more requests after its first, in ms; 0: a batch takes what queued "
@@ -174,6 +191,23 @@ class Settings:
 
     def cache_path(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else self.data_dir / "cache"
+
+    def sequence_limits(self) -> dict[str, int]:
+        """``max_sequence_length`` parsed into model name -> limit ("" for every other model)."""
+        limits: dict[str, int] = {}
+        for entry in self.max_sequence_length:
+            name, sep, value = entry.rpartition("=")
+            try:
+                limit = int(value)
+            except ValueError:
+                limit = 0
+            if limit < 1 or (sep and not name.strip()):
+                raise InvalidArgument(
+                    f"setting 'max_sequence_length' entry {entry!r} is not N or NAME=N with N >= 1",
+                    field="max_sequence_length",
+                )
+            limits[name.strip()] = limit
+        return limits
 
     def model_paths(self) -> dict[str, Path]:
         """``models`` parsed into name -> path, checked for form and duplicates."""
@@ -249,6 +283,7 @@ class Settings:
             "feed_memory_bytes",
             "upload_memory_bytes",
             "max_batch_size",
+            "max_batch_tokens",
             "max_queue_size",
             "stream_window",
             "max_request_elements",
@@ -290,6 +325,11 @@ class Settings:
         if self.adapter_disk_bytes < 0:
             raise InvalidArgument(
                 "setting 'adapter_disk_bytes' must be 0 or more", field="adapter_disk_bytes"
+            )
+        self.sequence_limits()
+        if self.memory_limit_bytes < -1:
+            raise InvalidArgument(
+                "setting 'memory_limit_bytes' must be -1, 0 or a byte count", field="memory_limit_bytes"
             )
         if self.grpc_workers < 1:
             raise InvalidArgument("setting 'grpc_workers' must be 1 or more", field="grpc_workers")

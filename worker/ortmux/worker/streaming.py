@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 from ortmux.worker.dataplane import InferenceRequest, InferenceResult
-from ortmux.worker.errors import InternalError, OrtmuxError, Unavailable
+from ortmux.worker.errors import InternalError, InvalidArgument, OrtmuxError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class StreamAnswer:
 class _InputEnded:
     accepted: int
     draining: bool = False  # the worker stopped reading because it is shutting down
+    error: OrtmuxError | None = None  # a message that could not be read (not a valid message)
 
 
 class _Stopped:
@@ -53,9 +54,15 @@ class AnswerStream:
     elsewhere.
     """
 
-    def __init__(self, incoming: Iterator[Incoming], submit: Submit, window: int) -> None:
+    def __init__(
+        self, incoming: Iterator[Incoming], submit: Submit, window: int, unique_ids: bool = False
+    ) -> None:
+        """``unique_ids``: every request needs an id no unanswered request of the stream has; one
+        without (empty or repeated) is answered INVALID_ARGUMENT in-band and the stream goes on."""
         if window < 1:
             raise ValueError("window must be at least 1")
+        self._unique_ids = unique_ids
+        self._in_flight: set[str] = set()  # ids taken and not yet answered (with unique_ids)
         self._incoming = incoming
         self._submit = submit
         self._answers: queue.Queue[StreamAnswer | _InputEnded | _Stopped] = queue.Queue()
@@ -89,11 +96,15 @@ class AnswerStream:
                     ended = ended or item
                     continue
                 answered += 1
+                with self._taking:
+                    self._in_flight.discard(item.request_id)
                 yield item
                 self._slots.release()
         finally:
             if not self._stopped.is_set():
                 self.stop()
+        if ended.error is not None:
+            raise ended.error
         if ended.draining:
             raise Unavailable(
                 f"the worker is shutting down: it answered the {answered} requests it took from this "
@@ -102,6 +113,7 @@ class AnswerStream:
             )
 
     def _read(self) -> None:
+        failed = None
         try:
             for request_id, build in self._incoming:
                 self._slots.acquire()
@@ -110,13 +122,30 @@ class AnswerStream:
                         return
                     self._accepted += 1
                     self._take(request_id, build)
+        except OrtmuxError as error:  # a message that is not one: the stream ends with its status
+            failed = error
         except Exception as error:  # the transport failed or the call was cancelled mid-read
             log.debug("stream input ended early: %r", error)
         finally:
             with self._taking:
-                self._end(draining=False)
+                self._end(draining=False, error=failed)
 
     def _take(self, request_id: str, build: Callable[[], InferenceRequest]) -> None:
+        if self._unique_ids:
+            problem = (
+                "a request on this stream has no request_id; each needs one to be told apart"
+                if not request_id
+                else f"request_id {request_id!r} is already in flight on this stream; ids must be "
+                "unique among unanswered requests"
+                if request_id in self._in_flight
+                else ""
+            )
+            if problem:
+                self._answers.put(
+                    StreamAnswer(request_id, error=InvalidArgument(problem, field="request_id"))
+                )
+                return
+            self._in_flight.add(request_id)
         try:
             future = self._submit(build())
         except OrtmuxError as error:
@@ -128,10 +157,10 @@ class AnswerStream:
             return
         future.add_done_callback(lambda done: self._answers.put(_answer(request_id, done)))
 
-    def _end(self, draining: bool) -> None:
+    def _end(self, draining: bool, error: OrtmuxError | None = None) -> None:
         if not self._ended:
             self._ended = True
-            self._answers.put(_InputEnded(self._accepted, draining))
+            self._answers.put(_InputEnded(self._accepted, draining, error))
 
 
 def _answer(request_id: str, done: Future[InferenceResult]) -> StreamAnswer:

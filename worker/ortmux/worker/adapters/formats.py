@@ -246,15 +246,20 @@ def _parse_peft(files: Mapping[str, bytes]) -> ParsedAdapter:
     alpha = config.get("lora_alpha", r)
     if not isinstance(r, int) or r <= 0:
         raise InvalidArgument(f"{PEFT_CONFIG}: r must be a positive integer, got {r!r}", field="r")
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise InvalidArgument(
-            f"{PEFT_CONFIG}: lora_alpha must be a number, got {alpha!r}", field="lora_alpha"
+            f"{PEFT_CONFIG}: lora_alpha must be a finite number, got {alpha!r}", field="lora_alpha"
         )
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     for field, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         if not isinstance(pattern, dict):
             raise InvalidArgument(f"{PEFT_CONFIG}: {field} must be an object", field=field)
+        for key, value in pattern.items():
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                raise InvalidArgument(
+                    f"{PEFT_CONFIG}: {field}[{key!r}] must be a finite number, got {value!r}", field=field
+                )
     use_rslora = bool(config.get("use_rslora", False))
     saved = config.get("modules_to_save") or []
     if not isinstance(saved, list) or not all(isinstance(name, str) for name in saved):
@@ -262,6 +267,7 @@ def _parse_peft(files: Mapping[str, bytes]) -> ParsedAdapter:
             f"{PEFT_CONFIG}: modules_to_save must be a list of module names", field="modules_to_save"
         )
     tensors = safetensors.load(files[PEFT_WEIGHTS], PEFT_WEIGHTS)
+    check_finite(tensors, PEFT_WEIGHTS)
     parts: dict[str, dict[str, np.ndarray]] = {}
     full: dict[str, dict[str, np.ndarray]] = {}
     for key, array in tensors.items():
@@ -338,6 +344,19 @@ def _full_modules(full: Mapping[str, Mapping[str, np.ndarray]]) -> list[FullModu
     return modules
 
 
+def check_finite(tensors: Mapping[str, np.ndarray], source: str) -> None:
+    """InvalidArgument naming the first float tensor holding NaN or an infinity: such an adapter
+    would answer non-finite outputs for every request."""
+    for name, array in tensors.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = np.argwhere(~np.isfinite(array))[0]
+            raise InvalidArgument(
+                f"{source}: tensor '{name}' holds {array[tuple(bad)]} at {bad.tolist()}; adapter "
+                "tensors must be finite",
+                field="tensors",
+            )
+
+
 # -- ORT adapter -----------------------------------------------------------------------------------
 
 
@@ -357,6 +376,7 @@ def _parse_ort_adapter(files: Mapping[str, bytes]) -> ParsedAdapter:
             raise InvalidArgument(f"the .onnx_adapter file does not load: {exc}", field="format") from None
     if not tensors:
         raise InvalidArgument("the .onnx_adapter file holds no parameters", field="format")
+    check_finite(tensors, "the .onnx_adapter file")
     return ParsedAdapter(ORT_ADAPTER, tensors=tensors)
 
 
@@ -375,4 +395,5 @@ def _parse_override(files: Mapping[str, bytes]) -> ParsedAdapter:
         tensors = safetensors.load(data, "override")
     if not tensors:
         raise InvalidArgument("override holds no tensors", field="format")
+    check_finite(tensors, "override")
     return ParsedAdapter(WEIGHT_OVERRIDE, tensors=tensors)

@@ -141,9 +141,12 @@ class AdapterManager(Residency, StoreMirror):
         finally:
             pending.abort()  # no-op once committed (the directory has moved)
 
-    def register_from_path(self, header: UploadHeader, path: Path) -> AdapterInfo:
-        """Register an adapter from a file, archive or directory on the worker's filesystem."""
-        return self.register(*receive_path(self.store, self.limits, header, path))
+    def register_from_path(
+        self, header: UploadHeader, path: Path, readable: Callable[[Path], Path] = Path.resolve
+    ) -> AdapterInfo:
+        """Register an adapter from a file, archive or directory on the worker's filesystem;
+        ``readable`` resolves each file read, refusing those outside the allowed paths."""
+        return self.register(*receive_path(self.store, self.limits, header, path, readable))
 
     def _register(self, header: UploadHeader, payload: Payload, pending: PendingAdapter) -> AdapterInfo:
         model = self._model(header.model)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -122,22 +122,30 @@ def receive_upload(
 
 
 def receive_path(
-    store: AdapterStore, limits: UploadLimits, header: UploadHeader, path: Path
+    store: AdapterStore,
+    limits: UploadLimits,
+    header: UploadHeader,
+    path: Path,
+    readable: Callable[[Path], Path] = Path.resolve,
 ) -> tuple[UploadHeader, Payload, PendingAdapter]:
     """An adapter from a file, archive or directory on the worker's filesystem, copied into a
-    staging directory; returns the header with its files and sha256 filled in."""
+    staging directory; returns the header with its files and sha256 filled in. Every file is read
+    where ``readable`` resolves it (a symlink to a file outside the allowed paths is refused)."""
     if not path.exists():
         raise NotFound(f"no file or directory at {path}", field="path")
-    sources = (
+    listed = (
         sorted(p for p in path.iterdir() if p.is_file() and p.name != "README.md")
         if path.is_dir()
         else [path]
     )
+    names, sources = [p.name for p in listed], [readable(p) for p in listed]
     size = sum(p.stat().st_size for p in sources)
     if size > limits.max_adapter_bytes:
         raise ResourceExhausted(f"{path} exceeds the limit of {limits.max_adapter_bytes} bytes", field="path")
     if path.is_dir():
-        header = dataclasses.replace(header, files=tuple((p.name, p.stat().st_size) for p in sources))
+        header = dataclasses.replace(
+            header, files=tuple((name, p.stat().st_size) for name, p in zip(names, sources, strict=True))
+        )
     digest = hashlib.sha256()
     block = memoryview(bytearray(1 << 20))  # one reused buffer: no fresh pages to fault in
     pending = store.begin(size)

@@ -85,6 +85,8 @@ def model_to_proto(model: BaseModel, adapters: int = 0, resident_adapters: int =
             for item in model.unadaptable
         ],
         fused_nodes=model.fused,
+        max_sequence_length=model.limits.sequence,
+        max_sequence_length_from=model.limits.sequence_from,
     )
 
 
@@ -115,11 +117,16 @@ def call_deadline(context: grpc.ServicerContext) -> float | None:
 
 
 def answer_stream(
-    dataplane: DataPlane, incoming: Iterator[Incoming], window: int, context: grpc.ServicerContext
+    dataplane: DataPlane,
+    incoming: Iterator[Incoming],
+    window: int,
+    context: grpc.ServicerContext,
+    unique_ids: bool = False,
 ) -> Iterator[StreamAnswer]:
     """The answers of a streaming call's requests, through the data plane with at most ``window``
-    unanswered: reading stops when the call ends, and the stream drains with the worker."""
-    answers = AnswerStream(incoming, dataplane.submit, window)
+    unanswered: reading stops when the call ends, and the stream drains with the worker.
+    ``unique_ids``: requests need ids unique among the unanswered ones (the native API's rule)."""
+    answers = AnswerStream(incoming, dataplane.submit, window, unique_ids)
     context.add_callback(answers.stop)
     forget = dataplane.on_drain(answers.drain)
     try:

@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 from ortmux.worker.api.errors import to_rpc_status
 from ortmux.worker.audit import audit
 from ortmux.worker.auth import SINGLE_TENANT, Identity, KeyRing
-from ortmux.worker.errors import InternalError, OrtmuxError
+from ortmux.worker.errors import InternalError, InvalidArgument, OrtmuxError
 from ortmux.worker.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -31,28 +31,62 @@ def _abort(context: grpc.ServicerContext, method: str, exc: Exception) -> None:
 
 
 def _wrap_handler(
-    handler: grpc.RpcMethodHandler, method: str, wrap_unary: Callable, wrap_stream: Callable
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    wrap_unary: Callable,
+    wrap_stream: Callable,
+    deserializer: Callable | None = None,
 ) -> grpc.RpcMethodHandler:
-    """A copy of ``handler`` whose behavior is wrapped; ``wrap_stream`` for streamed responses."""
+    """A copy of ``handler`` whose behavior is wrapped; ``wrap_stream`` for streamed responses.
+    ``deserializer`` replaces the handler's request deserializer."""
+    deserializer = deserializer or handler.request_deserializer
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            wrap_unary(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer
+            wrap_unary(handler.unary_unary, method), deserializer, handler.response_serializer
         )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(
-            wrap_unary(handler.stream_unary, method),
-            handler.request_deserializer,
-            handler.response_serializer,
+            wrap_unary(handler.stream_unary, method), deserializer, handler.response_serializer
         )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            wrap_stream(handler.unary_stream, method),
-            handler.request_deserializer,
-            handler.response_serializer,
+            wrap_stream(handler.unary_stream, method), deserializer, handler.response_serializer
         )
     return grpc.stream_stream_rpc_method_handler(
-        wrap_stream(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer
+        wrap_stream(handler.stream_stream, method), deserializer, handler.response_serializer
     )
+
+
+class _Undecodable:
+    """A request message whose bytes did not parse (gRPC would answer INTERNAL for it)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable | None) -> Callable | None:
+    """``deserializer`` returning an :class:`_Undecodable` instead of raising, so the behavior
+    can answer INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return _Undecodable(exc)
+
+    return parse
+
+
+def _decoded(request: Any) -> Any:
+    """The request, or InvalidArgument when its bytes were not a valid message; a stream of
+    requests is checked message by message."""
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"the request is not a valid protobuf message of this method: {request.error}")
+    if isinstance(request, Iterator):
+        return (_decoded(item) for item in request)
+    return request
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
@@ -68,13 +102,19 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        return _wrap_handler(handler, handler_call_details.method, self._unary, self._stream)
+        return _wrap_handler(
+            handler,
+            handler_call_details.method,
+            self._unary,
+            self._stream,
+            _tolerant(handler.request_deserializer),
+        )
 
     @staticmethod
     def _unary(behavior: Behavior, method: str) -> Behavior:
         def guarded(request: Any, context: grpc.ServicerContext) -> Any:
             try:
-                return behavior(request, context)
+                return behavior(_decoded(request), context)
             except Exception as exc:
                 _abort(context, method, exc)
 
@@ -84,7 +124,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     def _stream(behavior: Behavior, method: str) -> Behavior:
         def guarded(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
-                yield from behavior(request, context)
+                yield from behavior(_decoded(request), context)
             except Exception as exc:
                 _abort(context, method, exc)
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 import ml_dtypes
 import numpy as np
 
+from ortmux.common import tensors
 from ortmux.worker.api.inference_v2 import grpc_service_pb2 as oip
 from ortmux.worker.dataplane import InferenceRequest, InferenceResult
 from ortmux.worker.engine.specs import TensorSpec
@@ -131,7 +132,7 @@ def _decode(tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | None) -
     shape = tuple(tensor.shape)
     if any(dim < 0 for dim in shape):
         raise InvalidArgument(f"input '{name}': shape {list(shape)} has a negative dimension", field=field)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = tensors.element_count(shape)
     if raw is None:
         return _decode_typed(tensor, dtype, shape, count, field)
     if datatype == "BYTES":

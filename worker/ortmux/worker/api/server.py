@@ -37,6 +37,7 @@ from ortmux.worker.dataplane import DataPlane
 from ortmux.worker.demo import DEMO_NAME, ensure_demo_model
 from ortmux.worker.engine.cache import ModelCache
 from ortmux.worker.engine.lora.feeds import FeedPool
+from ortmux.worker.engine.memory import MemoryGuard
 from ortmux.worker.engine.providers import resolve_providers
 from ortmux.worker.engine.registry import ModelRegistry
 from ortmux.worker.engine.runtime import RuntimeOptions, configure_process
@@ -147,7 +148,9 @@ def create_server(
         base_graph=settings.base_graph,
         quantize=settings.quantize,
     )
-    models = ModelRegistry(runtime, ModelCache(settings.cache_path()), settings.overridable)
+    models = ModelRegistry(
+        runtime, ModelCache(settings.cache_path()), settings.overridable, settings.sequence_limits()
+    )
     limits = AdapterLimits(
         max_adapter_bytes=settings.max_adapter_bytes,
         max_upload_chunks=settings.max_upload_chunks,
@@ -171,6 +174,7 @@ def create_server(
         max_delay=settings.max_queue_delay_ms / 1000,
         max_queue=settings.max_queue_size,
         fair_share_rows=settings.fair_share_rows,
+        max_batch_tokens=settings.max_batch_tokens,
     )
     quotas = RequestQuotas(settings.tenant_max_in_flight, settings.tenant_max_requests_per_second)
     dataplane = DataPlane(
@@ -183,6 +187,7 @@ def create_server(
         settings.max_request_elements,
         [Path(p) for p in settings.worker_paths],
         FeedPool(settings.feed_memory_bytes),
+        MemoryGuard.from_setting(settings.memory_limit_bytes),
     )
     keys = KeyRing(settings.api_keys, Path(settings.api_keys_file) if settings.api_keys_file else None)
     if not keys.enabled:
@@ -193,7 +198,7 @@ def create_server(
     metrics.watch_models(dataplane.list_models)
     metrics.watch_adapters(adapters)
     metrics.watch_batchers(dataplane.batchers)
-    metrics.watch_memory(dataplane.feed_pool, store.upload_memory)
+    metrics.watch_memory(dataplane.feed_pool, store.upload_memory, dataplane.memory)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

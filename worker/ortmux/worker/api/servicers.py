@@ -132,5 +132,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     partial(convert.request_from_proto, message, deadline, context.is_active, tenant),
                 )
 
-        for answer in convert.answer_stream(self._dataplane, incoming(), self._stream_window, context):
+        answers = convert.answer_stream(
+            self._dataplane, incoming(), self._stream_window, context, unique_ids=True
+        )
+        for answer in answers:
             yield convert.stream_answer_to_proto(answer)

@@ -27,6 +27,7 @@ from ortmux.worker.engine.cache import (
     cpu_signature,
     mark_overridable,
 )
+from ortmux.worker.engine.limits import find_limits
 from ortmux.worker.engine.lora.feeds import FeedBuffers, RowSpan, build_feeds
 from ortmux.worker.engine.lora.graph import (
     REWRITE_VERSION,
@@ -37,9 +38,9 @@ from ortmux.worker.engine.lora.targets import LoraSite, Unadaptable
 from ortmux.worker.engine.providers import CUDA
 from ortmux.worker.engine.quantize import QUANTIZE_VERSION
 from ortmux.worker.engine.quantized import quantized_weights
-from ortmux.worker.engine.runtime import RuntimeOptions
+from ortmux.worker.engine.runtime import RuntimeOptions, release_arena
 from ortmux.worker.engine.specs import TensorSpec, leading_rows, validate_inputs, validate_output_names
-from ortmux.worker.errors import InternalError, InvalidArgument, NotFound
+from ortmux.worker.errors import InternalError, InvalidArgument, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class BaseModel:
         runtime: RuntimeOptions,
         cache: ModelCache,
         overridable_patterns: Sequence[str] = (),
+        max_sequence_length: int = 0,
     ) -> None:
         if not path.is_file():
             raise NotFound(f"model '{name}': no file at {path}", field="path")
@@ -107,6 +109,7 @@ class BaseModel:
         except Exception as exc:  # unreadable file, not protobuf, broken external data, ...
             raise InvalidArgument(f"model '{name}' at {path} cannot be read: {exc}", field="path") from None
         self.overridable = select_overridable(source_model, overridable_patterns, path)
+        self.limits = find_limits(source_model, path, max_sequence_length)
         self.initializer_names = frozenset(tensor.name for tensor in source_model.graph.initializer)
         self.quantized = quantized_weights(source_model)  # quantized initializer -> the op reading it
         quantize = quantization(name, runtime, source_model, self.quantized, self.overridable)
@@ -285,6 +288,14 @@ class BaseModel:
         except _CALLER_FAULTS as exc:
             raise InvalidArgument(f"model '{self.name}' refused the inputs: {_ort_message(exc)}") from None
         except Exception as exc:
+            if isinstance(exc, MemoryError) or "Failed to allocate memory" in str(exc):
+                release_arena()  # the run's partial allocations stay in the arena otherwise
+                raise ResourceExhausted(
+                    f"model '{self.name}' could not allocate the memory this run needs "
+                    f"({_ort_message(exc)}); send smaller requests",
+                    reason="OUT_OF_MEMORY",
+                    retry_after=1.0,
+                ) from None
             log.exception("model '%s' failed to run", self.name)
             raise InternalError(f"model '{self.name}' failed to run: {_ort_message(exc)}") from None
         return dict(zip(names, results, strict=True))

@@ -13,10 +13,19 @@ from ortmux.worker.errors import AlreadyExists, InvalidArgument, NotFound, Unava
 
 
 class ModelRegistry:
-    def __init__(self, runtime: RuntimeOptions, cache: ModelCache, overridable: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        runtime: RuntimeOptions,
+        cache: ModelCache,
+        overridable: Sequence[str] = (),
+        sequence_limits: Mapping[str, int] | None = None,
+    ) -> None:
+        """``sequence_limits``: the longest sequence each model takes, by name ("" for every
+        model without its own); a model's own limit applies where none is set."""
         self.runtime = runtime
         self.cache = cache
         self.overridable = tuple(overridable)
+        self.sequence_limits = dict(sequence_limits or {})
         self._models: dict[str, BaseModel] = {}
         self._loading: set[str] = set()
         self._lock = threading.Lock()
@@ -47,7 +56,8 @@ class ModelRegistry:
 
     def _load_reserved(self, name: str, path: Path) -> BaseModel:
         try:
-            model = BaseModel(name, path, self.runtime, self.cache, self.overridable)
+            limit = self.sequence_limits.get(name, self.sequence_limits.get("", 0))
+            model = BaseModel(name, path, self.runtime, self.cache, self.overridable, limit)
             with self._lock:
                 self._models[name] = model
             return model

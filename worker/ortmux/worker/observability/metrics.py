@@ -132,9 +132,10 @@ class Metrics:
         """Report adapter counts, resident bytes, registrations, evictions and reloads at every scrape."""
         self.registry.register(_AdapterCollector(adapters))
 
-    def watch_memory(self, feeds: Any, uploads: Any) -> None:
-        """Report the bounded memory pools (LoRA feed arrays, uploads in progress) at every scrape."""
-        self.registry.register(_MemoryCollector(feeds, uploads))
+    def watch_memory(self, feeds: Any, uploads: Any, guard: Any) -> None:
+        """Report the bounded memory pools (LoRA feed arrays, uploads in progress) and the memory
+        guard at every scrape."""
+        self.registry.register(_MemoryCollector(feeds, uploads, guard))
 
     def observe_batch(
         self, model: str, rows: int, adapters: int, seconds: float, base_rows: bool, exclusive: bool
@@ -346,9 +347,10 @@ class _AdapterCollector(Collector):
 
 
 class _MemoryCollector(Collector):
-    def __init__(self, feeds: Any, uploads: Any) -> None:
+    def __init__(self, feeds: Any, uploads: Any, guard: Any) -> None:
         self._feeds = feeds
         self._uploads = uploads
+        self._guard = guard
 
     def collect(self) -> Iterator[Metric]:
         feeds, uploads = self._feeds, self._uploads
@@ -382,6 +384,23 @@ class _MemoryCollector(Collector):
             "ortmux_upload_spills",
             "Uploads received into their staging file because upload memory was taken.",
             value=uploads.spilled,
+        )
+        guard = self._guard
+        yield GaugeMetricFamily(
+            "ortmux_memory_limit_bytes",
+            "Resident memory past which new requests are refused (0: no guard).",
+            value=guard.limit_bytes,
+        )
+        yield CounterMetricFamily(
+            "ortmux_memory_refusals",
+            "Requests refused with RESOURCE_EXHAUSTED because the worker was past its memory limit.",
+            value=guard.refusals,
+        )
+        yield CounterMetricFamily(
+            "ortmux_memory_releases",
+            "Times ONNX Runtime's arena handed its spare memory back (past 3/4 of the limit, or after "
+            "a run that failed to allocate).",
+            value=guard.releases,
         )
 
 

@@ -38,6 +38,7 @@ RunBatch = Callable[[Sequence[QueuedRequest]], Sequence[dict | Exception]]
 @dataclasses.dataclass(frozen=True)
 class BatchLimits:
     max_batch_rows: int = 32
+    max_batch_tokens: int = 1 << 62  # rows x dynamic sizes (batch x sequence) per run
     max_delay: float = 0.0
     max_queue: int = 1024
     # Rows one key may put in a batch while other keys are active (sent within ``active_window``
@@ -140,17 +141,19 @@ class Batcher:
             first = self._pop_fair(None)
             assert first is not None
             batch = [first]
-            rows = first.rows
+            rows, tokens = first.rows, first.tokens
             signature = first.signature()
             opened = time.monotonic()
             capped = self._share_cap(opened)
             taken = collections.Counter({first.fairness_key: first.rows})
             while rows < self.limits.max_batch_rows and signature[0] != "alone":
                 full = {key for key, count in taken.items() if capped and count >= capped}
-                candidate = self._pop_fair(signature, self.limits.max_batch_rows - rows, skip=full)
+                room = (self.limits.max_batch_rows - rows, self.limits.max_batch_tokens - tokens)
+                candidate = self._pop_fair(signature, room, skip=full)
                 if candidate is not None:
                     batch.append(candidate)
                     rows += candidate.rows
+                    tokens += candidate.tokens
                     taken[candidate.fairness_key] += candidate.rows
                     continue
                 remaining = self.limits.max_delay - (time.monotonic() - opened)
@@ -171,15 +174,21 @@ class Batcher:
         return self.limits.fair_share_rows if len(active) > 1 else 0
 
     def _pop_fair(
-        self, signature: tuple | None, room: int | None = None, skip: set[str] | frozenset[str] = frozenset()
+        self,
+        signature: tuple | None,
+        room: tuple[int, int] | None = None,
+        skip: set[str] | frozenset[str] = frozenset(),
     ) -> QueuedRequest | None:
         """The head of the next key in round-robin order among those with the top priority whose
-        head fits (same signature, at most ``room`` rows, key not in ``skip``); the key moves to
-        the back."""
+        head fits (same signature, at most ``room`` rows and tokens, key not in ``skip``); the key
+        moves to the back."""
         heads = [(key, queue[0]) for key, queue in self._queues.items() if queue and key not in skip]
         if signature is not None:
             heads = [
-                (k, r) for k, r in heads if r.signature() == signature and (room is None or r.rows <= room)
+                (k, r)
+                for k, r in heads
+                if r.signature() == signature
+                and (room is None or (r.rows <= room[0] and r.tokens <= room[1]))
             ]
         if not heads:
             return None

@@ -46,6 +46,7 @@ class QueuedRequest:
     # Its adapter changes activations every row shares: it shares runs only with requests of the
     # same adapter.
     exclusive: bool = False
+    tokens: int = 1  # its size for the batcher's token bound (rows x dynamic sizes)
     future: Future = dataclasses.field(default_factory=Future)
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
     sequence: int = dataclasses.field(default_factory=lambda: next(_sequence))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -13,7 +13,9 @@ from ortmux.worker.scheduler.batcher import RunBatch
 from ortmux.worker.scheduler.request import QueuedRequest
 
 
-def batch_runner(model: BaseModel, buffers: FeedBuffers | None = None) -> RunBatch:
+def batch_runner(
+    model: BaseModel, buffers: FeedBuffers | None = None, after_run: Callable[[], None] = lambda: None
+) -> RunBatch:
     """Concatenate the requests' rows, give each its LoRA factors, run once, split the outputs.
 
     Requests of one adapter are placed side by side, so their rows share one span of factors
@@ -33,6 +35,12 @@ def batch_runner(model: BaseModel, buffers: FeedBuffers | None = None) -> RunBat
         )
 
     def run(requests: Sequence[QueuedRequest]) -> list[dict[str, np.ndarray] | Exception]:
+        try:
+            return run_placed(requests)
+        finally:
+            after_run()  # the memory guard: hand the arena's spare memory back past its level
+
+    def run_placed(requests: Sequence[QueuedRequest]) -> list[dict[str, np.ndarray] | Exception]:
         if len(requests) == 1:
             return [run_one(requests[0])]
         order = sorted(range(len(requests)), key=lambda index: id(requests[index].lora))
