@@ -47,7 +47,7 @@ $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[worker,bench]'
 	touch $(BENCH_STAMP)
 
-# Each script prints a table; figures in README come from these commands.
+# Each script prints a table; the figures in docs/benchmarks.md come from these commands.
 bench: $(BENCH_STAMP)
 	$(PY) bench/session_creation.py
 	$(PY) bench/memory.py

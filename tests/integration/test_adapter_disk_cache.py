@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ortmux.client import Client, OrtmuxError
-from ortmux.worker.adapters.objects import Conflict, S3Objects, StoreUnavailable
+from ortmux.worker.adapters.object_store import Conflict, S3Objects, StoreUnavailable
 from ortmux.worker.api.server import start_worker
 
 from ..conftest import scrape, worker_settings

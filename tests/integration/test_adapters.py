@@ -15,7 +15,7 @@ import pytest
 from ortmux.client import Client, OrtmuxError
 from ortmux.v1 import adapters_pb2, adapters_pb2_grpc
 from ortmux.worker.adapters import safetensors
-from ortmux.worker.adapters.store import LOCK_FILE
+from ortmux.worker.adapters.local_store import LOCK_FILE
 from ortmux.worker.api.server import Worker, start_worker
 
 from ..conftest import scrape, serve_process, worker_settings

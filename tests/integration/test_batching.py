@@ -149,3 +149,32 @@ def test_calls_past_the_concurrency_limit_are_refused(tmp_path: Path) -> None:
             assert [call.result()["logits"].shape for call in held] == [(1, 3, 1000)] * 2
     finally:
         running.stop(0)
+
+
+def test_the_client_priority_puts_a_request_ahead_of_those_queued(tmp_path: Path) -> None:
+    """One row per run: a high-priority request sent after a queue of low-priority ones finishes
+    before most of them."""
+    running = start_worker(worker_settings(tmp_path, "--max-batch-size", "1"))
+    try:
+        with Client(running.address, timeout=120) as client:
+            ids = np.ones((1, 2048), dtype=np.int64)
+            client.infer("demo", {"input_ids": ids})  # warm
+            order: list[str] = []
+            lock = threading.Lock()
+
+            def send(name: str, priority: int) -> None:
+                client.infer("demo", {"input_ids": ids}, priority=priority)
+                with lock:
+                    order.append(name)
+
+            low = [threading.Thread(target=send, args=(f"low{i}", 0)) for i in range(24)]
+            for thread in low:
+                thread.start()
+            time.sleep(0.2)  # the low ones are queued behind the first run
+            high = threading.Thread(target=send, args=("high", 7))
+            high.start()
+            for thread in [*low, high]:
+                thread.join()
+        assert order.index("high") < len(order) // 2, order
+    finally:
+        running.stop(0)

@@ -13,7 +13,7 @@ from ortmux.worker import errors
 from ortmux.worker.api.errors import STATUS_BY_CODE
 from ortmux.worker.api.interceptors import ErrorInterceptor
 
-ERROR_CLASSES = {cls.code: cls for cls in errors.OrtmuxError.__subclasses__()}
+ERROR_CLASSES = {cls.code: cls for cls in errors.WorkerError.__subclasses__()}
 SERVICE = "ortmux.test.Raiser"
 
 

@@ -238,7 +238,7 @@ def test_a_model_with_embedded_weights_costs_no_more_memory_than_one_with_extern
 ) -> None:
     """Loading parses the whole file when its weights are embedded (most quantized files are);
     that memory goes back to the system once the model is loaded. Measured on a restart, from the
-    cache (the process that builds an entry holds more; README, memory and disk bounds)."""
+    cache (the process that builds an entry holds more; docs/operations.md, memory and disk)."""
     import onnx
 
     from ortmux.worker.demo import TransformerShape, build_transformer

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ortmux.worker.adapters.store import PAYLOAD_FILE, AdapterMeta, AdapterStore
+from ortmux.worker.adapters.local_store import PAYLOAD_FILE, AdapterMeta, AdapterStore
 from ortmux.worker.errors import ResourceExhausted
 
 from ..conftest import small_tmpfs
@@ -157,7 +157,8 @@ def test_one_adapter_directory_serves_one_worker_at_a_time(tmp_path: Path) -> No
 
     first = AdapterStore(tmp_path / "adapters")
     holder = (
-        "import sys, time; from pathlib import Path; from ortmux.worker.adapters.store import AdapterStore;"
+        "import sys, time; from pathlib import Path;"
+        "from ortmux.worker.adapters.local_store import AdapterStore;"
         "held = AdapterStore(Path(sys.argv[1])); print('held', flush=True); time.sleep(30)"
     )
     with pytest.raises(FailedPrecondition, match="in use by another worker process"):

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ortmux.worker.engine.lora.naming import from_weight
 from ortmux.worker.engine.lora.targets import find_sites
-from ortmux.worker.engine.quantized import replaced_by, stem
+from ortmux.worker.engine.quantized_ops import replaced_by, stem
 
 X = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])
 

@@ -1,3 +1,6 @@
+"""The asyncio client, :class:`AsyncClient`: the same calls as :class:`~ortmux.client.Client`,
+awaited, over ``grpc.aio``."""
+
 from __future__ import annotations
 
 import asyncio
@@ -100,9 +103,10 @@ class AsyncClient:
         adapter: str | None = None,
         *,
         output_names: Sequence[str] | None = None,
+        priority: int = 0,
         timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
-        request = _convert.infer_request(model, inputs, adapter, output_names)
+        request = _convert.infer_request(model, inputs, adapter, output_names, priority=priority)
         return _convert.infer_outputs(
             await self._call("inference", "Infer", request, timeout, route=(model, adapter))
         )

@@ -1,3 +1,6 @@
+"""The synchronous client, :class:`Client`: models, inference (unary and streamed), adapters,
+with affinity routing over one or many pods and failover within one deadline."""
+
 from __future__ import annotations
 
 import threading
@@ -102,10 +105,12 @@ class Client:
         adapter: str | None = None,
         *,
         output_names: Sequence[str] | None = None,
+        priority: int = 0,
         timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run ``inputs`` (name -> array) through ``model``, optionally with an adapter."""
-        request = _convert.infer_request(model, inputs, adapter, output_names)
+        """Run ``inputs`` (name -> array) through ``model``, optionally with an adapter.
+        ``priority``: higher runs first among queued requests of the same tenant (or adapter)."""
+        request = _convert.infer_request(model, inputs, adapter, output_names, priority=priority)
         return _convert.infer_outputs(
             self._call("inference", "Infer", request, timeout, route=(model, adapter))
         )

@@ -27,11 +27,16 @@ def infer_request(
     adapter: str | None,
     output_names: Sequence[str] | None,
     request_id: str | None = None,
+    priority: int = 0,
 ) -> inference_pb2.InferRequest:
     if not isinstance(inputs, Mapping):
         raise TypeError(f"inputs must be a mapping of name to array, got {type(inputs).__name__}")
     request = inference_pb2.InferRequest(
-        model=model, adapter=adapter or "", output_names=list(output_names or ()), request_id=request_id or ""
+        model=model,
+        adapter=adapter or "",
+        output_names=list(output_names or ()),
+        request_id=request_id or "",
+        priority=priority,
     )
     try:
         tensors.encode_many({name: np.asarray(value) for name, value in inputs.items()}, request.inputs)

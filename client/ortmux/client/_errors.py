@@ -1,3 +1,6 @@
+"""The client's one exception, :class:`OrtmuxError`, keeping the call's ``grpc.StatusCode`` and
+the worker's rich error details (reason, field violations, retry delay)."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -41,7 +41,12 @@ class StreamBook:
                 raise ValueError(f"request id {request_id!r} is already in flight on this stream")
             try:
                 message = _convert.infer_request(
-                    request.model, request.inputs, request.adapter, request.output_names, request_id
+                    request.model,
+                    request.inputs,
+                    request.adapter,
+                    request.output_names,
+                    request_id,
+                    priority=request.priority,
                 )
             except (OrtmuxError, TypeError) as exc:
                 error = exc if isinstance(exc, OrtmuxError) else _invalid(str(exc))

@@ -1,3 +1,6 @@
+"""What the client returns: plain frozen dataclasses for models, tensors, adapters, inference
+results and statistics (no protobuf types in the public API)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -104,6 +107,7 @@ class InferRequest:
     adapter: str | None = None
     request_id: str | None = None
     output_names: Sequence[str] | None = None
+    priority: int = 0  # higher runs first among queued requests of the same tenant (or adapter)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ortmux.worker.adapters.store import DEFAULT_TENANT
+from ortmux.worker.adapters.local_store import DEFAULT_TENANT
 from ortmux.worker.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from ortmux.worker.files import read_toml
 

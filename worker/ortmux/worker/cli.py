@@ -111,7 +111,7 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         from ortmux.worker.api.server import start_worker
-        from ortmux.worker.errors import OrtmuxError
+        from ortmux.worker.errors import WorkerError
         from ortmux.worker.settings import Settings, add_arguments
     except ImportError as exc:
         print(f"ortmux serve needs the worker extra (pip install 'ortmux[worker]'): {exc}", file=sys.stderr)
@@ -121,7 +121,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     serve_parser.parse_args(args.rest)  # --help and unknown flags are answered here
     try:
         settings = Settings.load(args.rest)
-    except OrtmuxError as exc:
+    except WorkerError as exc:
         print(f"ortmux serve: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
@@ -129,7 +129,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     try:
         worker = start_worker(settings)
-    except OrtmuxError as exc:
+    except WorkerError as exc:
         logging.getLogger("ortmux").error("cannot start: %s", exc)
         return 1
     stop = threading.Event()

@@ -25,7 +25,7 @@ class ErrorCode(enum.Enum):
     INTERNAL = "internal"
 
 
-class OrtmuxError(Exception):
+class WorkerError(Exception):
     code: ErrorCode = ErrorCode.INTERNAL
     default_reason: str = "INTERNAL"
 
@@ -46,61 +46,61 @@ class OrtmuxError(Exception):
         self.metadata = dict(metadata or {})
 
 
-class InvalidArgument(OrtmuxError):
+class InvalidArgument(WorkerError):
     code = ErrorCode.INVALID_ARGUMENT
     default_reason = "INVALID_ARGUMENT"
 
 
-class NotFound(OrtmuxError):
+class NotFound(WorkerError):
     code = ErrorCode.NOT_FOUND
     default_reason = "NOT_FOUND"
 
 
-class AlreadyExists(OrtmuxError):
+class AlreadyExists(WorkerError):
     code = ErrorCode.ALREADY_EXISTS
     default_reason = "ALREADY_EXISTS"
 
 
-class FailedPrecondition(OrtmuxError):
+class FailedPrecondition(WorkerError):
     code = ErrorCode.FAILED_PRECONDITION
     default_reason = "FAILED_PRECONDITION"
 
 
-class ResourceExhausted(OrtmuxError):
+class ResourceExhausted(WorkerError):
     code = ErrorCode.RESOURCE_EXHAUSTED
     default_reason = "RESOURCE_EXHAUSTED"
 
 
-class PermissionDenied(OrtmuxError):
+class PermissionDenied(WorkerError):
     code = ErrorCode.PERMISSION_DENIED
     default_reason = "PERMISSION_DENIED"
 
 
-class Unauthenticated(OrtmuxError):
+class Unauthenticated(WorkerError):
     code = ErrorCode.UNAUTHENTICATED
     default_reason = "UNAUTHENTICATED"
 
 
-class Unimplemented(OrtmuxError):
+class Unimplemented(WorkerError):
     code = ErrorCode.UNIMPLEMENTED
     default_reason = "UNIMPLEMENTED"
 
 
-class Unavailable(OrtmuxError):
+class Unavailable(WorkerError):
     code = ErrorCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"
 
 
-class DeadlineExceeded(OrtmuxError):
+class DeadlineExceeded(WorkerError):
     code = ErrorCode.DEADLINE_EXCEEDED
     default_reason = "DEADLINE_EXCEEDED"
 
 
-class Cancelled(OrtmuxError):
+class Cancelled(WorkerError):
     code = ErrorCode.CANCELLED
     default_reason = "CANCELLED"
 
 
-class InternalError(OrtmuxError):
+class InternalError(WorkerError):
     code = ErrorCode.INTERNAL
     default_reason = "INTERNAL"

@@ -308,7 +308,7 @@ class Settings:
                 field="tls_client_ca_file",
             )
         if self.adapter_store:
-            from ortmux.worker.adapters.objects import parse_url
+            from ortmux.worker.adapters.object_store import parse_url
 
             try:
                 parse_url(self.adapter_store)

@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 from ortmux.worker.dataplane import InferenceRequest, InferenceResult
-from ortmux.worker.errors import InternalError, InvalidArgument, OrtmuxError, Unavailable
+from ortmux.worker.errors import InternalError, InvalidArgument, Unavailable, WorkerError
 
 log = logging.getLogger(__name__)
 
 # What a stream reads: a request id and a function building the request (it may raise an
-# OrtmuxError for a malformed message, which is answered in-band under that id).
+# WorkerError for a malformed message, which is answered in-band under that id).
 Incoming = tuple[str, Callable[[], InferenceRequest]]
 Submit = Callable[[InferenceRequest], "Future[InferenceResult]"]
 
@@ -30,14 +30,14 @@ Submit = Callable[[InferenceRequest], "Future[InferenceResult]"]
 class StreamAnswer:
     request_id: str
     result: InferenceResult | None = None
-    error: OrtmuxError | None = None
+    error: WorkerError | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class _InputEnded:
     accepted: int
     draining: bool = False  # the worker stopped reading because it is shutting down
-    error: OrtmuxError | None = None  # a message that could not be read (not a valid message)
+    error: WorkerError | None = None  # a message that could not be read (not a valid message)
 
 
 class _Stopped:
@@ -122,7 +122,7 @@ class AnswerStream:
                         return
                     self._accepted += 1
                     self._take(request_id, build)
-        except OrtmuxError as error:  # a message that is not one: the stream ends with its status
+        except WorkerError as error:  # a message that is not one: the stream ends with its status
             failed = error
         except Exception as error:  # the transport failed or the call was cancelled mid-read
             log.debug("stream input ended early: %r", error)
@@ -148,7 +148,7 @@ class AnswerStream:
             self._in_flight.add(request_id)
         try:
             future = self._submit(build())
-        except OrtmuxError as error:
+        except WorkerError as error:
             self._answers.put(StreamAnswer(request_id, error=error))
             return
         except Exception:
@@ -157,7 +157,7 @@ class AnswerStream:
             return
         future.add_done_callback(lambda done: self._answers.put(_answer(request_id, done)))
 
-    def _end(self, draining: bool, error: OrtmuxError | None = None) -> None:
+    def _end(self, draining: bool, error: WorkerError | None = None) -> None:
         if not self._ended:
             self._ended = True
             self._answers.put(_InputEnded(self._accepted, draining, error))
@@ -167,7 +167,7 @@ def _answer(request_id: str, done: Future[InferenceResult]) -> StreamAnswer:
     error = done.exception()
     if error is None:
         return StreamAnswer(request_id, result=done.result())
-    if isinstance(error, OrtmuxError):
+    if isinstance(error, WorkerError):
         return StreamAnswer(request_id, error=error)
     log.error("unexpected error answering stream request %r", request_id, exc_info=error)
     return StreamAnswer(request_id, error=_internal())

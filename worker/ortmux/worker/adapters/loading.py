@@ -10,12 +10,12 @@ from onnx import helper
 
 from ortmux.worker.adapters import formats
 from ortmux.worker.adapters.formats import Payload
-from ortmux.worker.adapters.store import AdapterMeta
+from ortmux.worker.adapters.local_store import AdapterMeta
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.lora.feeds import LoraWeights, rank_bucket
 from ortmux.worker.engine.lora.mapping import map_modules
 from ortmux.worker.engine.lora.sites import LoraSite
-from ortmux.worker.engine.quantized import replaced_by
+from ortmux.worker.engine.quantized_ops import replaced_by
 from ortmux.worker.errors import FailedPrecondition, InvalidArgument
 
 

@@ -10,42 +10,43 @@ is a cache of it, bounded by ``disk_bytes``: a registration is written to both, 
 pod does not know is looked up in the store before NOT_FOUND, and :meth:`sync` applies what other
 pods registered, replaced or deleted.
 
-Residency lives in :mod:`~ortmux.worker.adapters.residency` and the store's consistency in
-:mod:`~ortmux.worker.adapters.mirror`, mixins over this class's records and lock.
+The manager owns two collaborators over the records the three share
+(:class:`~ortmux.worker.adapters.records.Records`): its :class:`~.residency.Residency` (memory
+and disk: holding an adapter for a run, loading, the LRU, the disk bound) and its
+:class:`~.store_mirror.StoreMirror` (the shared store's consistency).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import re
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ortmux.worker.adapters import loading
 from ortmux.worker.adapters.formats import Payload
 from ortmux.worker.adapters.loading import Resident
-from ortmux.worker.adapters.mirror import StoreMirror
-from ortmux.worker.adapters.objects import StoreUnavailable
+from ortmux.worker.adapters.local_store import DEFAULT_TENANT, AdapterMeta, AdapterStore, Key, PendingAdapter
+from ortmux.worker.adapters.object_store import StoreUnavailable
 from ortmux.worker.adapters.records import (
     AdapterCounters,
     AdapterLimits,
     Record,
+    Records,
     exists_error,
     not_found,
     store_down,
 )
 from ortmux.worker.adapters.residency import Residency
-from ortmux.worker.adapters.shared import SharedStore
-from ortmux.worker.adapters.store import DEFAULT_TENANT, AdapterMeta, AdapterStore, Key, PendingAdapter
+from ortmux.worker.adapters.shared_store import SharedStore
+from ortmux.worker.adapters.store_mirror import StoreMirror
 from ortmux.worker.adapters.uploads import UploadHeader, UploadTrailer, receive_path, receive_upload
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.errors import InvalidArgument, ResourceExhausted, Unavailable
-from ortmux.worker.quotas import TokenBuckets
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def validate_adapter_id(adapter_id: str) -> None:
         )
 
 
-class AdapterManager(Residency, StoreMirror):
+class AdapterManager:
     def __init__(
         self,
         store: AdapterStore,
@@ -100,30 +101,30 @@ class AdapterManager(Residency, StoreMirror):
         self.shared = shared
         self._model = models
         self.limits = limits
-        self.counters = AdapterCounters()
-        self._records: dict[Key, Record] = {}
-        self._lru: collections.OrderedDict[Key, None] = collections.OrderedDict()
-        self._resident_bytes = 0
-        self._pending: set[Key] = set()
-        self._missing: dict[Key, float] = {}  # ids the store did not have -> when that expires
-        self._lookups = TokenBuckets(limits.store_lookups_per_second)  # per tenant
-        self._complete = shared is None  # the records mirror every record of the store
-        self._lock = threading.Condition()
+        self._records = Records()
+        self.residency = Residency(self._records, store, shared, limits, models)
+        self.mirror = StoreMirror(
+            self._records, store, shared, limits.store_lookups_per_second, self.residency.drop
+        )
         local = {meta.key: meta for meta in store.scan()}
         if shared is not None:
             try:
                 if not store.is_cache_of(shared.description):
-                    self._migrate(local)
-                self._replace_all(shared.read_all(), local)
+                    self.mirror.migrate(local)
+                self.mirror.replace_all(shared.read_all(), local)
                 store.mark_cache_of(shared.description)
-                log.info("%d adapters in %s; they load on first use", len(self._records), shared.description)
+                log.info(
+                    "%d adapters in %s; they load on first use",
+                    len(self._records.entries),
+                    shared.description,
+                )
                 return
             except StoreUnavailable as exc:
                 log.error("%s; serving the %d adapters on local disk until it answers", exc, len(local))
         for key, meta in local.items():
-            self._records[key] = Record(meta, last_used_at=meta.created_at)
-        if self._records and shared is None:
-            log.info("%d adapters on disk; they load on first use", len(self._records))
+            self._records.entries[key] = Record(meta, last_used_at=meta.created_at)
+        if self._records.entries and shared is None:
+            log.info("%d adapters on disk; they load on first use", len(self._records.entries))
 
     # -- registration ------------------------------------------------------------------------------
 
@@ -153,16 +154,16 @@ class AdapterManager(Residency, StoreMirror):
         validate_adapter_id(header.adapter_id)
         key = (model.name, header.tenant, header.adapter_id)
         if self.shared is not None:
-            self._sync_for_registration(key, header.replace)
-        with self._lock:
-            if key in self._pending:
+            self.mirror.sync_for_registration(key, header.replace)
+        with self._records.lock:
+            if key in self._records.pending:
                 raise Unavailable(
                     f"adapter '{header.adapter_id}' is being registered or deleted right now", retry_after=1.0
                 )
-            if key in self._records and not header.replace:
+            if key in self._records.entries and not header.replace:
                 raise exists_error(header.adapter_id, model.name)
             self._check_quotas(key, len(payload))
-            self._pending.add(key)
+            self._records.pending.add(key)
         try:
             started = time.perf_counter()
             meta = AdapterMeta(
@@ -186,7 +187,7 @@ class AdapterManager(Residency, StoreMirror):
             checked = time.perf_counter()
             pending.commit(meta)
             if self.shared is not None:
-                self._publish(meta, header.replace)
+                self.mirror.publish(meta, header.replace)
             log.info(
                 "adapter %s/%s registered: %s, rank %d, %d targets, %d bytes "
                 "(checked in %.1f ms, committed in %.1f ms)",
@@ -199,57 +200,82 @@ class AdapterManager(Residency, StoreMirror):
                 (checked - started) * 1000,
                 (time.perf_counter() - checked) * 1000,
             )
-            with self._lock:
-                old = self._records.get(key)
+            with self._records.lock:
+                old = self._records.entries.get(key)
                 if old is not None:
-                    self._drop_resident(key, old)
+                    self.residency.drop(key, old)
                 record = Record(meta, last_used_at=meta.created_at, verified=True)
-                self._records[key] = record
-                self._missing.pop(key, None)
-                self._make_resident(key, record, resident)
-                self.counters.registrations += 1
-                self.counters.load_seconds_total += checked - started
+                self._records.entries[key] = record
+                self.mirror.known(key)
+                self.residency.make_resident(key, record, resident)
+                self._records.counters.registrations += 1
+                self._records.counters.load_seconds_total += checked - started
                 info = self._info(record)
-            self._trim_disk()
+            self.residency.trim_disk()
             return info
         finally:
-            with self._lock:
-                self._pending.discard(key)
+            with self._records.lock:
+                self._records.pending.discard(key)
 
     # -- use ---------------------------------------------------------------------------------------
+
+    @property
+    def counters(self) -> AdapterCounters:
+        return self._records.counters
+
+    @contextmanager
+    def use(self, model: str, adapter_id: str, tenant: str = DEFAULT_TENANT) -> Iterator[Resident]:
+        """Hold an adapter for one run: loaded if it was evicted, and never deleted meanwhile."""
+        key = (model, tenant, adapter_id)
+        with self.residency.hold(key, self.mirror.find(key, field="adapter")) as resident:
+            yield resident
+
+    def sync(self) -> int:
+        """Apply what the shared store changed since the last sync (see :meth:`StoreMirror.sync`)."""
+        return self.mirror.sync()
+
+    def collect_garbage(self) -> int:
+        return self.mirror.collect_garbage()
+
+    def resident_bytes(self) -> int:
+        return self.residency.resident_bytes()
+
+    def disk_bytes(self) -> int:
+        """Bytes of adapter payloads on the local disk."""
+        return self.residency.disk_bytes()
 
     # -- queries and deletion ----------------------------------------------------------------------
 
     def get(self, model: str, adapter_id: str, tenant: str = DEFAULT_TENANT) -> AdapterInfo:
         self._model(model)
-        record = self._find((model, tenant, adapter_id), field="adapter_id")
-        with self._lock:
+        record = self.mirror.find((model, tenant, adapter_id), field="adapter_id")
+        with self._records.lock:
             return self._info(record)
 
     def list(self, model: str = "", tenant: str | None = DEFAULT_TENANT) -> list[AdapterInfo]:
         """A tenant's adapters (``tenant=None``: every tenant's), on one model or all."""
         if model:
             self._model(model)
-        with self._lock:
+        with self._records.lock:
             return [
                 self._info(record)
-                for key, record in sorted(self._records.items())
+                for key, record in sorted(self._records.entries.items())
                 if not record.deleting and (not model or key[0] == model) and tenant in (None, key[1])
             ]
 
     def delete(self, model: str, adapter_id: str, tenant: str = DEFAULT_TENANT) -> None:
         self._model(model)
         key = (model, tenant, adapter_id)
-        record = self._find(key, field="adapter_id")
-        with self._lock:
-            if record.deleting or self._records.get(key) is not record:
+        record = self.mirror.find(key, field="adapter_id")
+        with self._records.lock:
+            if record.deleting or self._records.entries.get(key) is not record:
                 raise not_found(key, "adapter_id")
             record.deleting = True
-            self._pending.add(key)
-            finished = self._lock.wait_for(lambda: record.in_use == 0, timeout=DELETE_WAIT_SECONDS)
+            self._records.pending.add(key)
+            finished = self._records.lock.wait_for(lambda: record.in_use == 0, timeout=DELETE_WAIT_SECONDS)
             if not finished:
                 record.deleting = False
-                self._pending.discard(key)
+                self._records.pending.discard(key)
                 raise Unavailable(
                     f"adapter '{adapter_id}' is still in use; retry the delete", retry_after=5.0
                 )
@@ -258,28 +284,30 @@ class AdapterManager(Residency, StoreMirror):
                 try:
                     self.shared.withdraw(key)
                 except StoreUnavailable as exc:
-                    with self._lock:
+                    with self._records.lock:
                         record.deleting = False
                     raise store_down(exc, "deletes wait for it") from None
             self.store.remove(*key)
-            with self._lock:
-                self._drop_resident(key, record)
-                self._records.pop(key, None)
+            with self._records.lock:
+                self.residency.drop(key, record)
+                self._records.entries.pop(key, None)
         finally:
-            with self._lock:
-                self._pending.discard(key)
+            with self._records.lock:
+                self._records.pending.discard(key)
 
     def counts(self) -> tuple[int, int]:
         """(registered, resident) adapters."""
-        with self._lock:
-            return len(self._records), sum(1 for r in self._records.values() if r.resident is not None)
+        with self._records.lock:
+            return len(self._records.entries), sum(
+                1 for r in self._records.entries.values() if r.resident is not None
+            )
 
     def _check_quotas(self, key: Key, size: int) -> None:
         """Refuse a registration that would take its tenant over a quota (call with the lock held);
         replacing an adapter counts its new size instead of its old one. With a shared store the
         records counted are the store's, as of the sync just before."""
         model, tenant, _ = key
-        others = [k for k in (*self._records, *self._pending) if k[1] == tenant and k != key]
+        others = [k for k in (*self._records.entries, *self._records.pending) if k[1] == tenant and k != key]
         count_limit = self.limits.tenant_max_adapters
         on_model = sum(1 for k in others if k[0] == model)
         if count_limit and on_model >= count_limit:
@@ -289,7 +317,7 @@ class AdapterManager(Residency, StoreMirror):
                 reason="QUOTA_ADAPTERS",
             )
         bytes_limit = self.limits.tenant_max_adapter_bytes
-        stored = sum(self._records[k].meta.size_bytes for k in others if k in self._records)
+        stored = sum(self._records.entries[k].meta.size_bytes for k in others if k in self._records.entries)
         if bytes_limit and stored + size > bytes_limit:
             raise ResourceExhausted(
                 f"tenant '{tenant}' stores {stored} bytes of adapters; {size} more would pass its quota "

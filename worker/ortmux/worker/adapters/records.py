@@ -1,4 +1,5 @@
-"""What the adapter manager keeps per adapter, its limits, and the errors it answers with."""
+"""What the adapter manager keeps per adapter (the records its residency and store mirror share),
+its limits, and the errors it answers with."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import dataclasses
 import threading
 
 from ortmux.worker.adapters.loading import Resident
-from ortmux.worker.adapters.objects import StoreUnavailable
-from ortmux.worker.adapters.store import AdapterMeta, Key
+from ortmux.worker.adapters.local_store import AdapterMeta, Key
+from ortmux.worker.adapters.object_store import StoreUnavailable
 from ortmux.worker.errors import AlreadyExists, NotFound, Unavailable
 
 STORE_RETRY_SECONDS = 5.0
@@ -49,6 +50,18 @@ class AdapterCounters:
     store_lookups: int = 0  # ids this pod did not know, looked up in the store
     sync_errors: int = 0
     collected_payloads: int = 0
+
+
+class Records:
+    """Every adapter the manager knows, by key, and the lock (a condition: deletes wait on it for
+    requests to finish) over them; the manager, its :class:`~.residency.Residency` and its
+    :class:`~.store_mirror.StoreMirror` share one."""
+
+    def __init__(self) -> None:
+        self.entries: dict[Key, Record] = {}
+        self.pending: set[Key] = set()  # being registered or deleted right now
+        self.counters = AdapterCounters()
+        self.lock = threading.Condition()
 
 
 def not_found(key: Key, field: str) -> NotFound:

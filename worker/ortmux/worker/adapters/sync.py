@@ -8,7 +8,7 @@ import threading
 import time
 
 from ortmux.worker.adapters.manager import AdapterManager
-from ortmux.worker.adapters.objects import StoreUnavailable
+from ortmux.worker.adapters.object_store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ortmux.worker.adapters.formats import Payload
-from ortmux.worker.adapters.store import DEFAULT_TENANT, AdapterStore, PendingAdapter
+from ortmux.worker.adapters.local_store import DEFAULT_TENANT, AdapterStore, PendingAdapter
 from ortmux.worker.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")

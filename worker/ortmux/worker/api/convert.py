@@ -1,4 +1,6 @@
-"""Protobuf <-> core types. Nothing else happens here."""
+"""The native API's protobuf <-> core types, the checks on request fields that only the wire
+format has (name lengths, counts), the streaming answers' plumbing over a gRPC context, and the
+call deadline."""
 
 from __future__ import annotations
 

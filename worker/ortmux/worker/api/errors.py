@@ -11,7 +11,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from ortmux.worker.errors import ErrorCode, OrtmuxError
+from ortmux.worker.errors import ErrorCode, WorkerError
 
 DOMAIN = "ortmux.dev"
 
@@ -41,7 +41,7 @@ def _bounded(message: str) -> str:
     return f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
 
 
-def status_code(error: OrtmuxError) -> grpc.StatusCode:
+def status_code(error: WorkerError) -> grpc.StatusCode:
     return STATUS_BY_CODE[error.code]
 
 
@@ -51,7 +51,7 @@ def _packed(message: object) -> any_pb2.Any:
     return packed
 
 
-def to_rpc_status(error: OrtmuxError) -> status_pb2.Status:
+def to_rpc_status(error: WorkerError) -> status_pb2.Status:
     """The google.rpc.Status for an error: its code, message and details."""
     grpc_code = status_code(error)
     message = _bounded(error.message)

@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 from ortmux.worker.api.errors import to_rpc_status
 from ortmux.worker.audit import audit
 from ortmux.worker.auth import SINGLE_TENANT, Identity, KeyRing
-from ortmux.worker.errors import InternalError, InvalidArgument, OrtmuxError
+from ortmux.worker.errors import InternalError, InvalidArgument, WorkerError
 from ortmux.worker.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ Behavior = Callable[[Any, grpc.ServicerContext], Any]
 
 
 def _abort(context: grpc.ServicerContext, method: str, exc: Exception) -> None:
-    if not isinstance(exc, OrtmuxError):
+    if not isinstance(exc, WorkerError):
         if context.is_active():
             log.exception("unexpected error in %s", method, exc_info=exc)
         exc = InternalError("the worker hit an unexpected error; it is logged on the worker")
@@ -92,7 +92,7 @@ def _decoded(request: Any) -> Any:
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Turns every exception leaving a servicer into a status with google.rpc details.
 
-    OrtmuxError keeps its code and message; anything else is logged with its traceback and
+    WorkerError keeps its code and message; anything else is logged with its traceback and
     answered INTERNAL without internals.
     """
 
@@ -225,7 +225,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
     def _identify(self, context: grpc.ServicerContext, method: str) -> Identity:
         try:
             return self._keys.identify(_api_key(context))
-        except OrtmuxError as error:
+        except WorkerError as error:
             audit("auth.refused", tenant="", result=error.code.name, method=method, peer=context.peer() or "")
             raise
 

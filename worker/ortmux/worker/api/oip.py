@@ -18,7 +18,7 @@ from ortmux.worker.api.inference_v2 import grpc_service_pb2_grpc as oip_grpc
 from ortmux.worker.api.interceptors import current_identity
 from ortmux.worker.dataplane import DataPlane
 from ortmux.worker.engine.base_model import BaseModel
-from ortmux.worker.errors import OrtmuxError, Unimplemented
+from ortmux.worker.errors import Unimplemented, WorkerError
 from ortmux.worker.streaming import Incoming, StreamAnswer
 
 SERVICE = "inference.GRPCInferenceService"
@@ -65,7 +65,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             self._dataplane.get_model(base)
             if adapter:
                 self._dataplane.get_adapter(current_identity(), base, adapter)
-        except OrtmuxError:
+        except WorkerError:
             return oip.ModelReadyResponse(ready=False)
         return oip.ModelReadyResponse(ready=True)
 
@@ -99,7 +99,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             name=request.name,
             platform=PLATFORM,
             backend="onnxruntime",
-            max_batch_size=self._dataplane.limits.max_batch_rows if batched else 0,
+            max_batch_size=self._dataplane.max_batch_rows if batched else 0,
         )
         for spec in model.inputs:
             config.input.add(name=spec.name, data_type=_config_type(spec.dtype), dims=spec.shape[skip:])

@@ -17,13 +17,13 @@ import ml_dtypes
 import numpy as np
 
 from ortmux.common import tensors
+from ortmux.worker.api.convert import MAX_NAME_CHARS
 from ortmux.worker.api.inference_v2 import grpc_service_pb2 as oip
 from ortmux.worker.dataplane import InferenceRequest, InferenceResult
 from ortmux.worker.engine.specs import TensorSpec
 from ortmux.worker.errors import InvalidArgument
 
 LORA_PARAMETER = "lora_name"
-MAX_NAME_CHARS = 256
 
 DTYPE_BY_DATATYPE: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),

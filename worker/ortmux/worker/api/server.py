@@ -22,10 +22,10 @@ from ortmux.v1 import (
     models_pb2,
     models_pb2_grpc,
 )
+from ortmux.worker.adapters.local_store import AdapterStore
 from ortmux.worker.adapters.manager import AdapterLimits, AdapterManager
-from ortmux.worker.adapters.objects import S3Objects
-from ortmux.worker.adapters.shared import SharedStore
-from ortmux.worker.adapters.store import AdapterStore
+from ortmux.worker.adapters.object_store import S3Objects
+from ortmux.worker.adapters.shared_store import SharedStore
 from ortmux.worker.adapters.sync import SyncLoop
 from ortmux.worker.api.inference_v2 import grpc_service_pb2_grpc as oip_grpc
 from ortmux.worker.api.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
@@ -33,7 +33,9 @@ from ortmux.worker.api.oip import SERVICE as OIP_SERVICE
 from ortmux.worker.api.oip import OipServicer, UnservedRpcs
 from ortmux.worker.api.servicers import AdapterServicer, InferenceServicer, ModelServicer
 from ortmux.worker.auth import KeyRing
-from ortmux.worker.dataplane import DataPlane
+from ortmux.worker.dataplane import DataPlane, RequestLimits, RequestPath
+from ortmux.worker.dataplane.models import ModelManagement
+from ortmux.worker.dataplane.statistics import ServingStatistics
 from ortmux.worker.demo import DEMO_NAME, ensure_demo_model
 from ortmux.worker.engine.cache import ModelCache
 from ortmux.worker.engine.lora.feeds import FeedPool
@@ -80,8 +82,12 @@ class Worker:
 
     def load_models(self) -> None:
         """Load the configured base models (the demo model when none is), then report SERVING."""
-        paths = self.settings.model_paths() or {DEMO_NAME: ensure_demo_model(self.settings.data_dir)}
-        self.dataplane.models.load_all(paths)
+        configured = self.settings.model_paths()
+        if configured:
+            self.dataplane.load_startup_models(configured)
+        else:
+            demo = {DEMO_NAME: ensure_demo_model(self.settings.data_dir)}
+            self.dataplane.load_startup_models(demo, own_files=True)
         for model in self.dataplane.list_models():
             self.metrics.model_loads.labels(model.name, "hit" if model.cache_hit else "miss").inc()
         self.metrics.models_loaded.set(len(self.dataplane.list_models()))
@@ -108,7 +114,6 @@ class Worker:
         if self.adapter_sync is not None:
             self.adapter_sync.stop()
         self.dataplane.close()
-        self.dataplane.adapters.store.close()
         self.metrics.close()
         log.info("worker stopped")
 
@@ -177,18 +182,18 @@ def create_server(
         max_batch_tokens=settings.max_batch_tokens,
     )
     quotas = RequestQuotas(settings.tenant_max_in_flight, settings.tenant_max_requests_per_second)
-    dataplane = DataPlane(
-        models,
+    management = ModelManagement(models, [Path(p) for p in settings.worker_paths])
+    statistics = ServingStatistics(metrics)
+    requests = RequestPath(
+        management,
         adapters,
-        metrics,
-        batching,
-        settings.mix_adapters,
+        statistics,
+        RequestLimits(batching, settings.mix_adapters, settings.max_request_elements),
         quotas,
-        settings.max_request_elements,
-        [Path(p) for p in settings.worker_paths],
         FeedPool(settings.feed_memory_bytes),
         MemoryGuard.from_setting(settings.memory_limit_bytes),
     )
+    dataplane = DataPlane(management, requests, adapters, statistics)
     keys = KeyRing(settings.api_keys, Path(settings.api_keys_file) if settings.api_keys_file else None)
     if not keys.enabled:
         log.warning(
@@ -198,7 +203,7 @@ def create_server(
     metrics.watch_models(dataplane.list_models)
     metrics.watch_adapters(adapters)
     metrics.watch_batchers(dataplane.batchers)
-    metrics.watch_memory(dataplane.feed_pool, store.upload_memory, dataplane.memory)
+    metrics.watch_memory(requests.feed_pool, store.upload_memory, requests.memory)
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -37,7 +37,7 @@ from ortmux.worker.engine.lora.graph import (
 from ortmux.worker.engine.lora.targets import LoraSite, Unadaptable
 from ortmux.worker.engine.providers import CUDA
 from ortmux.worker.engine.quantize import QUANTIZE_VERSION
-from ortmux.worker.engine.quantized import quantized_weights
+from ortmux.worker.engine.quantized_ops import quantized_weights
 from ortmux.worker.engine.runtime import RuntimeOptions, release_arena
 from ortmux.worker.engine.specs import TensorSpec, leading_rows, validate_inputs, validate_output_names
 from ortmux.worker.errors import InternalError, InvalidArgument, NotFound, ResourceExhausted

@@ -20,7 +20,7 @@ from ortmux.worker.engine.lora.graph import LoraInput, rewrite, strip_branches
 from ortmux.worker.engine.lora.targets import SiteReport, carry_names, find_sites, projection_names
 from ortmux.worker.engine.providers import CUDA
 from ortmux.worker.engine.quantize import quantize_model
-from ortmux.worker.engine.quantized import (
+from ortmux.worker.engine.quantized_ops import (
     CPU_ONLY,
     cpu_only_ops,
     projection_counts,

@@ -29,7 +29,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-from ortmux.worker.engine.quantized import unsavable_prepacking
+from ortmux.worker.engine.quantized_ops import unsavable_prepacking
 from ortmux.worker.files import fsync_dir, write_atomically
 
 log = logging.getLogger(__name__)
@@ -360,7 +360,7 @@ def optimize_into(
     """Run ONNX Runtime's graph optimization on ``model`` (its external data read from
     ``external_data_dir``) and save the result, with its weights and prepacked blobs as external
     data, in ``directory`` (no prepacked blobs for a graph whose blobs ONNX Runtime reloads wrong:
-    :func:`~ortmux.worker.engine.quantized.unsavable_prepacking`)."""
+    :func:`~ortmux.worker.engine.quantized_ops.unsavable_prepacking`)."""
     options.optimized_model_filepath = str(directory / MODEL_FILE)
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_file)
     options.add_session_config_entry(

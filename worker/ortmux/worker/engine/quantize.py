@@ -6,7 +6,7 @@
 - ``int4``: ``quant_pre_process``, then ``MatMulNBitsQuantizer`` (4-bit weight-only, symmetric
   blocks of 32 along the input features) at float compute; ``accuracy_level`` 4 (int8 compute)
   could not keep its prepacked weights in the cache (see
-  :func:`~ortmux.worker.engine.quantized.unsavable_prepacking`).
+  :func:`~ortmux.worker.engine.quantized_ops.unsavable_prepacking`).
 
 The tools run in a process of their own: the pre-processing optimizes with per-session threads,
 which a process using ONNX Runtime's global thread pool (as the worker does) forbids, and a large

@@ -23,9 +23,9 @@ from ortmux.worker.errors import (
     Cancelled,
     DeadlineExceeded,
     InternalError,
-    OrtmuxError,
     ResourceExhausted,
     Unavailable,
+    WorkerError,
 )
 from ortmux.worker.scheduler.request import BatchResult, QueuedRequest
 
@@ -223,8 +223,8 @@ class Batcher:
         try:
             outputs = self._run_batch(live)
         except Exception as exc:
-            error = exc if isinstance(exc, OrtmuxError) else InternalError(f"batch run failed: {exc}")
-            if not isinstance(exc, OrtmuxError):
+            error = exc if isinstance(exc, WorkerError) else InternalError(f"batch run failed: {exc}")
+            if not isinstance(exc, WorkerError):
                 log.exception("batch of %d requests on '%s' failed", len(live), self.name)
             for request in live:
                 request.future.set_exception(error)

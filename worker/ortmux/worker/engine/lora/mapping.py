@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from ortmux.worker.engine.lora.targets import LoraSite, Unadaptable
-from ortmux.worker.engine.quantized import QUANTIZED_OUTPUT, replaced_by
+from ortmux.worker.engine.quantized_ops import QUANTIZED_OUTPUT, replaced_by
 from ortmux.worker.errors import FailedPrecondition, InvalidArgument
 
 

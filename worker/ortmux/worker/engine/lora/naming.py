@@ -17,7 +17,7 @@ import ast
 
 import onnx
 
-from ortmux.worker.engine.quantized import stem
+from ortmux.worker.engine.quantized_ops import stem
 
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 

@@ -3,7 +3,7 @@
 A LoRA site is a MatMul (or Gemm) whose weight operand is a 2-D initializer, directly, through a
 Transpose (how exporters store torch's [out, in] Linear weights), a Cast, a DequantizeLinear (QDQ
 quantization) or Gemm's ``transB``; or a quantized projection (MatMulInteger, DynamicQuantizeMatMul,
-MatMulNBits: see :mod:`ortmux.worker.engine.quantized`), whose branch reads the float activation
+MatMulNBits: see :mod:`ortmux.worker.engine.quantized_ops`), whose branch reads the float activation
 going in and adds to the float result coming out, so adapters stay float over a quantized base.
 Its module name comes from the signals :mod:`ortmux.worker.engine.lora.naming` reads; an explicit
 ``module_mapping`` wins over them (:mod:`ortmux.worker.engine.lora.mapping`).
@@ -41,7 +41,7 @@ from ortmux.worker.engine.lora.sites import (
     WeightRead,
 )
 from ortmux.worker.engine.lora.uses import assign_groups, hidden_uses, scope_of
-from ortmux.worker.engine.quantized import (
+from ortmux.worker.engine.quantized_ops import (
     WEIGHT_INPUT,
     QuantizedProjection,
     quantized_projection,

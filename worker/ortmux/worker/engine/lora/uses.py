@@ -25,7 +25,7 @@ import onnx
 
 from ortmux.worker.engine.lora.naming import from_node_name, from_scopes, module_names
 from ortmux.worker.engine.lora.sites import SiteReport, Unadaptable
-from ortmux.worker.engine.quantized import PROJECTIONS
+from ortmux.worker.engine.quantized_ops import PROJECTIONS
 
 _CALL_SUFFIX = re.compile(r"_\d+$")
 # Operators a weight's value is not read through: they make a new tensor from activations (the

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ortmux.worker.adapters.objects import Conflict, Objects, StoreUnavailable
-from ortmux.worker.adapters.store import AdapterMeta, Key
+from ortmux.worker.adapters.local_store import AdapterMeta, Key
+from ortmux.worker.adapters.object_store import Conflict, Objects, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -1,28 +1,22 @@
 """The manager's side of a shared store: mirroring its records, looking up ids this pod does not
 know, publishing registrations, applying what other pods changed, and collecting garbage.
 
-A mixin of :class:`AdapterManager` (it shares the manager's records and lock): the manager holds
-residency, registration and queries, this the store's consistency.
+An object the adapter manager owns, over the records it shares with the manager and the
+residency (:class:`~ortmux.worker.adapters.records.Records`): the manager holds registration and
+queries, the residency memory and disk, this the store's consistency.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
 
-from ortmux.worker.adapters.objects import Conflict, StoreUnavailable
-from ortmux.worker.adapters.records import (
-    AdapterCounters,
-    Record,
-    exists_error,
-    not_found,
-    store_down,
-)
-from ortmux.worker.adapters.shared import SharedStore
-from ortmux.worker.adapters.store import AdapterMeta, AdapterStore, Key
+from ortmux.worker.adapters.local_store import AdapterMeta, AdapterStore, Key
+from ortmux.worker.adapters.object_store import Conflict, StoreUnavailable
+from ortmux.worker.adapters.records import Record, Records, exists_error, not_found, store_down
+from ortmux.worker.adapters.shared_store import SharedStore
 from ortmux.worker.errors import ResourceExhausted
 from ortmux.worker.quotas import TokenBuckets
 
@@ -32,18 +26,29 @@ NEGATIVE_SECONDS = 1.0  # how long "not in the store" is believed without lookin
 
 
 class StoreMirror:
-    store: AdapterStore
-    shared: SharedStore | None
-    counters: AdapterCounters
-    _records: dict[Key, Record]
-    _pending: set[Key]
-    _missing: dict[Key, float]
-    _lookups: TokenBuckets
-    _complete: bool
-    _lock: threading.Condition
-    _drop_resident: Callable[[Key, Record], None]
+    def __init__(
+        self,
+        records: Records,
+        store: AdapterStore,
+        shared: SharedStore | None,
+        lookups_per_second: float,
+        drop_resident: Callable[[Key, Record], None],
+    ) -> None:
+        """``drop_resident`` lets an adapter's memory go (the residency's), when the store
+        replaced or deleted it."""
+        self._records = records
+        self.store = store
+        self.shared = shared
+        self._drop_resident = drop_resident
+        self._missing: dict[Key, float] = {}  # ids the store did not have -> when that expires
+        self._lookups = TokenBuckets(lookups_per_second)  # per tenant
+        self.complete = shared is None  # the records mirror every record of the store
 
-    def _migrate(self, local: dict[Key, AdapterMeta]) -> None:
+    def known(self, key: Key) -> None:
+        """``key`` exists now (registered here): forget that the store lacked it."""
+        self._missing.pop(key, None)
+
+    def migrate(self, local: dict[Key, AdapterMeta]) -> None:
         """Copy the adapters of a local store into the shared store it becomes a cache of (an
         adapter the shared store has already is left as the store has it)."""
         assert self.shared is not None
@@ -56,18 +61,18 @@ class StoreMirror:
             except Conflict:
                 pass
 
-    def _sync_for_registration(self, key: Key, replace: bool) -> None:
+    def sync_for_registration(self, key: Key, replace: bool) -> None:
         """Bring the records up to date before a registration is checked against them (quotas
         count the store's adapters), and look the id up in the store itself."""
         assert self.shared is not None
         try:
             self.sync()
-            if not replace and key not in self._records and self.shared.read(key) is not None:
+            if not replace and key not in self._records.entries and self.shared.read(key) is not None:
                 raise exists_error(key[2], key[0])
         except StoreUnavailable as exc:
             raise store_down(exc, "registrations wait for it") from None
 
-    def _publish(self, meta: AdapterMeta, replace: bool) -> None:
+    def publish(self, meta: AdapterMeta, replace: bool) -> None:
         """Write a committed adapter to the shared store; on failure it leaves the local disk too."""
         assert self.shared is not None
         key = meta.key
@@ -82,11 +87,11 @@ class StoreMirror:
 
     # -- the shared store ----------------------------------------------------------------------------
 
-    def _find(self, key: Key, field: str) -> Record:
+    def find(self, key: Key, field: str) -> Record:
         """The live record of ``key``; an id this pod does not know is looked up in the shared store
         (at most ``store_lookups_per_second`` per tenant; "not there" believed for a second)."""
-        with self._lock:
-            record = self._records.get(key)
+        with self._records.lock:
+            record = self._records.entries.get(key)
             if record is not None and not record.deleting:
                 return record
             if self.shared is None or record is not None or self._missing.get(key, 0.0) > time.monotonic():
@@ -96,14 +101,14 @@ class StoreMirror:
             meta = self.shared.read(key)
         except StoreUnavailable as exc:
             raise store_down(exc, f"adapter '{key[2]}' is not known to this pod") from None
-        with self._lock:
+        with self._records.lock:
             if meta is None:
                 self._missing[key] = time.monotonic() + NEGATIVE_SECONDS
                 if len(self._missing) > 10_000:
                     now = time.monotonic()
                     self._missing = {k: t for k, t in self._missing.items() if t > now}
                 raise not_found(key, field)
-            return self._adopt(key, meta)
+            return self.adopt(key, meta)
 
     def _take_lookup(self, tenant: str) -> None:
         wait = self._lookups.take(tenant)
@@ -114,24 +119,24 @@ class StoreMirror:
                 reason="ADAPTER_LOOKUPS",
                 retry_after=wait,
             )
-        self.counters.store_lookups += 1
+        self._records.counters.store_lookups += 1
 
-    def _adopt(self, key: Key, meta: AdapterMeta) -> Record:
+    def adopt(self, key: Key, meta: AdapterMeta) -> Record:
         """Take the store's record of ``key`` (call with the lock held): a new or replaced adapter
         gets a fresh record; requests holding the old one finish on it."""
-        record = self._records.get(key)
+        record = self._records.entries.get(key)
         if record is not None and record.meta.version == meta.version:
             return record
         if record is not None:
             self._drop_resident(key, record)
         fresh = Record(meta, last_used_at=time.time(), cached=False)
-        self._records[key] = fresh
+        self._records.entries[key] = fresh
         self._missing.pop(key, None)
         return fresh
 
     def _forget(self, key: Key) -> bool:
         """Drop a deleted adapter (call with the lock held); True when its local files may go."""
-        record = self._records.pop(key, None)
+        record = self._records.entries.pop(key, None)
         if record is None:
             return False
         self._drop_resident(key, record)
@@ -144,57 +149,59 @@ class StoreMirror:
             return 0
         changed = self.shared.poll()
         if changed is None:
-            self._replace_all(self.shared.read_all(), {})
-            return len(self._records)
-        fresh = {key: self.shared.read(key) for key in changed if key not in self._pending}
+            self.replace_all(self.shared.read_all(), {})
+            return len(self._records.entries)
+        fresh = {key: self.shared.read(key) for key in changed if key not in self._records.pending}
         stale = []
-        with self._lock:
+        with self._records.lock:
             for key, meta in fresh.items():
-                if key in self._pending:
+                if key in self._records.pending:
                     continue
-                old = self._records.get(key)
+                old = self._records.entries.get(key)
                 if meta is None:
                     if self._forget(key):
                         stale.append(key)
                 elif old is None or old.meta.version != meta.version:
-                    self._adopt(key, meta)
+                    self.adopt(key, meta)
                     if old is not None and not old.in_use:
                         stale.append(key)
         for key in stale:
             self.store.remove(*key)
         return len(fresh)
 
-    def _replace_all(self, metas: list[AdapterMeta], local: dict[Key, AdapterMeta]) -> None:
+    def replace_all(self, metas: list[AdapterMeta], local: dict[Key, AdapterMeta]) -> None:
         """Make the records the store's (a full read); local copies of other versions leave."""
         stale = []
-        with self._lock:
+        with self._records.lock:
             wanted = {meta.key: meta for meta in metas}
-            for key in [k for k in self._records if k not in wanted and k not in self._pending]:
+            for key in [
+                k for k in self._records.entries if k not in wanted and k not in self._records.pending
+            ]:
                 if self._forget(key):
                     stale.append(key)
             for key, meta in wanted.items():
-                if key in self._pending:
+                if key in self._records.pending:
                     continue
-                old = self._records.get(key)
-                record = self._adopt(key, meta)
+                old = self._records.entries.get(key)
+                record = self.adopt(key, meta)
                 if old is None and key in local:
                     record.cached = local[key].version == meta.version
                     record.last_used_at = meta.created_at
                 if not record.cached and (key in local or (old is not None and not old.in_use)):
                     stale.append(key)
             stale += [key for key in local if key not in wanted]
-            self._complete = True
+            self.complete = True
         for key in stale:
             self.store.remove(*key)
 
     def collect_garbage(self) -> int:
         """Delete orphaned payloads and old change entries from the store; only once this pod's
         records mirror the whole store, so a payload some record names is never taken."""
-        if self.shared is None or not self._complete:
+        if self.shared is None or not self.complete:
             return 0
-        with self._lock:
-            metas = [record.meta for record in self._records.values()]
+        with self._records.lock:
+            metas = [record.meta for record in self._records.entries.values()]
         payloads, _changes = self.shared.collect_garbage(metas)
-        with self._lock:
-            self.counters.collected_payloads += payloads
+        with self._records.lock:
+            self._records.counters.collected_payloads += payloads
         return payloads
