@@ -16,6 +16,8 @@ from ortmux.client._errors import FieldViolation, OrtmuxError
 from ortmux.client._types import (
     AdapterInfo,
     AdapterTargetInfo,
+    GenerationChunk,
+    GenerationUsage,
     InferRequest,
     InferResult,
     ModelInfo,
@@ -30,6 +32,8 @@ __all__ = [
     "AsyncClient",
     "Client",
     "FieldViolation",
+    "GenerationChunk",
+    "GenerationUsage",
     "InferRequest",
     "InferResult",
     "ModelInfo",

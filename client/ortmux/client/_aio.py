@@ -26,7 +26,7 @@ from ortmux.client._channel import DEFAULT_MAX_MESSAGE_BYTES, Connections, Stubs
 from ortmux.client._errors import OrtmuxError
 from ortmux.client._routing import DEFAULT_REFRESH_SECONDS, route_headers
 from ortmux.client._streams import StreamBook, handed_out
-from ortmux.client._types import AdapterInfo, InferRequest, InferResult, ModelInfo
+from ortmux.client._types import AdapterInfo, GenerationChunk, InferRequest, InferResult, ModelInfo
 from ortmux.client._uploads import DEFAULT_CHUNK_BYTES, Progress, path_request, upload_requests
 from ortmux.v1 import (
     adapters_pb2,
@@ -110,6 +110,54 @@ class AsyncClient:
         return _convert.infer_outputs(
             await self._call("inference", "Infer", request, timeout, route=(model, adapter))
         )
+
+    async def generate(
+        self,
+        model: str,
+        *,
+        prompt: str | None = None,
+        input_ids: Sequence[int] | None = None,
+        adapter: str = "",
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        timeout: float | None = None,
+        stop_token_ids: Sequence[int] = (),
+        priority: int = 0,
+        request_id: str = "",
+    ) -> AsyncIterator[GenerationChunk]:
+        """As :meth:`Client.generate`: an async iterator of chunks; closing it cancels."""
+        request = _convert.generate_request(
+            model,
+            prompt,
+            input_ids,
+            adapter,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            stop_token_ids,
+            priority,
+            request_id,
+        )
+        route = (model, adapter or None)
+        call = (await self._stream_stubs(route)).inference.Generate(
+            request,
+            timeout=self.stream_timeout if timeout is None else timeout,
+            metadata=self._metadata + route_headers(route),
+        )
+        try:
+            async for message in call:
+                yield _convert.generation_chunk(message)
+        except grpc.RpcError as error:
+            raise OrtmuxError.from_rpc_error(error) from None
+        finally:
+            call.cancel()
 
     async def stream_infer(
         self,

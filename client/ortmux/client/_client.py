@@ -18,7 +18,7 @@ from ortmux.client._channel import DEFAULT_MAX_MESSAGE_BYTES, Connections, Stubs
 from ortmux.client._errors import OrtmuxError
 from ortmux.client._routing import DEFAULT_REFRESH_SECONDS, route_headers
 from ortmux.client._streams import StreamBook, handed_out
-from ortmux.client._types import AdapterInfo, InferRequest, InferResult, ModelInfo
+from ortmux.client._types import AdapterInfo, GenerationChunk, InferRequest, InferResult, ModelInfo
 from ortmux.client._uploads import DEFAULT_CHUNK_BYTES, Progress, path_request, upload_requests
 from ortmux.v1 import (
     adapters_pb2,
@@ -173,6 +173,60 @@ class Client:
             call.cancel()
         if failures:
             raise failures[0]
+
+    def generate(
+        self,
+        model: str,
+        *,
+        prompt: str | None = None,
+        input_ids: Sequence[int] | None = None,
+        adapter: str = "",
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        timeout: float | None = None,
+        stop_token_ids: Sequence[int] = (),
+        priority: int = 0,
+        request_id: str = "",
+    ) -> Iterator[GenerationChunk]:
+        """Generate with a decoder: an iterator of :class:`GenerationChunk` as tokens come.
+
+        Exactly one of ``prompt`` (text, encoded by the model's tokenizer with its special tokens)
+        or ``input_ids``. ``temperature`` 0 is greedy; ``seed`` makes sampling reproducible;
+        ``stop`` strings end it (not returned). ``timeout`` bounds the whole generation
+        (DEADLINE_EXCEEDED after the chunks already given). Closing the iterator cancels it.
+        """
+        request = _convert.generate_request(
+            model,
+            prompt,
+            input_ids,
+            adapter,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            stop_token_ids,
+            priority,
+            request_id,
+        )
+        route = (model, adapter or None)
+        call = self._stream_stubs(route).inference.Generate(
+            request,
+            timeout=self.stream_timeout if timeout is None else timeout,
+            metadata=self._metadata + route_headers(route),
+        )
+        try:
+            for message in call:
+                yield _convert.generation_chunk(message)
+        except grpc.RpcError as error:
+            raise OrtmuxError.from_rpc_error(error) from None
+        finally:
+            call.cancel()
 
     def infer_batch(
         self,

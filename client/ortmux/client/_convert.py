@@ -12,6 +12,8 @@ from ortmux.client._errors import OrtmuxError
 from ortmux.client._types import (
     AdapterInfo,
     AdapterTargetInfo,
+    GenerationChunk,
+    GenerationUsage,
     ModelInfo,
     ModelStats,
     TensorInfo,
@@ -111,6 +113,10 @@ def model_info(message: models_pb2.ModelInfo) -> ModelInfo:
         fused_nodes=tuple(message.fused_nodes),
         max_sequence_length=message.max_sequence_length,
         max_sequence_length_from=message.max_sequence_length_from,
+        generates=message.generates,
+        generation_problem=message.generation_problem,
+        context_length=message.context_length,
+        has_tokenizer=message.has_tokenizer,
     )
 
 
@@ -128,4 +134,57 @@ def adapter_info(message: adapters_pb2.AdapterInfo) -> AdapterInfo:
         created_at=message.created_at.ToNanoseconds() / 1e9,
         last_used_at=message.last_used_at.ToNanoseconds() / 1e9,
         sha256=message.sha256,
+    )
+
+
+def generate_request(
+    model: str,
+    prompt: str | None,
+    input_ids: Sequence[int] | None,
+    adapter: str | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+    stop: Sequence[str],
+    stop_token_ids: Sequence[int],
+    priority: int,
+    request_id: str,
+) -> inference_pb2.GenerateRequest:
+    """The request of one generation; exactly one of ``prompt`` and ``input_ids``."""
+    if (prompt is None) == (input_ids is None):
+        raise OrtmuxError(grpc.StatusCode.INVALID_ARGUMENT, "give exactly one of prompt or input_ids")
+    if isinstance(stop, str):
+        raise TypeError("stop is a sequence of strings, not one string")
+    request = inference_pb2.GenerateRequest(
+        model=model,
+        adapter=adapter or "",
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop=list(stop),
+        stop_token_ids=[int(i) for i in stop_token_ids],
+        priority=priority,
+        request_id=request_id,
+    )
+    if seed is not None:
+        request.seed = seed
+    if prompt is not None:
+        request.prompt = prompt
+    else:
+        request.input_ids.ids.extend(int(i) for i in input_ids or ())
+    return request
+
+
+def generation_chunk(message: inference_pb2.GenerateResponse) -> GenerationChunk:
+    last = bool(message.finish_reason)
+    return GenerationChunk(
+        token_ids=tuple(message.token_ids),
+        text=message.text,
+        finish_reason=message.finish_reason,
+        usage=GenerationUsage(message.usage.prompt_tokens, message.usage.completion_tokens) if last else None,
+        queue_seconds=message.timing.queue_seconds,
+        time_to_first_token_seconds=message.timing.time_to_first_token_seconds,
     )

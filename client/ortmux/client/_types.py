@@ -78,6 +78,10 @@ class ModelInfo:
     fused_nodes: tuple[str, ...] = ()
     max_sequence_length: int = 0  # 0: no limit
     max_sequence_length_from: str = ""  # the setting, config.json, or position embeddings
+    generates: bool = False  # a decoder with past: Client.generate serves it
+    generation_problem: str = ""  # why it cannot generate, when it cannot
+    context_length: int = 0  # prompt + new tokens at most (0: not stated)
+    has_tokenizer: bool = False  # it takes text prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,3 +132,22 @@ class InferResult:
             raise self.error
         assert self.outputs is not None
         return self.outputs
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationUsage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationChunk:
+    """New tokens of a generation: their ids (an eos id included) and the text they add ("" without
+    a tokenizer); the last chunk says why it ended ("length", "stop" or "eos") and carries the usage."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str = ""
+    usage: GenerationUsage | None = None
+    queue_seconds: float = 0.0
+    time_to_first_token_seconds: float = 0.0

@@ -26,21 +26,31 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from ortmux.v1 import tensor_pb2 as ortmux_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ortmux/v1/inference.proto\x12\tortmux.v1\x1a\x17google/rpc/status.proto\x1a\x16ortmux/v1/tensor.proto\"\x8d\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12!\n\x06inputs\x18\x03 \x03(\x0b\x32\x11.ortmux.v1.Tensor\x12\x14\n\x0coutput_names\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\"Q\n\x0bInferTiming\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x12\n\nbatch_rows\x18\x03 \x01(\r\"\x8f\x01\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\"\n\x07outputs\x18\x03 \x03(\x0b\x32\x11.ortmux.v1.Tensor\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12&\n\x06timing\x18\x05 \x01(\x0b\x32\x16.ortmux.v1.InferTiming\"\x86\x01\n\x13InferStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x08response\x18\x02 \x01(\x0b\x32\x18.ortmux.v1.InferResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result2\x9a\x01\n\x10InferenceService\x12:\n\x05Infer\x12\x17.ortmux.v1.InferRequest\x1a\x18.ortmux.v1.InferResponse\x12J\n\x0bInferStream\x12\x17.ortmux.v1.InferRequest\x1a\x1e.ortmux.v1.InferStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19ortmux/v1/inference.proto\x12\tortmux.v1\x1a\x17google/rpc/status.proto\x1a\x16ortmux/v1/tensor.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xb8\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12(\n\tinput_ids\x18\x04 \x01(\x0b\x32\x13.ortmux.v1.TokenIdsH\x00\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x12\n\x05top_p\x18\x08 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\x10\n\x08priority\x18\x0c \x01(\x05\x12\x12\n\nrequest_id\x18\r \x01(\tB\x07\n\x05inputB\x08\n\x06_top_pB\x07\n\x05_seed\"A\n\rGenerateUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"L\n\x0eGenerateTiming\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\"\xb2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\'\n\x05usage\x18\x05 \x01(\x0b\x32\x18.ortmux.v1.GenerateUsage\x12)\n\x06timing\x18\x06 \x01(\x0b\x32\x19.ortmux.v1.GenerateTiming\"\x8d\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12!\n\x06inputs\x18\x03 \x03(\x0b\x32\x11.ortmux.v1.Tensor\x12\x14\n\x0coutput_names\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x06 \x01(\x05\"Q\n\x0bInferTiming\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x12\n\nbatch_rows\x18\x03 \x01(\r\"\x8f\x01\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\"\n\x07outputs\x18\x03 \x03(\x0b\x32\x11.ortmux.v1.Tensor\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12&\n\x06timing\x18\x05 \x01(\x0b\x32\x16.ortmux.v1.InferTiming\"\x86\x01\n\x13InferStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x08response\x18\x02 \x01(\x0b\x32\x18.ortmux.v1.InferResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result2\xe1\x01\n\x10InferenceService\x12:\n\x05Infer\x12\x17.ortmux.v1.InferRequest\x1a\x18.ortmux.v1.InferResponse\x12J\n\x0bInferStream\x12\x17.ortmux.v1.InferRequest\x1a\x1e.ortmux.v1.InferStreamResponse(\x01\x30\x01\x12\x45\n\x08Generate\x12\x1a.ortmux.v1.GenerateRequest\x1a\x1b.ortmux.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ortmux.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INFERREQUEST']._serialized_start=90
-  _globals['_INFERREQUEST']._serialized_end=231
-  _globals['_INFERTIMING']._serialized_start=233
-  _globals['_INFERTIMING']._serialized_end=314
-  _globals['_INFERRESPONSE']._serialized_start=317
-  _globals['_INFERRESPONSE']._serialized_end=460
-  _globals['_INFERSTREAMRESPONSE']._serialized_start=463
-  _globals['_INFERSTREAMRESPONSE']._serialized_end=597
-  _globals['_INFERENCESERVICE']._serialized_start=600
-  _globals['_INFERENCESERVICE']._serialized_end=754
+  _globals['_TOKENIDS']._serialized_start=89
+  _globals['_TOKENIDS']._serialized_end=112
+  _globals['_GENERATEREQUEST']._serialized_start=115
+  _globals['_GENERATEREQUEST']._serialized_end=427
+  _globals['_GENERATEUSAGE']._serialized_start=429
+  _globals['_GENERATEUSAGE']._serialized_end=494
+  _globals['_GENERATETIMING']._serialized_start=496
+  _globals['_GENERATETIMING']._serialized_end=572
+  _globals['_GENERATERESPONSE']._serialized_start=575
+  _globals['_GENERATERESPONSE']._serialized_end=753
+  _globals['_INFERREQUEST']._serialized_start=756
+  _globals['_INFERREQUEST']._serialized_end=897
+  _globals['_INFERTIMING']._serialized_start=899
+  _globals['_INFERTIMING']._serialized_end=980
+  _globals['_INFERRESPONSE']._serialized_start=983
+  _globals['_INFERRESPONSE']._serialized_end=1126
+  _globals['_INFERSTREAMRESPONSE']._serialized_start=1129
+  _globals['_INFERSTREAMRESPONSE']._serialized_end=1263
+  _globals['_INFERENCESERVICE']._serialized_start=1266
+  _globals['_INFERENCESERVICE']._serialized_end=1491
 # @@protoc_insertion_point(module_scope)

@@ -46,6 +46,11 @@ class InferenceServiceStub(object):
                 request_serializer=ortmux_dot_v1_dot_inference__pb2.InferRequest.SerializeToString,
                 response_deserializer=ortmux_dot_v1_dot_inference__pb2.InferStreamResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/ortmux.v1.InferenceService/Generate',
+                request_serializer=ortmux_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=ortmux_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer(object):
@@ -67,6 +72,16 @@ class InferenceServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Generate with a decoder (a model exported with past): new tokens stream back as they come,
+        the last response saying why it ended, with the usage and timing. The worker keeps the KV
+        cache and batches decode steps across callers, each row with its own adapter. Cancelling the
+        call stops the generation within a step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +94,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.InferStream,
                     request_deserializer=ortmux_dot_v1_dot_inference__pb2.InferRequest.FromString,
                     response_serializer=ortmux_dot_v1_dot_inference__pb2.InferStreamResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=ortmux_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=ortmux_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +157,33 @@ class InferenceService(object):
             '/ortmux.v1.InferenceService/InferStream',
             ortmux_dot_v1_dot_inference__pb2.InferRequest.SerializeToString,
             ortmux_dot_v1_dot_inference__pb2.InferStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ortmux.v1.InferenceService/Generate',
+            ortmux_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            ortmux_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

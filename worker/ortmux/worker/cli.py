@@ -6,7 +6,6 @@ The client commands need only the thin client; ``serve`` needs the ``worker`` ex
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
@@ -16,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from ortmux.worker import cli_models
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -43,14 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     models = commands.add_parser("models", help="list the models a worker serves, with inputs and outputs")
-    models.set_defaults(handler=_models)
+    models.set_defaults(handler=cli_models.models)
     _add_target(models)
 
     inspect = commands.add_parser(
         "inspect",
         help="list a model file's adaptable projections as PEFT names them (before training)",
     )
-    inspect.set_defaults(handler=_inspect)
+    inspect.set_defaults(handler=cli_models.inspect)
     inspect.add_argument("model_path", type=Path, metavar="MODEL.onnx")
 
     infer = commands.add_parser("infer", help="run one request and summarise its outputs")
@@ -67,6 +68,19 @@ def _parser() -> argparse.ArgumentParser:
         help="an input; repeatable",
     )
     infer.add_argument("--output-dir", type=Path, default=None, help="save each output as NAME.npy here")
+
+    generate = commands.add_parser("generate", help="generate text with a decoder, streaming it as it comes")
+    generate.set_defaults(handler=_generate)
+    _add_target(generate)
+    generate.add_argument("--model", required=True, help="base model name")
+    generate.add_argument("--adapter", default="", help="adapter id (default: the base model)")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", default=[], help="a stop string; repeatable")
+    generate.add_argument("prompt", help="the prompt text")
 
     adapters = commands.add_parser("adapters", help="register, list and delete adapters")
     adapter_commands = adapters.add_subparsers(dest="adapter_command", metavar="ACTION", required=True)
@@ -147,139 +161,6 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-@dataclasses.dataclass(frozen=True)
-class _Use:
-    """One adaptable projection as ``inspect`` and ``models`` print it."""
-
-    module: str
-    weight: str
-    in_features: int
-    out_features: int
-    rule: str
-    layout: str
-    node: str
-    per_row: bool
-    group: str
-
-
-def _print_projections(
-    adaptable: Sequence[_Use],
-    unadaptable: Sequence[tuple[str, str, str, str]],
-    fused: Sequence[str],
-) -> None:
-    """The LoRA view of a model: what adapters can target (module as PEFT names it) and what not.
-    A module called more than once lists every call (each takes the adapter's branch)."""
-    print(f"  adaptable projections: {len(adaptable)}")
-    groups: dict[str, list[_Use]] = {}
-    for use in adaptable:
-        groups.setdefault(use.group or use.weight, []).append(use)
-    width = max((len(calls[0].module or "?") for calls in groups.values()), default=0)
-    for calls in groups.values():
-        first = calls[0]
-        whole = "" if all(use.per_row for use in calls) else ", one adapter per run"
-        print(
-            f"    {first.module or '?':{width}s}  {first.in_features} -> {first.out_features}  weight "
-            f"{first.weight}  ({first.rule or 'unnamed'}, {first.layout}{whole})"
-        )
-        if len(calls) > 1:
-            for use in calls:
-                shared = "per row" if use.per_row else "activation shared by every row"
-                print(f"      call {use.node or '?'}  ({use.layout}, {shared})")
-        tied = [
-            other[0].module or "?"
-            for other in groups.values()
-            if other is not calls and other[0].weight == first.weight
-        ]
-        if tied:
-            print(f"      weight also read by {', '.join(tied)} (tied: adapted only when targeted itself)")
-    if unadaptable:
-        print(f"  projections that cannot take a LoRA branch: {len(unadaptable)}")
-        for node, op_type, module, reason in unadaptable:
-            print(f"    {op_type} {node}{f' ({module})' if module else ''}: {reason}")
-    if fused:
-        print(f"  fused nodes no branch can reach: {', '.join(fused)}")
-
-
-def _layout(layout: str, quantized: str) -> str:
-    return f"{layout}, through {quantized}" if quantized else layout
-
-
-def _inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    try:
-        import onnx
-
-        from ortmux.worker.engine.lora.targets import find_sites
-    except ImportError as exc:
-        print(f"ortmux inspect needs the worker extra (pip install 'ortmux[worker]'): {exc}", file=sys.stderr)
-        return 2
-    try:
-        model = onnx.load(str(args.model_path), load_external_data=False)
-    except Exception as exc:
-        print(f"ortmux inspect: {args.model_path} cannot be read: {exc}", file=sys.stderr)
-        return 1
-    report = find_sites(model)
-    print(args.model_path)
-    _print_projections(
-        [
-            _Use(
-                s.module,
-                s.weight,
-                s.in_features,
-                s.out_features,
-                s.rule,
-                _layout(s.layout, s.quantized),
-                s.node,
-                s.per_row,
-                s.call_group,
-            )
-            for s in report.sites
-        ],
-        [(u.node, u.op_type, u.module, u.reason) for u in report.unadaptable],
-        report.fused,
-    )
-    firsts = {site.call_group: site for site in reversed(report.sites)}.values()  # each group's first
-    modules = sorted({site.module.rsplit(".", 1)[-1] for site in firsts if site.module})
-    if modules:
-        print(f"  PEFT target_modules: {', '.join(modules)}")
-    return 0
-
-
-def _models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ortmux.client import Client, OrtmuxError
-
-    try:
-        with Client(args.target, timeout=args.timeout, api_key=args.api_key) as client:
-            for summary in client.list_models():
-                info = client.model_info(summary.name)
-                print(info.name)
-                for label, specs in (("input ", info.inputs), ("output", info.outputs)):
-                    for spec in specs:
-                        print(f"  {label} {spec.name}: {spec.dtype}{list(spec.shape)}")
-                lora = [t for t in info.adapter_targets if t.kind == "lora"]
-                _print_projections(
-                    [
-                        _Use(
-                            t.module,
-                            t.weight,
-                            t.shape[0],
-                            t.shape[1],
-                            t.rule,
-                            _layout(t.layout, t.quantized_op),
-                            t.node,
-                            t.per_row,
-                            t.group,
-                        )
-                        for t in lora
-                    ],
-                    [(u.node, u.op_type, u.module, u.reason) for u in info.unadaptable],
-                    info.fused_nodes,
-                )
-    except OrtmuxError as exc:
-        print(f"ortmux models: {exc.code.name}: {exc.message}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def _infer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ortmux.client import Client, OrtmuxError
 
@@ -307,6 +188,38 @@ def _infer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 _PROGRESS_FROM_BYTES = 4 << 20
+
+
+def _generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ortmux.client import Client, OrtmuxError
+
+    try:
+        with Client(args.target, timeout=args.timeout, api_key=args.api_key) as client:
+            chunks = client.generate(
+                args.model,
+                prompt=args.prompt,
+                adapter=args.adapter,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                seed=args.seed,
+                stop=args.stop,
+                timeout=args.timeout,
+            )
+            for chunk in chunks:
+                print(chunk.text, end="", flush=True)
+                if chunk.finish_reason and chunk.usage is not None:
+                    usage = chunk.usage
+                    print(
+                        f"\n[{chunk.finish_reason}: {usage.prompt_tokens} prompt + "
+                        f"{usage.completion_tokens} generated tokens]",
+                        file=sys.stderr,
+                    )
+    except OrtmuxError as exc:
+        print(f"ortmux generate: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _progress_bar(sent: int, total: int) -> None:

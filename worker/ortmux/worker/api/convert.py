@@ -100,7 +100,7 @@ MAX_NAME_CHARS = 256  # model, adapter, request id, tensor and output names
 MAX_NAMES = 256  # inputs or output names per request
 
 
-def _check_length(value: str, field: str) -> None:
+def check_length(value: str, field: str) -> None:
     if len(value) > MAX_NAME_CHARS:
         raise InvalidArgument(
             f"{field} is {len(value)} characters long, over the limit of {MAX_NAME_CHARS}", field=field
@@ -143,9 +143,9 @@ def request_from_proto(
     is_active: Callable[[], bool] = lambda: True,
     tenant: str = "",
 ) -> InferenceRequest:
-    _check_length(message.model, "model")
-    _check_length(message.adapter, "adapter")
-    _check_length(message.request_id, "request_id")
+    check_length(message.model, "model")
+    check_length(message.adapter, "adapter")
+    check_length(message.request_id, "request_id")
     for field, names in (
         ("inputs", [t.name for t in message.inputs]),
         ("output_names", message.output_names),
@@ -155,7 +155,7 @@ def request_from_proto(
                 f"{field} has {len(names)} entries, over the limit of {MAX_NAMES}", field=field
             )
         for name in names:
-            _check_length(name, field)
+            check_length(name, field)
     try:
         inputs = tensors.decode_many(message.inputs)
     except tensors.TensorCodecError as exc:

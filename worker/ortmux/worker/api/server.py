@@ -34,6 +34,7 @@ from ortmux.worker.api.oip import OipServicer, UnservedRpcs
 from ortmux.worker.api.servicers import AdapterServicer, InferenceServicer, ModelServicer
 from ortmux.worker.auth import KeyRing
 from ortmux.worker.dataplane import DataPlane, RequestLimits, RequestPath
+from ortmux.worker.dataplane.generation import GenerationPath
 from ortmux.worker.dataplane.models import ModelManagement
 from ortmux.worker.dataplane.statistics import ServingStatistics
 from ortmux.worker.demo import DEMO_NAME, ensure_demo_model
@@ -44,9 +45,11 @@ from ortmux.worker.engine.providers import resolve_providers
 from ortmux.worker.engine.registry import ModelRegistry
 from ortmux.worker.engine.runtime import RuntimeOptions, configure_process
 from ortmux.worker.errors import InvalidArgument
+from ortmux.worker.generation.kv import KvPool
 from ortmux.worker.observability.metrics import Metrics
 from ortmux.worker.quotas import RequestQuotas
 from ortmux.worker.scheduler.batcher import BatchLimits
+from ortmux.worker.scheduler.decode_loop import DecodeLimits
 from ortmux.worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -193,7 +196,19 @@ def create_server(
         FeedPool(settings.feed_memory_bytes),
         MemoryGuard.from_setting(settings.memory_limit_bytes),
     )
-    dataplane = DataPlane(management, requests, adapters, statistics)
+    kv = KvPool(settings.kv_cache_bytes)
+    generation = GenerationPath(
+        management,
+        adapters,
+        metrics,
+        kv,
+        DecodeLimits(settings.max_running_sequences, settings.max_prefill_tokens, settings.max_queue_size),
+        quotas,
+        requests.feed_pool,
+        requests.memory,
+    )
+    dataplane = DataPlane(management, requests, adapters, statistics, generation)
+    metrics.watch_generation(generation.loops, kv)
     keys = KeyRing(settings.api_keys, Path(settings.api_keys_file) if settings.api_keys_file else None)
     if not keys.enabled:
         log.warning(

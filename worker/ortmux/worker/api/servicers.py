@@ -19,7 +19,7 @@ from ortmux.v1 import (
     models_pb2,
     models_pb2_grpc,
 )
-from ortmux.worker.api import convert
+from ortmux.worker.api import convert, generation_convert
 from ortmux.worker.api.interceptors import current_identity
 from ortmux.worker.api.pages import paginate
 from ortmux.worker.dataplane import DataPlane
@@ -44,7 +44,8 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
         return self._model_info(self._dataplane.get_model(request.name))
 
     def _model_info(self, model: BaseModel) -> models_pb2.ModelInfo:
-        return convert.model_to_proto(model, *self._dataplane.count_adapters(model.name))
+        info = convert.model_to_proto(model, *self._dataplane.count_adapters(model.name))
+        return generation_convert.describe(info, self._dataplane.describe_generation(model))
 
     def LoadModel(
         self, request: models_pb2.LoadModelRequest, context: grpc.ServicerContext
@@ -137,3 +138,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
         for answer in answers:
             yield convert.stream_answer_to_proto(answer)
+
+    def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[inference_pb2.GenerateResponse]:
+        generation = generation_convert.request_from_proto(
+            request, convert.call_deadline(context), context.is_active, current_identity().tenant
+        )
+        stream = self._dataplane.generate(generation)
+        context.add_callback(stream.close)  # the caller went away: the sequence leaves within a step
+        try:
+            for chunk in stream:
+                yield generation_convert.chunk_to_proto(chunk, request.request_id)
+        finally:
+            stream.close()

@@ -4,12 +4,15 @@
 the modules beside it (models, requests, statistics).
 """
 
+from ortmux.worker.dataplane.generation import GenerationRequest, GenerationStream
 from ortmux.worker.dataplane.plane import DataPlane
 from ortmux.worker.dataplane.requests import InferenceRequest, InferenceResult, RequestLimits, RequestPath
 from ortmux.worker.dataplane.statistics import ServingCounters
 
 __all__ = [
     "DataPlane",
+    "GenerationRequest",
+    "GenerationStream",
     "InferenceRequest",
     "InferenceResult",
     "RequestLimits",

@@ -16,10 +16,17 @@ from pathlib import Path
 from ortmux.worker.adapters.manager import AdapterInfo, AdapterManager, UploadHeader, UploadTrailer
 from ortmux.worker.audit import audited
 from ortmux.worker.auth import Identity
+from ortmux.worker.dataplane.generation import (
+    GenerationPath,
+    GenerationRequest,
+    GenerationStream,
+    ModelGeneration,
+)
 from ortmux.worker.dataplane.models import ModelManagement
 from ortmux.worker.dataplane.requests import InferenceRequest, InferenceResult, RequestPath
 from ortmux.worker.dataplane.statistics import ServingCounters, ServingStatistics
 from ortmux.worker.engine.base_model import BaseModel
+from ortmux.worker.generation.kv import KvPool
 from ortmux.worker.scheduler.batcher import Batcher
 
 
@@ -30,12 +37,17 @@ class DataPlane:
         requests: RequestPath,
         adapters: AdapterManager,
         statistics: ServingStatistics,
+        generation: GenerationPath | None = None,
     ) -> None:
         self.models = models
         self.requests = requests
         self.adapters = adapters
         self.statistics = statistics
+        self.generation = generation or GenerationPath(
+            models, adapters, statistics.metrics, KvPool(1 << 30), feed_pool=requests.feed_pool
+        )
         models.on_unloaded(requests.close_model)
+        models.on_unloaded(self.generation.close_model)
 
     # -- models ------------------------------------------------------------------------------------
 
@@ -89,10 +101,19 @@ class DataPlane:
     def infer(self, request: InferenceRequest) -> InferenceResult:
         return self.requests.infer(request)
 
+    def generate(self, request: GenerationRequest) -> GenerationStream:
+        """Start a generation; its chunks stream as they come (closing the stream cancels it)."""
+        return self.generation.generate(request)
+
+    def describe_generation(self, model: BaseModel) -> ModelGeneration:
+        return self.generation.describe(model)
+
     def on_drain(self, callback: Callable[[], None]) -> Callable[[], None]:
         return self.requests.on_drain(callback)
 
     def drain(self) -> None:
+        """Open streams stop taking requests and new generations are refused; running ones go on."""
+        self.generation.draining = True
         self.requests.drain()
 
     def batcher(self, model: BaseModel) -> Batcher:
@@ -104,6 +125,7 @@ class DataPlane:
     def close(self) -> None:
         """Stop taking requests (queued ones still run) and close the adapter store."""
         self.requests.close()
+        self.generation.close()
         self.adapters.store.close()
 
     # -- adapters, scoped to the caller's tenant and audited ---------------------------------------

@@ -27,6 +27,7 @@ from ortmux.worker.engine.cache import (
     cpu_signature,
     mark_overridable,
 )
+from ortmux.worker.engine.decoder import DecoderSpec, find_decoder
 from ortmux.worker.engine.limits import find_limits
 from ortmux.worker.engine.lora.feeds import FeedBuffers, RowSpan, build_feeds
 from ortmux.worker.engine.lora.graph import (
@@ -148,6 +149,8 @@ class BaseModel:
         feedable = [*self.inputs, *(TensorSpec.from_ort(arg) for arg in overridable)]
         self._feedable = {spec.name: (spec.dtype, spec.shape) for spec in feedable}
         self.outputs = tuple(TensorSpec.from_ort(arg) for arg in self._base.session.get_outputs())
+        # Its past/present pairs if it is a decoder with past, else why it cannot generate.
+        self.decoder: DecoderSpec | str = find_decoder(self.inputs, self.outputs)
         self.load_seconds = time.perf_counter() - started
         log.info(
             "model '%s' ready in %.3f s (%s, optimized in %.1f s) on %s; arena %d bytes",

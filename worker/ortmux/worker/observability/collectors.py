@@ -229,6 +229,35 @@ class MemoryCollector(Collector):
         )
 
 
+class GenerationCollector(Collector):
+    def __init__(self, loops: Callable[[], Sequence[Any]], kv: Any) -> None:
+        self._loops = loops
+        self._kv = kv
+
+    def collect(self) -> Iterator[Metric]:
+        running = GaugeMetricFamily(
+            "ortmux_generations_running", "Sequences in a model's decode steps.", labels=["model"]
+        )
+        waiting = GaugeMetricFamily(
+            "ortmux_generations_waiting", "Generations waiting to be admitted, by model.", labels=["model"]
+        )
+        for loop in self._loops():
+            running.add_metric([loop.name], loop.running)
+            waiting.add_metric([loop.name], loop.waiting)
+        yield running
+        yield waiting
+        yield GaugeMetricFamily(
+            "ortmux_kv_cache_bytes",
+            "KV cache reserved by admitted generations.",
+            value=self._kv.reserved_bytes,
+        )
+        yield GaugeMetricFamily(
+            "ortmux_kv_cache_limit_bytes",
+            "The bound on the KV cache (kv_cache_bytes).",
+            value=self._kv.limit_bytes,
+        )
+
+
 def _process_pss_bytes() -> int | None:
     try:
         for line in Path("/proc/self/smaps_rollup").read_text().splitlines():

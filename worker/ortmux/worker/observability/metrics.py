@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from ortmux.worker.observability.collectors import (
     AdapterCollector,
     BatcherCollector,
+    GenerationCollector,
     MemoryCollector,
     ModelCollector,
 )
@@ -106,6 +107,33 @@ class Metrics:
             ["model", "mix"],
             registry=self.registry,
         )
+        self.time_to_first_token = Histogram(
+            "ortmux_generation_time_to_first_token_seconds",
+            "From a generation's arrival to its first token, by base model.",
+            ["model"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.inter_token = Histogram(
+            "ortmux_generation_inter_token_seconds",
+            "Between two tokens of one generation, by base model.",
+            ["model"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+        self.generated_tokens = Counter(
+            "ortmux_generated_tokens_total",
+            "Tokens generated, by base model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.decode_step_rows = Histogram(
+            "ortmux_decode_step_rows",
+            "Rows (sequences) per decode step, by base model.",
+            ["model"],
+            buckets=_ROW_BUCKETS,
+            registry=self.registry,
+        )
         self.batch_seconds = Histogram(
             "ortmux_batch_compute_seconds",
             "Time ONNX Runtime spent on a batched run, by base model.",
@@ -154,6 +182,14 @@ class Metrics:
         self.batch_adapters.labels(model).observe(adapters)
         self.batch_seconds.labels(model).observe(seconds)
 
+    def watch_generation(self, loops: Callable[[], Sequence[Any]], kv: Any) -> None:
+        """Report running and waiting generations and the KV cache at every scrape."""
+        self.registry.register(GenerationCollector(loops, kv))
+
+    def generation_observer(self, model: str) -> GenerationMetrics:
+        """What a model's decode loop reports its steps and tokens through."""
+        return GenerationMetrics(self, model)
+
     def watch_batchers(self, batchers: Callable[[], Sequence[Any]]) -> None:
         """Report queue depth and dropped requests of every model's batcher at every scrape."""
         self.registry.register(BatcherCollector(batchers))
@@ -196,3 +232,20 @@ def _adapter_count_label(count: int) -> str:
         if count <= upper:
             return label
     return "17+"
+
+
+class GenerationMetrics:
+    """One model's decode loop reporting into the metrics."""
+
+    def __init__(self, metrics: Metrics, model: str) -> None:
+        self._rows = metrics.decode_step_rows.labels(model)
+        self._first = metrics.time_to_first_token.labels(model)
+        self._inter = metrics.inter_token.labels(model)
+        self._tokens = metrics.generated_tokens.labels(model)
+
+    def step(self, rows: int, seconds: float) -> None:
+        self._rows.observe(rows)
+
+    def token(self, first: bool, seconds: float) -> None:
+        (self._first if first else self._inter).observe(seconds)
+        self._tokens.inc()

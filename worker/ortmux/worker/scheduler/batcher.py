@@ -1,11 +1,13 @@
 """A standalone batcher for one base model: a bounded queue, per-request futures, batches closed
 by size or delay, fair draws across tenants, deadlines, and errors fanned out.
 
-Requests queue per fairness key (tenant, or adapter). The runner thread opens a batch with the
-next request in round-robin order (among the keys whose head has the highest priority) and fills
-it, still round-robin, with requests of the same signature until it holds ``max_batch_rows`` rows
-or ``max_delay`` has passed since it opened. Requests that cannot share a run (other sizes,
-adapters fed to the whole run, models without a batch dimension) run alone through the same queue.
+Requests queue per fairness key (tenant, or adapter) in the scheduler's
+:class:`~ortmux.worker.scheduler.fair_queue.FairQueue`, which the generation loop shares. The
+runner thread opens a batch with the next request in round-robin order (among the keys whose
+head has the highest priority) and fills it, still round-robin, with requests of the same
+signature until it holds ``max_batch_rows`` rows (or ``max_batch_tokens`` tokens) or
+``max_delay`` has passed since it opened. Requests that cannot share a run (other sizes, adapters
+fed to the whole run, models without a batch dimension) run alone through the same queue.
 Before a run, requests whose deadline passed or whose caller went away are dropped and answered.
 """
 
@@ -27,6 +29,7 @@ from ortmux.worker.errors import (
     Unavailable,
     WorkerError,
 )
+from ortmux.worker.scheduler.fair_queue import FairQueue
 from ortmux.worker.scheduler.request import BatchResult, QueuedRequest
 
 log = logging.getLogger(__name__)
@@ -69,11 +72,8 @@ class Batcher:
         self.counters = BatcherCounters()
         self._run_batch = run_batch
         self._observe = observe
-        self._queues: collections.OrderedDict[str, collections.deque[QueuedRequest]] = (
-            collections.OrderedDict()
-        )
-        self._queued = 0
-        self._last_seen: dict[str, float] = {}
+        self._queue: FairQueue[QueuedRequest] = FairQueue()
+        self._forming = 0  # requests taken into the batch being formed: still queued to callers
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"ortmux-batcher-{name}", daemon=True)
@@ -89,28 +89,21 @@ class Batcher:
     @property
     def depth(self) -> int:
         with self._cond:
-            return self._queued
+            return self._queue.size + self._forming
 
     def submit(self, request: QueuedRequest) -> QueuedRequest:
         """Queue a request; its future resolves to a BatchResult or raises an ortmux error."""
         with self._cond:
             if self._closed:
                 raise Unavailable(f"model '{self.name}' is shutting down")
-            if self._queued >= self.limits.max_queue:
+            if self._queue.size + self._forming >= self.limits.max_queue:
                 self.counters.rejected += 1
                 raise ResourceExhausted(
                     f"the queue of model '{self.name}' is full ({self.limits.max_queue} requests); "
                     "retry shortly",
                     retry_after=max(self.limits.max_delay * 4, 0.01),
                 )
-            self._last_seen[request.fairness_key] = time.monotonic()
-            queue = self._queues.setdefault(request.fairness_key, collections.deque())
-            if request.priority and queue and queue[-1].priority < request.priority:
-                index = next(i for i, other in enumerate(queue) if other.priority < request.priority)
-                queue.insert(index, request)
-            else:
-                queue.append(request)
-            self._queued += 1
+            self._queue.push(request)
             self._cond.notify_all()
         return request
 
@@ -134,13 +127,14 @@ class Batcher:
 
     def _next_batch(self) -> list[QueuedRequest] | None:
         with self._cond:
-            while not self._queued:
+            while not self._queue.size:
                 if self._closed:
                     return None
                 self._cond.wait()
-            first = self._pop_fair(None)
+            first = self._queue.pop()
             assert first is not None
             batch = [first]
+            self._forming = 1
             rows, tokens = first.rows, first.tokens
             signature = first.signature()
             opened = time.monotonic()
@@ -149,9 +143,14 @@ class Batcher:
             while rows < self.limits.max_batch_rows and signature[0] != "alone":
                 full = {key for key, count in taken.items() if capped and count >= capped}
                 room = (self.limits.max_batch_rows - rows, self.limits.max_batch_tokens - tokens)
-                candidate = self._pop_fair(signature, room, skip=full)
+
+                def fits(r: QueuedRequest, room: tuple[int, int] = room) -> bool:
+                    return r.signature() == signature and r.rows <= room[0] and r.tokens <= room[1]
+
+                candidate = self._queue.pop(fits, skip=full)
                 if candidate is not None:
                     batch.append(candidate)
+                    self._forming += 1
                     rows += candidate.rows
                     tokens += candidate.tokens
                     taken[candidate.fairness_key] += candidate.rows
@@ -160,46 +159,15 @@ class Batcher:
                 if remaining <= 0 or self._closed:
                     break
                 self._cond.wait(remaining)
-            self._queued -= len(batch)
+            self._forming = 0
             return batch
 
     def _share_cap(self, now: float) -> int:
         """Rows per key in the batch being formed: the fair share while several keys are active."""
         if not self.limits.fair_share_rows:
             return 0
-        window = now - self.limits.active_window
-        active = [key for key, seen in self._last_seen.items() if seen >= window]
-        for key in [key for key, seen in self._last_seen.items() if seen < window]:
-            del self._last_seen[key]
-        return self.limits.fair_share_rows if len(active) > 1 else 0
-
-    def _pop_fair(
-        self,
-        signature: tuple | None,
-        room: tuple[int, int] | None = None,
-        skip: set[str] | frozenset[str] = frozenset(),
-    ) -> QueuedRequest | None:
-        """The head of the next key in round-robin order among those with the top priority whose
-        head fits (same signature, at most ``room`` rows and tokens, key not in ``skip``); the key
-        moves to the back."""
-        heads = [(key, queue[0]) for key, queue in self._queues.items() if queue and key not in skip]
-        if signature is not None:
-            heads = [
-                (k, r)
-                for k, r in heads
-                if r.signature() == signature
-                and (room is None or (r.rows <= room[0] and r.tokens <= room[1]))
-            ]
-        if not heads:
-            return None
-        top = max(request.priority for _key, request in heads)
-        key = next(k for k, r in heads if r.priority == top)
-        queue = self._queues[key]
-        request = queue.popleft()
-        self._queues.move_to_end(key)
-        if not queue:
-            del self._queues[key]
-        return request
+        active = self._queue.active_keys(self.limits.active_window)
+        return self.limits.fair_share_rows if active > 1 else 0
 
     def _run(self, batch: list[QueuedRequest]) -> None:
         now = time.monotonic()

@@ -1,0 +1,254 @@
+"""The generation path, free of any protocol: a generation request checked (model, prompt,
+sampling, context, KV room), admitted (memory, quotas), given its adapter for its whole life,
+handed to its model's decode loop, and answered as a stream of chunks that closing cancels."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+
+from ortmux.worker.adapters.local_store import DEFAULT_TENANT
+from ortmux.worker.adapters.manager import AdapterManager
+from ortmux.worker.dataplane.models import ModelManagement
+from ortmux.worker.engine.base_model import BaseModel
+from ortmux.worker.engine.decoder import DecoderSpec
+from ortmux.worker.engine.lora.feeds import FeedPool
+from ortmux.worker.engine.memory import MemoryGuard
+from ortmux.worker.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from ortmux.worker.generation.kv import KvPool
+from ortmux.worker.generation.model_files import GenerationConfig, TextTokenizer, read_generation_config
+from ortmux.worker.generation.sampling import Sampler, SamplingParams
+from ortmux.worker.generation.text import TextStream
+from ortmux.worker.observability.metrics import Metrics
+from ortmux.worker.quotas import RequestQuotas
+from ortmux.worker.scheduler.decode_loop import Chunk, DecodeLimits, DecodeLoop, GenerationJob
+
+MAX_NEW_TOKENS = 1 << 16
+MAX_STOP = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    model: str
+    prompt: str | None = None
+    input_ids: Sequence[int] | None = None
+    adapter: str = ""
+    max_new_tokens: int = 16
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    stop: Sequence[str] = ()
+    stop_ids: Sequence[int] = ()
+    priority: int = 0
+    request_id: str = ""
+    tenant: str = ""
+    deadline: float | None = None  # time.monotonic()
+    is_active: Callable[[], bool] = lambda: True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelGeneration:
+    """What a model can do for generation, as GetModel tells it."""
+
+    decoder: DecoderSpec | None
+    problem: str  # why it cannot generate ("" when it can)
+    config: GenerationConfig
+    tokenizer: TextTokenizer | None
+
+    @property
+    def context_length(self) -> int:
+        return self.config.context_length
+
+
+class GenerationStream:
+    """The chunks of one generation, as they come; ``close()`` cancels it (the decode loop frees
+    its sequence within a step)."""
+
+    def __init__(self, job: GenerationJob, cancelled: threading.Event) -> None:
+        self._job = job
+        self._cancelled = cancelled
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while True:
+            item = self._job.events.get()
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._cancelled.set()
+
+
+class GenerationPath:
+    def __init__(
+        self,
+        models: ModelManagement,
+        adapters: AdapterManager,
+        metrics: Metrics,
+        kv: KvPool,
+        limits: DecodeLimits | None = None,
+        quotas: RequestQuotas | None = None,
+        feed_pool: FeedPool | None = None,
+        memory: MemoryGuard | None = None,
+    ) -> None:
+        self.models = models
+        self.adapters = adapters
+        self.metrics = metrics
+        self.kv = kv
+        self.limits = limits or DecodeLimits()
+        self.quotas = quotas or RequestQuotas()
+        self.feed_pool = feed_pool or FeedPool(1 << 30)
+        self.memory = memory or MemoryGuard(0)
+        self._loops: dict[str, DecodeLoop] = {}
+        self._files: dict[int, ModelGeneration] = {}
+        self._lock = threading.Lock()
+        self.draining = False
+
+    def describe(self, model: BaseModel) -> ModelGeneration:
+        """Whether ``model`` generates, its context length and tokenizer (read once per model)."""
+        with self._lock:
+            known = self._files.get(id(model))
+        if known is None:
+            decoder = model.decoder
+            config = read_generation_config(model.path)
+            if not config.context_length and model.limits.sequence:
+                config = dataclasses.replace(config, context_length=model.limits.sequence)
+            known = ModelGeneration(
+                decoder if isinstance(decoder, DecoderSpec) else None,
+                decoder if isinstance(decoder, str) else "",
+                config,
+                TextTokenizer.beside(model.path),
+            )
+            with self._lock:
+                self._files[id(model)] = known
+        return known
+
+    def loops(self) -> list[DecodeLoop]:
+        with self._lock:
+            return list(self._loops.values())
+
+    def close_model(self, name: str) -> None:
+        with self._lock:
+            loop = self._loops.pop(name, None)
+        if loop is not None:
+            loop.close()
+
+    def close(self) -> None:
+        for loop in self.loops():
+            loop.close()
+
+    def generate(self, request: GenerationRequest) -> GenerationStream:
+        model = self.models.get(request.model)
+        info = self.describe(model)
+        if info.decoder is None:
+            raise FailedPrecondition(f"model '{model.name}' cannot generate: {info.problem}", field="model")
+        prompt = self._prompt_ids(model, info, request)
+        self._check(request, info, len(prompt))
+        kv_bytes = (len(prompt) + request.max_new_tokens) * info.decoder.kv_bytes_per_token
+        if kv_bytes > self.kv.limit_bytes:
+            raise ResourceExhausted(
+                f"the generation needs {kv_bytes} bytes of KV cache ({len(prompt)} prompt + "
+                f"{request.max_new_tokens} new tokens), over the worker's {self.kv.limit_bytes} "
+                "(kv_cache_bytes); ask for fewer tokens",
+                field="max_new_tokens",
+                retry_after=1.0,
+            )
+        if self.draining:
+            raise Unavailable("the worker is shutting down; send the generation elsewhere", retry_after=1.0)
+        tenant = request.tenant or DEFAULT_TENANT
+        self.memory.admit()
+        self.quotas.admit(tenant)
+        held = ExitStack()
+        held.callback(self.quotas.release, tenant)
+        try:
+            adapter = (
+                held.enter_context(self.adapters.use(model.name, request.adapter, tenant))
+                if request.adapter
+                else None
+            )
+            cancelled = threading.Event()
+            active = request.is_active
+            job = GenerationJob(
+                prompt_ids=prompt,
+                max_new_tokens=request.max_new_tokens,
+                sampler=Sampler(request.sampling),
+                text=TextStream(info.tokenizer, request.stop),
+                stop_ids=frozenset(request.stop_ids),
+                eos_ids=frozenset(info.config.eos_ids),
+                kv_bytes=kv_bytes,
+                lora=adapter.lora if adapter else {},
+                feeds=adapter.feeds if adapter else {},
+                exclusive=bool(adapter and adapter.exclusive),
+                fairness_key=tenant if tenant != DEFAULT_TENANT else request.adapter,
+                priority=request.priority,
+                deadline=request.deadline,
+                is_active=lambda: not cancelled.is_set() and active(),
+                on_done=held.close,
+            )
+            self._loop(model, info).submit(job)
+        except BaseException:
+            held.close()
+            raise
+        return GenerationStream(job, cancelled)
+
+    def _loop(self, model: BaseModel, info: ModelGeneration) -> DecodeLoop:
+        assert info.decoder is not None
+        with self._lock:
+            loop = self._loops.get(model.name)
+            if loop is None:
+                pad = info.config.pad_id if info.config.pad_id is not None else 0
+                loop = DecodeLoop(
+                    model,
+                    info.decoder,
+                    self.kv,
+                    self.limits,
+                    self.feed_pool,
+                    self.metrics.generation_observer(model.name),
+                    pad_id=pad,
+                )
+                self._loops[model.name] = loop
+            return loop
+
+    @staticmethod
+    def _prompt_ids(model: BaseModel, info: ModelGeneration, request: GenerationRequest) -> list[int]:
+        if (request.prompt is None) == (request.input_ids is None):
+            raise InvalidArgument("give exactly one of prompt (text) or input_ids", field="prompt")
+        if request.prompt is not None:
+            if info.tokenizer is None:
+                raise FailedPrecondition(
+                    f"model '{model.name}' has no tokenizer.json beside it: send input_ids, not text",
+                    field="prompt",
+                )
+            ids = info.tokenizer.encode(request.prompt)
+        else:
+            ids = [int(i) for i in request.input_ids or ()]
+        if not ids or (request.prompt is not None and not request.prompt):
+            raise InvalidArgument("the prompt is empty", field="prompt")
+        vocab = next((r for r in model.limits.id_ranges if r.input == "input_ids"), None)
+        bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab.size)]
+        if bad:
+            limit = f"[0, {vocab.size})" if vocab is not None else "[0, ...)"
+            raise InvalidArgument(
+                f"input_ids holds {bad[0]}; model '{model.name}' takes ids in {limit}", field="input_ids"
+            )
+        return ids
+
+    @staticmethod
+    def _check(request: GenerationRequest, info: ModelGeneration, prompt_tokens: int) -> None:
+        if not 1 <= request.max_new_tokens <= MAX_NEW_TOKENS:
+            raise InvalidArgument(
+                f"max_new_tokens must be 1 to {MAX_NEW_TOKENS}, got {request.max_new_tokens}",
+                field="max_new_tokens",
+            )
+        request.sampling.check()
+        if len(request.stop) > MAX_STOP or len(request.stop_ids) > MAX_STOP:
+            raise InvalidArgument(f"at most {MAX_STOP} stop strings and {MAX_STOP} stop ids", field="stop")
+        context = info.context_length
+        if context and prompt_tokens + request.max_new_tokens > context:
+            raise InvalidArgument(
+                f"{prompt_tokens} prompt tokens + max_new_tokens {request.max_new_tokens} exceed the "
+                f"model's context of {context} tokens",
+                field="max_new_tokens",
+            )

@@ -1,0 +1,73 @@
+"""What the files Optimum writes beside a decoder say about generating: eos, bos and pad ids and
+the context length (``config.json``, ``generation_config.json``), and the tokenizer
+(``tokenizer.json``, through the ``tokenizers`` library). Sampling defaults are not taken from
+there: they come with each request."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    eos_ids: tuple[int, ...] = ()
+    bos_id: int | None = None
+    pad_id: int | None = None
+    context_length: int = 0  # 0: not stated
+
+
+def read_generation_config(model_path: Path) -> GenerationConfig:
+    """The ids and context length the model's config files state (generation_config.json wins)."""
+    values: dict = {}
+    for name in ("config.json", "generation_config.json"):
+        try:
+            loaded = json.loads((model_path.parent / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(loaded, dict):
+            values.update({key: value for key, value in loaded.items() if value is not None})
+    eos = values.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (eos,) if isinstance(eos, int) else ()
+    context = next((values[key] for key in _CONTEXT_KEYS if isinstance(values.get(key), int)), 0)
+    return GenerationConfig(
+        eos_ids=tuple(int(i) for i in eos_ids if isinstance(i, int)),
+        bos_id=values.get("bos_token_id") if isinstance(values.get("bos_token_id"), int) else None,
+        pad_id=values.get("pad_token_id") if isinstance(values.get("pad_token_id"), int) else None,
+        context_length=int(context),
+    )
+
+
+class TextTokenizer:
+    """A model's tokenizer: text to ids as ``tokenizer(prompt)`` does (special tokens added), and
+    ids back to text (special tokens left out)."""
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(str(path))
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def beside(cls, model_path: Path) -> TextTokenizer | None:
+        path = model_path.parent / "tokenizer.json"
+        if not path.is_file():
+            return None
+        try:
+            return cls(path)
+        except Exception as exc:  # a file the tokenizers library cannot read
+            log.warning("tokenizer %s does not load (%s); the model takes token ids only", path, exc)
+            return None
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -1,0 +1,384 @@
+"""Continuous batching for generation: per model, one loop runs decode steps over the running
+sequences, one token per row, each row with its own adapter or none (the per-row LoRA feeds Infer
+uses). Waiting generations are admitted between steps from the scheduler's fair queue (priority,
+tenants, deadlines, cancellation), prefilled together and joined to the running rows; finished or
+cancelled sequences leave at once.
+
+Rows of different lengths share a step: the cache is left-padded, the attention mask hides the
+padding, and position ids come from the mask (a model without position ids runs each sequence in
+steps of its own). Adapters that must have a run to themselves (whole-run feeds, shared
+activations) decode in steps of their own. The KV cache stays in the worker: a step's present
+becomes the next step's past without a copy while the rows stay the same; it is re-laid only
+when rows join or leave.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from ortmux.worker.engine.base_model import BaseModel
+from ortmux.worker.engine.decoder import DecoderSpec
+from ortmux.worker.engine.lora.feeds import FeedBuffers, FeedPool, LoraWeights, RowSpan, build_feeds
+from ortmux.worker.errors import Cancelled, DeadlineExceeded, InternalError, ResourceExhausted, Unavailable
+from ortmux.worker.generation.kv import KvPool
+from ortmux.worker.generation.sampling import Sampler
+from ortmux.worker.generation.text import TextStream
+from ortmux.worker.scheduler.fair_queue import FairQueue
+
+log = logging.getLogger(__name__)
+
+
+class GenerationObserver(Protocol):
+    """What the loop reports (the metrics)."""
+
+    def step(self, rows: int, seconds: float) -> None: ...
+
+    def token(self, first: bool, seconds: float) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLimits:
+    max_running: int = 32  # rows of a decode step (all groups together)
+    max_prefill_tokens: int = 2048  # prompt tokens prefilled between two steps
+    max_waiting: int = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """What one step gave a generation: its new token ids and their text; the last chunk says why
+    it ended and carries the usage and timing."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str = ""  # "", "length", "stop" or "eos"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_seconds: float = 0.0
+    first_token_seconds: float = 0.0
+
+
+@dataclasses.dataclass(eq=False)
+class GenerationJob:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampler: Sampler
+    text: TextStream
+    stop_ids: frozenset[int]
+    eos_ids: frozenset[int]
+    kv_bytes: int
+    lora: Mapping[str, LoraWeights] = dataclasses.field(default_factory=dict)
+    feeds: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    exclusive: bool = False
+    fairness_key: str = ""
+    priority: int = 0
+    deadline: float | None = None  # time.monotonic()
+    is_active: Callable[[], bool] = lambda: True
+    on_done: Callable[[], None] = lambda: None  # the adapter and quotas it holds go back
+    events: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
+    enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
+    generated: list[int] = dataclasses.field(default_factory=list)
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    admitted_at: float = 0.0
+
+    def group(self, decoder: DecoderSpec) -> tuple:
+        """Jobs of one group share decode steps."""
+        if self.feeds or self.exclusive or not decoder.position_ids:
+            return ("own", id(self))
+        return ("rows",)
+
+
+class _Rows:
+    """The rows of one group's decode steps and their cache, left-padded to one length."""
+
+    def __init__(self, jobs: list[GenerationJob], cache: list[np.ndarray], mask: np.ndarray) -> None:
+        self.jobs = jobs
+        self.cache = cache  # per (layer, key|value): [rows, kv_heads, length, head_dim]
+        self.mask = mask  # [rows, length] int64
+        self.feeds: dict[str, np.ndarray] | None = None  # LoRA feeds of these rows, kept while they stay
+        self.buffers: FeedBuffers | None = None
+
+    def merge(self, other: _Rows) -> None:
+        length = max(self.mask.shape[1], other.mask.shape[1])
+        self.cache = [
+            np.concatenate([_left_pad(a, length, axis=2), _left_pad(b, length, axis=2)])
+            for a, b in zip(self.cache, other.cache, strict=True)
+        ]
+        self.mask = np.concatenate([_left_pad(self.mask, length, 1), _left_pad(other.mask, length, 1)])
+        self.jobs += other.jobs
+        self.feeds = None
+
+    def keep(self, kept: list[int]) -> None:
+        """Only rows ``kept`` stay; leading columns that are padding in every row go."""
+        self.jobs = [self.jobs[i] for i in kept]
+        self.mask = self.mask[kept]
+        start = int(np.argmax(self.mask.any(axis=0))) if len(kept) else 0
+        self.mask = np.ascontiguousarray(self.mask[:, start:])
+        self.cache = [np.ascontiguousarray(part[kept][:, :, start:]) for part in self.cache]
+        self.feeds = None
+
+
+def _left_pad(array: np.ndarray, length: int, axis: int) -> np.ndarray:
+    missing = length - array.shape[axis]
+    if not missing:
+        return array
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (missing, 0)
+    return np.pad(array, widths)
+
+
+class DecodeLoop:
+    def __init__(
+        self,
+        model: BaseModel,
+        decoder: DecoderSpec,
+        kv: KvPool,
+        limits: DecodeLimits,
+        feed_pool: FeedPool,
+        observer: GenerationObserver,
+        pad_id: int = 0,
+    ) -> None:
+        self.name = model.name
+        self.model = model
+        self.decoder = decoder
+        self.kv = kv
+        self.limits = limits
+        self._feed_pool = feed_pool
+        self._observer = observer
+        self._pad_id = pad_id
+        self._waiting: FairQueue[GenerationJob] = FairQueue()
+        self._groups: dict[tuple, _Rows] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"ortmux-decode-{self.name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> int:
+        return sum(len(rows.jobs) for rows in list(self._groups.values()))
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting.size
+
+    def submit(self, job: GenerationJob) -> None:
+        with self._cond:
+            if self._closed:
+                raise Unavailable(f"model '{self.name}' is shutting down", retry_after=1.0)
+            if self._waiting.size >= self.limits.max_waiting:
+                raise ResourceExhausted(
+                    f"{self._waiting.size} generations wait for model '{self.name}' already; retry shortly",
+                    retry_after=1.0,
+                )
+            self._waiting.push(job)
+            self._cond.notify_all()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Take no more generations; those admitted and waiting still run."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting.size and not self._groups:
+                    if self._closed:
+                        return
+                    self._cond.wait()
+                admitted = self._admit()
+            try:
+                self._prefill(admitted)
+                for key in list(self._groups):
+                    self._step(key)
+            except Exception as exc:  # a fault of the worker: every generation it touched ends
+                log.exception("decode step of model '%s' failed", self.name)
+                error = InternalError(f"model '{self.name}' failed to generate: {exc}")
+                for job in [*admitted, *(j for rows in self._groups.values() for j in rows.jobs)]:
+                    self._end(job, error=error)
+                self._groups.clear()
+
+    def _admit(self) -> list[GenerationJob]:
+        """Waiting generations that fit now (rows, prefill tokens, KV room), in fair order."""
+        now = time.monotonic()
+        for job in self._waiting.remove(lambda job: not job.is_active() or _expired(job, now)):
+            self._end(job, error=_why_gone(job, now, "while it waited"))
+        admitted: list[GenerationJob] = []
+        room = self.limits.max_running - self.running
+        budget = self.limits.max_prefill_tokens
+
+        def fits(job: GenerationJob) -> bool:
+            return len(admitted) < room and (not admitted or len(job.prompt_ids) <= budget)
+
+        while True:
+            job = self._waiting.pop(fits)
+            if job is None:
+                break
+            if not self.kv.reserve(job.kv_bytes):
+                self._waiting.push(job, front=True)  # waits for KV room, first of its key
+                break
+            job.admitted_at = time.monotonic()
+            admitted.append(job)
+            budget -= len(job.prompt_ids)
+        return admitted
+
+    def _prefill(self, jobs: list[GenerationJob]) -> None:
+        by_group: dict[tuple, list[GenerationJob]] = {}
+        for job in jobs:
+            by_group.setdefault(job.group(self.decoder), []).append(job)
+        for key, members in by_group.items():
+            length = max(len(job.prompt_ids) for job in members)
+            ids = np.full((len(members), length), self._pad_id, np.int64)
+            mask = np.zeros((len(members), length), np.int64)
+            for row, job in enumerate(members):
+                ids[row, length - len(job.prompt_ids) :] = job.prompt_ids
+                mask[row, length - len(job.prompt_ids) :] = 1
+            empty = np.zeros(
+                (len(members), self.decoder.kv_heads, 0, self.decoder.head_dim), self.decoder.kv_dtype
+            )
+            past = [empty] * (2 * self.decoder.layers)
+            logits, present = self._run(members, ids, mask, past, None)
+            rows = _Rows(members, present, mask)
+            self._emit(rows, logits)
+            if rows.jobs:
+                if key in self._groups:
+                    self._groups[key].merge(rows)
+                else:
+                    self._groups[key] = rows
+
+    def _step(self, key: tuple) -> None:
+        rows = self._groups[key]
+        now = time.monotonic()
+        gone = [i for i, job in enumerate(rows.jobs) if not job.is_active() or _expired(job, now)]
+        if gone:
+            for i in gone:
+                self._end(rows.jobs[i], error=_why_gone(rows.jobs[i], now, "while it ran"))
+            rows.keep([i for i in range(len(rows.jobs)) if i not in gone])
+        if not rows.jobs:
+            self._drop_group(key)
+            return
+        last = np.array([[job.generated[-1]] for job in rows.jobs], np.int64)
+        mask = np.concatenate([rows.mask, np.ones((len(rows.jobs), 1), np.int64)], axis=1)
+        started = time.perf_counter()
+        logits, present = self._run(rows.jobs, last, mask, rows.cache, rows)
+        self._observer.step(len(rows.jobs), time.perf_counter() - started)
+        rows.cache, rows.mask = present, mask
+        self._emit(rows, logits)
+        if not rows.jobs:
+            self._drop_group(key)
+
+    def _drop_group(self, key: tuple) -> None:
+        rows = self._groups.pop(key)
+        if rows.buffers is not None:
+            rows.buffers.close()
+
+    def _run(
+        self,
+        jobs: Sequence[GenerationJob],
+        ids: np.ndarray,
+        mask: np.ndarray,
+        past: list[np.ndarray],
+        rows: _Rows | None,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One run: the last position's logits per row, and the present cache."""
+        decoder = self.decoder
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if decoder.position_ids:
+            positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+            inputs["position_ids"] = np.ascontiguousarray(positions[:, -ids.shape[1] :])
+        names = decoder.cache_names()
+        for (past_name, _present), value in zip(names, past, strict=True):
+            inputs[past_name] = value
+        feeds = dict(jobs[0].feeds)
+        if any(job.lora for job in jobs):
+            feeds.update(self._lora_feeds(jobs, rows))
+        outputs = self.model.run(inputs, [decoder.logits, *(p for _n, p in names)], extra_feeds=feeds or None)
+        logits = outputs[decoder.logits][:, -1, :]
+        return logits, [outputs[present] for _name, present in names]
+
+    def _lora_feeds(self, jobs: Sequence[GenerationJob], rows: _Rows | None) -> dict[str, np.ndarray]:
+        """Each row's factors; a running group keeps its feeds while its rows stay the same."""
+        if rows is not None and rows.feeds is not None:
+            return rows.feeds
+        spans = [RowSpan(i, i + 1, job.lora) for i, job in enumerate(jobs) if job.lora]
+        if rows is None:
+            return build_feeds(self.model.lora_inputs, len(jobs), spans)
+        if rows.buffers is None:
+            rows.buffers = FeedBuffers(self._feed_pool)
+        rows.feeds = build_feeds(self.model.lora_inputs, len(jobs), spans, rows.buffers)
+        return rows.feeds
+
+    def _emit(self, rows: _Rows, logits: np.ndarray) -> None:
+        """Each row's next token, sent; rows that finished leave."""
+        now = time.monotonic()
+        finished = []
+        for index, job in enumerate(rows.jobs):
+            token = job.sampler.next_token(logits[index])
+            job.generated.append(token)
+            if not job.first_token_at:
+                job.first_token_at = now
+                self._observer.token(True, now - job.enqueued_at)
+            else:
+                self._observer.token(False, now - job.last_token_at)
+            job.last_token_at = now
+            reason = ""
+            if token in job.eos_ids:
+                reason, text = "eos", job.text.finish()
+            elif token in job.stop_ids:
+                reason, text = "stop", job.text.finish()
+            else:
+                text, stopped = job.text.push(token)
+                if stopped:
+                    reason = "stop"
+                elif len(job.generated) >= job.max_new_tokens:
+                    reason = "length"
+                    text += job.text.finish()
+            if reason:
+                finished.append(index)
+                self._end(job, chunk=self._last_chunk(job, token, text, reason))
+            else:
+                job.events.put(Chunk((token,), text))
+        if finished:
+            rows.keep([i for i in range(len(rows.jobs)) if i not in finished])
+
+    def _last_chunk(self, job: GenerationJob, token: int, text: str, reason: str) -> Chunk:
+        return Chunk(
+            (token,),
+            text,
+            reason,
+            prompt_tokens=len(job.prompt_ids),
+            completion_tokens=len(job.generated),
+            queue_seconds=(job.admitted_at or job.enqueued_at) - job.enqueued_at,
+            first_token_seconds=job.first_token_at - job.enqueued_at,
+        )
+
+    def _end(self, job: GenerationJob, chunk: Chunk | None = None, error: Exception | None = None) -> None:
+        if job.admitted_at:
+            self.kv.release(job.kv_bytes)
+        job.events.put(chunk if chunk is not None else error)
+        job.events.put(None)
+        try:
+            job.on_done()
+        except Exception:
+            log.exception("releasing a generation of '%s' failed", self.name)
+
+
+def _expired(job: GenerationJob, now: float) -> bool:
+    return job.deadline is not None and now >= job.deadline
+
+
+def _why_gone(job: GenerationJob, now: float, when: str) -> Exception:
+    if _expired(job, now):
+        return DeadlineExceeded(f"the generation's deadline passed {when}")
+    return Cancelled(f"the caller cancelled the generation {when}")
