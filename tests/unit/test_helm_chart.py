@@ -16,7 +16,7 @@ import yaml
 from ortmux.worker.settings import Settings
 
 CHART = Path(__file__).resolve().parents[2] / "helm" / "ortmux"
-MANAGED = {"host", "port", "metrics_port", "data_dir"}  # set by the chart, not by values.config
+MANAGED = {"host", "port", "metrics_port", "http_port", "data_dir"}  # set by the chart, not by values.config
 KUBERNETES = "1.30.0"
 GPU_VALUES = {
     "gpu": {"enabled": True, "count": 2},
@@ -223,3 +223,23 @@ def test_a_shared_store_reaches_the_pod_as_aws_environment_and_a_per_pod_cache()
         v for v in empty["Deployment"]["spec"]["template"]["spec"]["volumes"] if v["name"] == "adapter-cache"
     )
     assert cache == {"name": "adapter-cache", "emptyDir": {"sizeLimit": "2Gi"}}
+
+
+def test_the_http_api_is_exposed_when_enabled_and_probes_stay_on_grpc() -> None:
+    off = render({})
+    on = render({"http": {"enabled": True}})
+    assert "http_port = -1" in off["ConfigMap"]["data"]["ortmux.toml"]
+    assert "http_port = 8000" in on["ConfigMap"]["data"]["ortmux.toml"]
+    assert [p["name"] for p in off["Service/rel-ortmux"]["spec"]["ports"]] == ["grpc", "metrics"]
+    assert {
+        "name": "http",
+        "port": 8000,
+        "targetPort": "http",
+        "protocol": "TCP",
+        "appProtocol": "http",
+    } in on["Service/rel-ortmux"]["spec"]["ports"]
+    container = on["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in container["ports"]
+    before = off["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"] == before["readinessProbe"]
+    assert container["livenessProbe"] == before["livenessProbe"]

@@ -21,7 +21,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{/* The worker's settings as TOML: the user's config plus what the chart decides. Written by
 hand because values hold every number as a float, and integer settings must stay integers. */}}
 {{- define "ortmux.config" -}}
-{{- $managed := dict "host" "0.0.0.0" "port" .Values.service.port "metrics_port" .Values.service.metricsPort "data_dir" "/data" -}}
+{{- $http := ternary .Values.service.httpPort -1 .Values.http.enabled -}}
+{{- $managed := dict "host" "0.0.0.0" "port" .Values.service.port "metrics_port" .Values.service.metricsPort "http_port" $http "data_dir" "/data" -}}
 {{- $config := merge $managed (deepCopy .Values.config) -}}
 {{- range $key := keys $config | sortAlpha }}
 {{- $value := get $config $key }}

@@ -34,6 +34,11 @@ def _field(default: Any, help: str, **kwargs: Any) -> Any:
 class Settings:
     host: str = _field("0.0.0.0", "Address the gRPC server binds.")
     port: int = _field(50051, "gRPC port; 0 picks a free port (logged at start).")
+    http_port: int = _field(
+        -1,
+        "Port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, "
+        "/health); 0 picks a free port (logged at start), -1 turns it off.",
+    )
     metrics_port: int = _field(9095, "Prometheus /metrics port; 0 picks a free port, -1 turns metrics off.")
     data_dir: Path = _field(Path("ortmux-data"), "Directory for the demo model, caches and adapters.")
     models: list[str] = _field(

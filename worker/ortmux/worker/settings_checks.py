@@ -94,5 +94,7 @@ def check_settings(self: Settings) -> None:
         raise InvalidArgument(
             "setting 'memory_limit_bytes' must be -1, 0 or a byte count", field="memory_limit_bytes"
         )
+    if self.http_port < -1:
+        raise InvalidArgument("setting 'http_port' must be -1 (off), 0 or a port", field="http_port")
     if self.grpc_workers < 1:
         raise InvalidArgument("setting 'grpc_workers' must be 1 or more", field="grpc_workers")

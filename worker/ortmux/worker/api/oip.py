@@ -5,14 +5,16 @@ delegates; errors leave through the same interceptor and table."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import importlib.metadata
+import itertools
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
 import grpc
 
-from ortmux.worker.api import convert, oip_convert
+from ortmux.worker.api import convert, oip_convert, oip_generation
 from ortmux.worker.api.inference_v2 import grpc_service_pb2 as oip
 from ortmux.worker.api.inference_v2 import grpc_service_pb2_grpc as oip_grpc
 from ortmux.worker.api.interceptors import current_identity
@@ -81,6 +83,15 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         self, request: oip.ModelMetadataRequest, context: grpc.ServicerContext
     ) -> oip.ModelMetadataResponse:
         model = self._described(request.name)
+        if self._generates(model):
+            inputs, outputs = oip_generation.model_io()
+            return oip.ModelMetadataResponse(
+                name=request.name,
+                versions=["1"],
+                platform=PLATFORM,
+                inputs=[_metadata(*entry) for entry in inputs],
+                outputs=[_metadata(*entry) for entry in outputs],
+            )
         return oip.ModelMetadataResponse(
             name=request.name,
             versions=["1"],
@@ -93,6 +104,8 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         self, request: oip.ModelConfigRequest, context: grpc.ServicerContext
     ) -> oip.ModelConfigResponse:
         model = self._described(request.name)
+        if self._generates(model):
+            return oip.ModelConfigResponse(config=_generation_config(request.name))
         batched = model.batchable
         skip = 1 if batched else 0  # with max_batch_size > 0, dims leave out the batch dimension
         config = oip.ModelConfig(
@@ -111,9 +124,17 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         self, request: oip.ModelInferRequest, context: grpc.ServicerContext
     ) -> oip.ModelInferResponse:
         deadline = convert.call_deadline(context)
-        inference = oip_convert.request_from_proto(
-            request, deadline, context.is_active, current_identity().tenant
-        )
+        tenant = current_identity().tenant
+        if oip_generation.is_generation(request):
+            generation = oip_generation.parse(request, deadline, context.is_active, tenant)
+            whole = dataclasses.replace(generation, stream=False)
+            stream = self._dataplane.generate(generation.request)
+            try:
+                (response,) = oip_generation.responses(whole, stream)
+            finally:
+                stream.close()
+            return response
+        inference = oip_convert.request_from_proto(request, deadline, context.is_active, tenant)
         result = self._dataplane.infer(inference)
         return oip_convert.response_to_proto(result, request.model_name, request.id)
 
@@ -122,6 +143,15 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     ) -> Iterator[oip.ModelStreamInferResponse]:
         deadline = convert.call_deadline(context)
         tenant = current_identity().tenant  # read here: the stream's reader runs on its own thread
+        first = next(request_iterator, None)
+        if first is None:
+            return
+        if oip_generation.is_generation(first):
+            yield from self._generation_stream(
+                itertools.chain([first], request_iterator), deadline, tenant, context
+            )
+            return
+        request_iterator = itertools.chain([first], request_iterator)
         # request id -> the model names sent with it, in order (a client may repeat an id)
         names: dict[str, collections.deque[str]] = collections.defaultdict(collections.deque)
 
@@ -139,6 +169,34 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             yield _stream_answer(answer, sent.popleft() if sent else "")
             if sent is not None and not sent:
                 del names[answer.request_id]
+
+    def _generation_stream(
+        self,
+        messages: Iterator[oip.ModelInferRequest],
+        deadline: float | None,
+        tenant: str,
+        context: grpc.ServicerContext,
+    ) -> Iterator[oip.ModelStreamInferResponse]:
+        """Generations on a stream, one after the other: each request's responses (one per chunk
+        when it streams), its errors in ``error_message`` with the stream going on."""
+        for message in messages:
+            try:
+                generation = oip_generation.parse(message, deadline, context.is_active, tenant)
+                stream = self._dataplane.generate(generation.request)
+                context.add_callback(stream.close)
+                try:
+                    for response in oip_generation.responses(generation, stream):
+                        yield oip.ModelStreamInferResponse(infer_response=response)
+                finally:
+                    stream.close()
+            except WorkerError as error:
+                yield oip.ModelStreamInferResponse(
+                    error_message=f"{error.code.name}: {error.message}",
+                    infer_response=oip.ModelInferResponse(model_name=message.model_name, id=message.id),
+                )
+
+    def _generates(self, model: BaseModel) -> bool:
+        return self._dataplane.describe_generation(model).decoder is not None
 
     def ModelStatistics(
         self, request: oip.ModelStatisticsRequest, context: grpc.ServicerContext
@@ -196,6 +254,22 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     ) -> oip.RepositoryModelUnloadResponse:
         self._dataplane.unload_model(current_identity(), request.model_name)
         return oip.RepositoryModelUnloadResponse()
+
+
+def _metadata(name: str, datatype: str, shape: list[int]) -> oip.ModelMetadataResponse.TensorMetadata:
+    return oip.ModelMetadataResponse.TensorMetadata(name=name, datatype=datatype, shape=shape)
+
+
+def _generation_config(name: str) -> oip.ModelConfig:
+    """What Triton's LLM clients read: the generation inputs and outputs, decoupled."""
+    config = oip.ModelConfig(name=name, platform=PLATFORM, backend="onnxruntime", max_batch_size=0)
+    inputs, outputs = oip_generation.model_io()
+    for name, datatype, dims in inputs:
+        config.input.add(name=name, data_type=oip_convert.CONFIG_TYPE_BY_DATATYPE[datatype], dims=dims)
+    for name, datatype, dims in outputs:
+        config.output.add(name=name, data_type=oip_convert.CONFIG_TYPE_BY_DATATYPE[datatype], dims=dims)
+    config.model_transaction_policy.decoupled = True
+    return config
 
 
 def _version() -> str:

@@ -8,6 +8,7 @@ import threading
 import time
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -75,6 +76,9 @@ class Worker:
     health: health.HealthServicer
     metrics_port: int | None = None
     adapter_sync: SyncLoop | None = None
+    keys: KeyRing | None = None
+    http: Any = None  # the OpenAI-compatible HTTP API's server, when http_port >= 0
+    http_port: int | None = None
     _stopped: threading.Event = dataclasses.field(default_factory=threading.Event)
     _model_health_names: set[str] = dataclasses.field(default_factory=set)
 
@@ -114,6 +118,8 @@ class Worker:
             time.sleep(0.05)
         if not stopped.is_set():
             self.server.stop(0).wait()
+        if self.http is not None:
+            self.http.stop(grace)
         if self.adapter_sync is not None:
             self.adapter_sync.stop()
         self.dataplane.close()
@@ -255,7 +261,7 @@ def create_server(
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
-    worker = Worker(settings, server, port, dataplane, metrics, health_servicer)
+    worker = Worker(settings, server, port, dataplane, metrics, health_servicer, keys=keys)
     if shared is not None:
         worker.adapter_sync = SyncLoop(adapters, settings.adapter_sync_seconds, settings.adapter_gc_seconds)
     worker._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -287,6 +293,14 @@ def start_worker(settings: Settings, metrics_registry: CollectorRegistry | None 
     log.info("gRPC on %s:%d", settings.host, port)
     if settings.metrics_port >= 0:
         worker.metrics_port = worker.metrics.serve(settings.host, settings.metrics_port)
+    if settings.http_port >= 0:
+        from ortmux.worker.api.openai_http import HttpServer, OpenAIApi  # its stack loads only when used
+
+        assert worker.keys is not None
+        worker.http = HttpServer(OpenAIApi(worker.dataplane, worker.keys, worker.metrics), settings)
+        worker.http.start()
+        worker.http_port = worker.http.port
+        log.info("HTTP on %s:%d", settings.host, worker.http_port)
     try:
         worker.load_models()
     except BaseException:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 
 from ortmux.worker.adapters.local_store import DEFAULT_TENANT
@@ -17,6 +17,7 @@ from ortmux.worker.engine.decoder import DecoderSpec
 from ortmux.worker.engine.lora.feeds import FeedPool
 from ortmux.worker.engine.memory import MemoryGuard
 from ortmux.worker.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from ortmux.worker.generation.chat import ChatTemplate
 from ortmux.worker.generation.kv import KvPool
 from ortmux.worker.generation.model_files import GenerationConfig, TextTokenizer, read_generation_config
 from ortmux.worker.generation.sampling import Sampler, SamplingParams
@@ -34,6 +35,7 @@ class GenerationRequest:
     model: str
     prompt: str | None = None
     input_ids: Sequence[int] | None = None
+    messages: Sequence[Mapping[str, object]] | None = None  # a chat, rendered with the model's template
     adapter: str = ""
     max_new_tokens: int = 16
     sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
@@ -54,6 +56,7 @@ class ModelGeneration:
     problem: str  # why it cannot generate ("" when it can)
     config: GenerationConfig
     tokenizer: TextTokenizer | None
+    chat: ChatTemplate | None = None
 
     @property
     def context_length(self) -> int:
@@ -120,6 +123,7 @@ class GenerationPath:
                 decoder if isinstance(decoder, str) else "",
                 config,
                 TextTokenizer.beside(model.path),
+                ChatTemplate.beside(model.path),
             )
             with self._lock:
                 self._files[id(model)] = known
@@ -213,18 +217,29 @@ class GenerationPath:
 
     @staticmethod
     def _prompt_ids(model: BaseModel, info: ModelGeneration, request: GenerationRequest) -> list[int]:
-        if (request.prompt is None) == (request.input_ids is None):
+        given = [kind is not None for kind in (request.prompt, request.input_ids, request.messages)]
+        if sum(given) != 1:
             raise InvalidArgument("give exactly one of prompt (text) or input_ids", field="prompt")
-        if request.prompt is not None:
-            if info.tokenizer is None:
+        if request.input_ids is None and info.tokenizer is None:
+            raise FailedPrecondition(
+                f"model '{model.name}' has no tokenizer.json beside it: send input_ids, not text",
+                field="prompt",
+            )
+        if request.messages is not None:
+            if info.chat is None:
                 raise FailedPrecondition(
-                    f"model '{model.name}' has no tokenizer.json beside it: send input_ids, not text",
-                    field="prompt",
+                    f"model '{model.name}' has no chat template (chat_template.jinja or "
+                    "tokenizer_config.json beside it): send a completion prompt instead",
+                    field="messages",
                 )
+            assert info.tokenizer is not None
+            ids = info.tokenizer.encode(info.chat.render(request.messages), add_special_tokens=False)
+        elif request.prompt is not None:
+            assert info.tokenizer is not None
             ids = info.tokenizer.encode(request.prompt)
         else:
             ids = [int(i) for i in request.input_ids or ()]
-        if not ids or (request.prompt is not None and not request.prompt):
+        if not ids or request.prompt == "":
             raise InvalidArgument("the prompt is empty", field="prompt")
         vocab = next((r for r in model.limits.id_ranges if r.input == "input_ids"), None)
         bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab.size)]

@@ -134,6 +134,18 @@ class Metrics:
             buckets=_ROW_BUCKETS,
             registry=self.registry,
         )
+        self.http_requests = Counter(
+            "ortmux_http_requests_total",
+            "Calls of the OpenAI-compatible HTTP API, by path and HTTP status.",
+            ["path", "status"],
+            registry=self.registry,
+        )
+        self.http_seconds = Histogram(
+            "ortmux_http_request_seconds",
+            "Time to answer an HTTP call (to its first byte when streamed), by path.",
+            ["path"],
+            registry=self.registry,
+        )
         self.batch_seconds = Histogram(
             "ortmux_batch_compute_seconds",
             "Time ONNX Runtime spent on a batched run, by base model.",
@@ -185,6 +197,10 @@ class Metrics:
     def watch_generation(self, loops: Callable[[], Sequence[Any]], kv: Any) -> None:
         """Report running and waiting generations and the KV cache at every scrape."""
         self.registry.register(GenerationCollector(loops, kv))
+
+    def observe_http(self, path: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(path, str(status)).inc()
+        self.http_seconds.labels(path).observe(seconds)
 
     def generation_observer(self, model: str) -> GenerationMetrics:
         """What a model's decode loop reports its steps and tokens through."""

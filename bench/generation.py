@@ -1,0 +1,235 @@
+"""Generation throughput and latency: a worker in its own process serving the bench decoder
+(bench/make_decoder.py: Qwen2-style, 12 layers, d 768, vocab 32k; 16 rank-16 adapters on
+q_proj/v_proj and 16 on every linear layer), streams of 32-128-token prompts and 128 new tokens
+(eos off), each on a random adapter, at 1, 8 and 32 concurrent streams: aggregate tokens/s, time to
+first token and inter-token latency (p50 / p99, measured by the clients). Side by side in the
+same run: plain ONNX Runtime on the same export with a Python loop (base model, batch 1 and 32,
+its KV cache fed back each step), and the same load through the ``openai`` client on the worker's
+HTTP API.
+
+    /tmp/fx/bin/python bench/make_decoder.py      # once
+    python bench/generation.py [--streams 1 8 32] [--new-tokens 128] [--int8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OUT, table
+
+DECODER = OUT / "decoder"
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def serve(model_dir: Path, data: Path, extra: list[str]) -> tuple[subprocess.Popen, str, int]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ortmux.worker.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--http-port",
+            "0",
+            "--data-dir",
+            str(data),
+            "--model",
+            f"llm={model_dir / 'model.onnx'}",
+            "--max-running-sequences",
+            "32",
+            "--kv-cache-bytes",
+            str(8 << 30),
+            *extra,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    http = 0
+    for line in process.stderr:
+        found = re.search(r"HTTP on .*:(\d+)", line)
+        http = int(found.group(1)) if found else http
+        found = re.search(r"serving .* on port (\d+)", line)
+        if found:
+            threading.Thread(target=lambda: process.stderr.read(), daemon=True).start()
+            return process, f"127.0.0.1:{found.group(1)}", http
+    raise SystemExit(f"the worker exited with {process.wait()}")
+
+
+def without_eos(source: Path, target: Path) -> Path:
+    """A copy of the export whose config states no eos (generations run to max_new_tokens)."""
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+    for name in ("config.json", "generation_config.json"):
+        path = target / name
+        if path.is_file():
+            values = json.loads(path.read_text())
+            values.pop("eos_token_id", None)
+            path.write_text(json.dumps(values))
+    return target
+
+
+def load(address: str, http: int, streams: int, adapters: list[str], new: int, via: str) -> dict:
+    """``streams`` concurrent generations (two rounds of them), each on a random adapter."""
+    from ortmux.client import Client
+
+    rng = np.random.default_rng(streams)
+    jobs = [
+        (
+            rng.integers(3, 32000, size=int(rng.integers(32, 129))).tolist(),
+            adapters[int(rng.integers(len(adapters)))],
+        )
+        for _ in range(streams * 2)
+    ]
+    first, gaps, counts = [], [], []
+    lock = threading.Lock()
+    pending = list(jobs)
+
+    def worker() -> None:
+        if via == "openai":
+            import openai
+
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{http}/v1", api_key="x", max_retries=0)
+        else:
+            client = Client(address, timeout=600)
+        while True:
+            with lock:
+                if not pending:
+                    return
+                ids, adapter = pending.pop()
+            started = time.perf_counter()
+            times = []
+            if via == "openai":  # the prompt as token ids, as the completions API allows
+                stream = client.completions.create(
+                    model=f"llm:{adapter}", prompt=ids, max_tokens=new, temperature=0, stream=True
+                )
+                for _chunk in stream:
+                    times.append(time.perf_counter())
+            else:
+                for _chunk in client.generate("llm", input_ids=ids, adapter=adapter, max_new_tokens=new):
+                    times.append(time.perf_counter())
+            with lock:
+                first.append(times[0] - started)
+                gaps.extend(np.diff(times).tolist())
+                counts.append(len(times))
+
+    threads = [threading.Thread(target=worker) for _ in range(streams)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - began
+    return {
+        "tokens_per_second": sum(counts) / wall,
+        "ttft_p50": percentile(first, 50) * 1000,
+        "ttft_p99": percentile(first, 99) * 1000,
+        "itl_p50": percentile(gaps, 50) * 1000,
+        "itl_p99": percentile(gaps, 99) * 1000,
+    }
+
+
+def plain_loop(model: Path, rows: int, new: int) -> float:
+    """Tokens/s of plain ONNX Runtime greedy decoding, ``rows`` 64-token prompts at once."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    names = [o.name for o in session.get_outputs()]
+    ids = np.random.default_rng(0).integers(3, 32000, size=(rows, 64), dtype=np.int64)
+    feeds = {p.name: np.zeros((rows, p.shape[1], 0, p.shape[3]), np.float32) for p in pasts}
+    length = 0
+    began = time.perf_counter()
+    for _ in range(new):
+        feeds["input_ids"] = ids
+        feeds["attention_mask"] = np.ones((rows, length + ids.shape[1]), np.int64)
+        feeds["position_ids"] = np.tile(np.arange(length, length + ids.shape[1]), (rows, 1))
+        outputs = dict(zip(names, session.run(None, feeds), strict=True))
+        length += ids.shape[1]
+        ids = outputs["logits"][:, -1:].argmax(-1).astype(np.int64)
+        for past in pasts:
+            feeds[past.name] = outputs[past.name.replace("past_key_values", "present")]
+    return rows * new / (time.perf_counter() - began)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--int8", action="store_true", help="also serve the decoder quantized (--quantize int8)"
+    )
+    parser.add_argument("--skip-plain", action="store_true")
+    parser.add_argument("--skip-openai", action="store_true")
+    args = parser.parse_args()
+    if not (DECODER / "onnx" / "model.onnx").is_file():
+        raise SystemExit("no bench decoder: run /tmp/fx/bin/python bench/make_decoder.py first")
+    adapters = json.loads((DECODER / "adapters.json").read_text())
+    model_dir = without_eos(DECODER / "onnx", OUT / "decoder-no-eos")
+    rows = []
+    if not args.skip_plain:
+        for batch in (1, 32):
+            rate = plain_loop(model_dir / "model.onnx", batch, args.new_tokens)
+            rows.append(
+                [f"plain ONNX Runtime loop, base, batch {batch}", "-", f"{rate:.1f}", "-", "-", "-", "-"]
+            )
+    for kind, extra in [("float32", [])] + ([("int8", ["--quantize", "int8"])] if args.int8 else []):
+        process, address, http = serve(model_dir, OUT / f"gen-data-{kind}", extra)
+        try:
+            from ortmux.client import Client
+
+            with Client(address, timeout=600) as client:
+                for name in adapters:
+                    client.register_adapter("llm", name, DECODER / "adapters" / name)
+            vias = ["native"] + ([] if args.skip_openai or kind != "float32" else ["openai"])
+            for streams in args.streams:
+                for via in vias:
+                    result = load(address, http, streams, adapters, args.new_tokens, via)
+                    rows.append(
+                        [
+                            f"ortmux {kind}, {via} client, random adapter of 32",
+                            str(streams),
+                            f"{result['tokens_per_second']:.1f}",
+                            f"{result['ttft_p50']:.0f}",
+                            f"{result['ttft_p99']:.0f}",
+                            f"{result['itl_p50']:.1f}",
+                            f"{result['itl_p99']:.1f}",
+                        ]
+                    )
+                    print(rows[-1], flush=True)
+        finally:
+            process.terminate()
+            process.wait(60)
+    print(
+        f"Generation, bench decoder, prompts of 32-128 tokens, {args.new_tokens} new tokens, eos off, "
+        "two generations per stream"
+    )
+    print(
+        table(
+            ["run", "streams", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "inter-token p50 ms", "p99 ms"], rows
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
