@@ -172,6 +172,88 @@ def plain_loop(model: Path, rows: int, new: int) -> float:
     return rows * new / (time.perf_counter() - began)
 
 
+def breakdown(model_dir: Path, adapters: list[str], rows: int = 32, past: int = 100) -> list[list[str]]:
+    """Where one decode step's time goes at ``rows`` rows and ``past`` cached tokens, in-process:
+    the base-only step, the step with every row on its own adapter, building those rows' LoRA
+    feeds (the copy of each row's factors), and re-laying the cache when a row joins."""
+    import tempfile
+
+    from ortmux.client import Client
+    from ortmux.worker.api.server import start_worker
+    from ortmux.worker.engine.lora.feeds import FeedBuffers, RowSpan, build_feeds
+    from ortmux.worker.settings import Settings
+
+    with tempfile.TemporaryDirectory() as data:
+        settings = Settings.load(
+            [
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--metrics-port",
+                "-1",
+                "--data-dir",
+                data,
+                "--model",
+                f"llm={model_dir / 'model.onnx'}",
+            ],
+            environ={},
+        )
+        worker = start_worker(settings)
+        try:
+            with Client(worker.address, timeout=600) as client:
+                for name in adapters[:rows]:
+                    client.register_adapter("llm", name, DECODER / "adapters" / name, replace=True)
+            model = worker.dataplane.get_model("llm")
+            decoder = worker.dataplane.describe_generation(model).decoder
+            rng = np.random.default_rng(0)
+            feeds = {
+                "input_ids": rng.integers(3, 32000, size=(rows, 1), dtype=np.int64),
+                "attention_mask": np.ones((rows, past + 1), np.int64),
+                "position_ids": np.full((rows, 1), past, np.int64),
+            }
+            for name, _present in decoder.cache_names():
+                feeds[name] = rng.standard_normal((rows, decoder.kv_heads, past, decoder.head_dim)).astype(
+                    np.float32
+                )
+            names = [decoder.logits, *(p for _n, p in decoder.cache_names())]
+            residents = [worker.dataplane.adapters.use("llm", name) for name in adapters[:rows]]
+            loras = [stack.__enter__().lora for stack in residents]
+            spans = [RowSpan(i, i + 1, lora) for i, lora in enumerate(loras)]
+            buffers = FeedBuffers()
+
+            def timed(function, runs: int = 7) -> float:
+                times = []
+                for _ in range(runs):
+                    started = time.perf_counter()
+                    function()
+                    times.append(time.perf_counter() - started)
+                return float(np.median(times[1:])) * 1000
+
+            base = timed(lambda: model.run(feeds, names))
+            build = timed(lambda: build_feeds(model.lora_inputs, rows, spans, buffers))
+            lora_feeds = build_feeds(model.lora_inputs, rows, spans, buffers)
+            mixed = timed(lambda: model.run(feeds, names, extra_feeds=lora_feeds))
+            caches = [feeds[name] for name, _p in decoder.cache_names()]
+            relay = timed(lambda: [np.concatenate([c[: rows - 1], c[rows - 1 :]]) for c in caches])
+            for stack in residents:
+                stack.__exit__(None, None, None)
+        finally:
+            worker.stop(0)
+    step = mixed + build
+    return [
+        ["base-only step", f"{base:.1f}", f"{base / step:.2f}"],
+        ["mixed step: run with each row's factors", f"{mixed:.1f}", f"{mixed / step:.2f}"],
+        [
+            "  of which the LoRA branches (mixed run - base run)",
+            f"{mixed - base:.1f}",
+            f"{(mixed - base) / step:.2f}",
+        ],
+        ["mixed step: building the rows' feeds (factor copies)", f"{build:.1f}", f"{build / step:.2f}"],
+        ["re-laying the cache when a row joins or leaves", f"{relay:.1f}", f"{relay / step:.2f}"],
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
@@ -181,11 +263,19 @@ def main() -> None:
     )
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--skip-openai", action="store_true")
+    parser.add_argument("--breakdown-only", action="store_true", help="only the in-process step breakdown")
     args = parser.parse_args()
     if not (DECODER / "onnx" / "model.onnx").is_file():
         raise SystemExit("no bench decoder: run /tmp/fx/bin/python bench/make_decoder.py first")
     adapters = json.loads((DECODER / "adapters.json").read_text())
     model_dir = without_eos(DECODER / "onnx", OUT / "decoder-no-eos")
+    steps = breakdown(model_dir, adapters)
+    print(
+        "One decode step at 32 rows, 100 cached tokens, every row on its own adapter (in-process, medians):"
+    )
+    print(table(["part", "ms", "share of a mixed step"], steps))
+    if args.breakdown_only:
+        return
     rows = []
     if not args.skip_plain:
         for batch in (1, 32):
@@ -200,7 +290,7 @@ def main() -> None:
 
             with Client(address, timeout=600) as client:
                 for name in adapters:
-                    client.register_adapter("llm", name, DECODER / "adapters" / name)
+                    client.register_adapter("llm", name, DECODER / "adapters" / name, replace=True)
             vias = ["native"] + ([] if args.skip_openai or kind != "float32" else ["openai"])
             for streams in args.streams:
                 for via in vias:
