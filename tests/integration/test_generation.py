@@ -445,3 +445,67 @@ def test_an_int8_base_generates_what_plain_onnx_runtime_greedy_decoding_gives(tm
                 assert got == _plain_greedy(quantized, prompt_ids(number), NEW), number
     finally:
         running.stop(0)
+
+
+def test_long_prompts_prefilled_in_chunks_give_the_same_tokens(tmp_path: Path) -> None:
+    """With max_prefill_tokens 2 every prompt is read a chunk per iteration, between the running
+    rows' steps, concurrently with the others: the tokens are the reference's."""
+    running = start_worker(
+        worker_settings(
+            tmp_path, "--model", f"qwen2={FIXTURES / 'qwen2' / 'model.onnx'}", "--max-prefill-tokens", "2"
+        )
+    )
+    try:
+        with Client(running.address, timeout=60) as client:
+            for adapter in runs("qwen2")[1:]:
+                client.register_adapter("qwen2", adapter, FIXTURES / adapter)
+            plan = [(run, number) for number in PROMPTS for run in runs("qwen2")]
+            results: dict[int, list[int]] = {}
+
+            def send(index: int, run: str, number: int) -> None:
+                results[index] = tokens(_generate(client, "qwen2", run, number))
+
+            threads = [threading.Thread(target=send, args=(i, *item)) for i, item in enumerate(plan)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        running.stop(0)
+    for index, (run, number) in enumerate(plan):
+        assert results[index] == reference("qwen2", run, number), (index, run, number)
+
+
+def test_generated_tokens_per_minute_are_a_tenant_quota(tmp_path: Path) -> None:
+    running = start_worker(
+        worker_settings(
+            tmp_path,
+            "--model",
+            f"gpt2={FIXTURES / 'gpt2' / 'model.onnx'}",
+            "--tenant-max-generated-tokens-per-minute",
+            "20",
+        )
+    )
+    try:
+        with Client(running.address, timeout=60) as client:
+            with pytest.raises(OrtmuxError) as too_big:
+                list(client.generate("gpt2", input_ids=prompt_ids(0), max_new_tokens=21))
+            chunks = list(
+                client.generate("gpt2", input_ids=prompt_ids(0), max_new_tokens=12, stop_token_ids=[])
+            )
+            assert len(chunks) == 12
+            with pytest.raises(OrtmuxError) as over:
+                list(client.generate("gpt2", input_ids=prompt_ids(0), max_new_tokens=12))
+            stopped = reference("gpt2", "base", 0)
+            short = list(
+                client.generate(
+                    "gpt2", input_ids=prompt_ids(0), max_new_tokens=8, stop_token_ids=[stopped[0]]
+                )
+            )
+            assert len(short) == 1  # took 8, used 1: 7 went back
+            assert len(list(client.generate("gpt2", input_ids=prompt_ids(0), max_new_tokens=7))) == 7
+    finally:
+        running.stop(0)
+    assert too_big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and too_big.value.reason == "QUOTA_TOKENS"
+    assert "more than tenant 'default' may generate in a minute" in too_big.value.message
+    assert over.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and over.value.retry_after

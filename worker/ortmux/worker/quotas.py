@@ -1,4 +1,5 @@
-"""Per-tenant request quotas: requests in flight and requests per second (no gRPC here)."""
+"""Per-tenant quotas: requests in flight, requests per second, generated tokens per minute (no
+gRPC here)."""
 
 from __future__ import annotations
 
@@ -10,23 +11,29 @@ from ortmux.worker.errors import ResourceExhausted
 
 
 class TokenBuckets:
-    """One token bucket per key, refilled at ``rate`` a second up to one second's worth (call
-    with a lock held)."""
+    """One token bucket per key, refilled at ``rate`` a second up to ``capacity`` (one second's
+    worth unless given; call with a lock held)."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, capacity: float | None = None) -> None:
         self.rate = rate
+        self.capacity = rate if capacity is None else capacity
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill)
 
-    def take(self, key: str) -> float:
-        """Take a token; returns 0, or the seconds until one is there (nothing taken)."""
+    def take(self, key: str, amount: float = 1.0) -> float:
+        """Take ``amount`` tokens; returns 0, or the seconds until they are there (nothing taken)."""
         now = time.monotonic()
-        tokens, last = self._buckets.get(key, (self.rate, now))
-        tokens = min(self.rate, tokens + (now - last) * self.rate)
-        if tokens < 1.0:
+        tokens, last = self._buckets.get(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.rate)
+        if tokens < amount:
             self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / self.rate
-        self._buckets[key] = (tokens - 1.0, now)
+            return (amount - tokens) / self.rate
+        self._buckets[key] = (tokens - amount, now)
         return 0.0
+
+    def give(self, key: str, amount: float) -> None:
+        """Put back tokens taken but not used."""
+        tokens, last = self._buckets.get(key, (self.capacity, time.monotonic()))
+        self._buckets[key] = (min(self.capacity, tokens + amount), last)
 
 
 class RequestQuotas:
@@ -64,3 +71,37 @@ class RequestQuotas:
             self._in_flight[tenant] -= 1
             if self._in_flight[tenant] <= 0:
                 del self._in_flight[tenant]
+
+
+class TokenQuota:
+    """Generated tokens per tenant and minute (0: no quota): a generation takes its
+    ``max_new_tokens`` when it is admitted and gives back what it did not generate."""
+
+    def __init__(self, per_minute: int = 0) -> None:
+        self.per_minute = per_minute
+        self._lock = threading.Lock()
+        self._buckets = TokenBuckets(per_minute / 60.0, capacity=per_minute) if per_minute else None
+
+    def take(self, tenant: str, tokens: int) -> None:
+        if self._buckets is None:
+            return
+        if tokens > self.per_minute:
+            raise ResourceExhausted(
+                f"a generation of {tokens} tokens is more than tenant '{tenant}' may generate in a "
+                f"minute (tenant_max_generated_tokens_per_minute = {self.per_minute}); ask for fewer",
+                reason="QUOTA_TOKENS",
+            )
+        with self._lock:
+            wait = self._buckets.take(tenant, tokens)
+        if wait:
+            raise ResourceExhausted(
+                f"tenant '{tenant}' is over its generated-token quota "
+                f"(tenant_max_generated_tokens_per_minute = {self.per_minute})",
+                reason="QUOTA_TOKENS",
+                retry_after=wait,
+            )
+
+    def give_back(self, tenant: str, tokens: int) -> None:
+        if self._buckets is not None and tokens > 0:
+            with self._lock:
+                self._buckets.give(tenant, tokens)

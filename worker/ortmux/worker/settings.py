@@ -189,6 +189,11 @@ class Settings:
     tenant_max_in_flight: int = _field(
         0, "Inference requests one tenant may have queued or running; 0: no quota."
     )
+    tenant_max_generated_tokens_per_minute: int = _field(
+        0,
+        "Tokens one tenant may generate per minute (a generation takes its max_new_tokens when "
+        "admitted and gives back what it did not generate); 0: no quota.",
+    )
     tenant_max_requests_per_second: float = _field(
         0.0, "Inference requests per second one tenant may send (a token bucket); 0: no quota."
     )

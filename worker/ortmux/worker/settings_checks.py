@@ -55,7 +55,12 @@ def check_settings(self: Settings) -> None:
     ):
         if getattr(self, name) < 1:
             raise InvalidArgument(f"setting '{name}' must be 1 or more", field=name)
-    for name in ("tenant_max_adapters", "tenant_max_adapter_bytes", "tenant_max_in_flight"):
+    for name in (
+        "tenant_max_adapters",
+        "tenant_max_adapter_bytes",
+        "tenant_max_in_flight",
+        "tenant_max_generated_tokens_per_minute",
+    ):
         if getattr(self, name) < 0:
             raise InvalidArgument(f"setting '{name}' must be 0 or more", field=name)
     if self.tenant_max_requests_per_second < 0:

@@ -9,8 +9,8 @@ from ortmux.worker.api.convert import check_length
 from ortmux.worker.dataplane import GenerationRequest
 from ortmux.worker.dataplane.generation import ModelGeneration
 from ortmux.worker.errors import InvalidArgument
+from ortmux.worker.generation.job import Chunk
 from ortmux.worker.generation.sampling import SamplingParams
-from ortmux.worker.scheduler.decode_loop import Chunk
 
 DEFAULT_NEW_TOKENS = 16
 

@@ -20,8 +20,8 @@ from ortmux.worker.api.inference_v2 import grpc_service_pb2 as oip
 from ortmux.worker.api.oip_convert import LORA_PARAMETER, decode_inputs, encode_tensor, split_name
 from ortmux.worker.dataplane import GenerationRequest
 from ortmux.worker.errors import InvalidArgument
+from ortmux.worker.generation.job import Chunk
 from ortmux.worker.generation.sampling import SamplingParams
-from ortmux.worker.scheduler.decode_loop import Chunk
 
 TEXT_INPUT = "text_input"
 FLAGS = (

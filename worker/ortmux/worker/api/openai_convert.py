@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping
 
 from ortmux.worker.dataplane import GenerationRequest
 from ortmux.worker.errors import ErrorCode, InvalidArgument, WorkerError
+from ortmux.worker.generation.job import Chunk
 from ortmux.worker.generation.sampling import SamplingParams
-from ortmux.worker.scheduler.decode_loop import Chunk
 
 HTTP_STATUS = {
     ErrorCode.INVALID_ARGUMENT: 400,

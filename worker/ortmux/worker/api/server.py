@@ -48,7 +48,7 @@ from ortmux.worker.engine.runtime import RuntimeOptions, configure_process
 from ortmux.worker.errors import InvalidArgument
 from ortmux.worker.generation.kv import KvPool
 from ortmux.worker.observability.metrics import Metrics
-from ortmux.worker.quotas import RequestQuotas
+from ortmux.worker.quotas import RequestQuotas, TokenQuota
 from ortmux.worker.scheduler.batcher import BatchLimits
 from ortmux.worker.scheduler.decode_loop import DecodeLimits
 from ortmux.worker.settings import Settings
@@ -212,6 +212,7 @@ def create_server(
         quotas,
         requests.feed_pool,
         requests.memory,
+        TokenQuota(settings.tenant_max_generated_tokens_per_minute),
     )
     dataplane = DataPlane(management, requests, adapters, statistics, generation)
     metrics.watch_generation(generation.loops, kv)

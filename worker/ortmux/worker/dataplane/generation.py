@@ -18,13 +18,14 @@ from ortmux.worker.engine.lora.feeds import FeedPool
 from ortmux.worker.engine.memory import MemoryGuard
 from ortmux.worker.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from ortmux.worker.generation.chat import ChatTemplate
+from ortmux.worker.generation.job import Chunk, GenerationJob
 from ortmux.worker.generation.kv import KvPool
 from ortmux.worker.generation.model_files import GenerationConfig, TextTokenizer, read_generation_config
 from ortmux.worker.generation.sampling import Sampler, SamplingParams
 from ortmux.worker.generation.text import TextStream
 from ortmux.worker.observability.metrics import Metrics
-from ortmux.worker.quotas import RequestQuotas
-from ortmux.worker.scheduler.decode_loop import Chunk, DecodeLimits, DecodeLoop, GenerationJob
+from ortmux.worker.quotas import RequestQuotas, TokenQuota
+from ortmux.worker.scheduler.decode_loop import DecodeLimits, DecodeLoop
 
 MAX_NEW_TOKENS = 1 << 16
 MAX_STOP = 16
@@ -95,6 +96,7 @@ class GenerationPath:
         quotas: RequestQuotas | None = None,
         feed_pool: FeedPool | None = None,
         memory: MemoryGuard | None = None,
+        tokens: TokenQuota | None = None,
     ) -> None:
         self.models = models
         self.adapters = adapters
@@ -104,6 +106,7 @@ class GenerationPath:
         self.quotas = quotas or RequestQuotas()
         self.feed_pool = feed_pool or FeedPool(1 << 30)
         self.memory = memory or MemoryGuard(0)
+        self.tokens = tokens or TokenQuota()
         self._loops: dict[str, DecodeLoop] = {}
         self._files: dict[int, ModelGeneration] = {}
         self._lock = threading.Lock()
@@ -163,9 +166,21 @@ class GenerationPath:
             raise Unavailable("the worker is shutting down; send the generation elsewhere", retry_after=1.0)
         tenant = request.tenant or DEFAULT_TENANT
         self.memory.admit()
-        self.quotas.admit(tenant)
+        self.tokens.take(tenant, request.max_new_tokens)
+        try:
+            self.quotas.admit(tenant)
+        except BaseException:
+            self.tokens.give_back(tenant, request.max_new_tokens)
+            raise
         held = ExitStack()
         held.callback(self.quotas.release, tenant)
+        job: GenerationJob | None = None
+
+        def unused() -> int:
+            return request.max_new_tokens - (len(job.generated) if job is not None else 0)
+
+        # what the generation did not generate goes back to the tenant's token quota
+        held.callback(lambda: self.tokens.give_back(tenant, unused()))
         try:
             adapter = (
                 held.enter_context(self.adapters.use(model.name, request.adapter, tenant))

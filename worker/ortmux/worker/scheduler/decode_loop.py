@@ -4,6 +4,9 @@ uses). Waiting generations are admitted between steps from the scheduler's fair 
 tenants, deadlines, cancellation), prefilled together and joined to the running rows; finished or
 cancelled sequences leave at once.
 
+A prompt longer than ``max_prefill_tokens`` is prefilled a chunk per iteration, between the
+steps of the running rows, so it never stalls them for long.
+
 Rows of different lengths share a step: the cache is left-padded, the attention mask hides the
 padding, and position ids come from the mask (a model without position ids runs each sequence in
 steps of its own). Adapters that must have a run to themselves (whole-run feeds, shared
@@ -16,21 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.decoder import DecoderSpec
-from ortmux.worker.engine.lora.feeds import FeedBuffers, FeedPool, LoraWeights, RowSpan, build_feeds
+from ortmux.worker.engine.lora.feeds import FeedBuffers, FeedPool, RowSpan, build_feeds
 from ortmux.worker.errors import Cancelled, DeadlineExceeded, InternalError, ResourceExhausted, Unavailable
+from ortmux.worker.generation.job import Chunk, GenerationJob
 from ortmux.worker.generation.kv import KvPool
-from ortmux.worker.generation.sampling import Sampler
-from ortmux.worker.generation.text import TextStream
 from ortmux.worker.scheduler.fair_queue import FairQueue
 
 log = logging.getLogger(__name__)
@@ -49,51 +50,6 @@ class DecodeLimits:
     max_running: int = 32  # rows of a decode step (all groups together)
     max_prefill_tokens: int = 2048  # prompt tokens prefilled between two steps
     max_waiting: int = 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class Chunk:
-    """What one step gave a generation: its new token ids and their text; the last chunk says why
-    it ended and carries the usage and timing."""
-
-    token_ids: tuple[int, ...]
-    text: str
-    finish_reason: str = ""  # "", "length", "stop" or "eos"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    queue_seconds: float = 0.0
-    first_token_seconds: float = 0.0
-
-
-@dataclasses.dataclass(eq=False)
-class GenerationJob:
-    prompt_ids: list[int]
-    max_new_tokens: int
-    sampler: Sampler
-    text: TextStream
-    stop_ids: frozenset[int]
-    eos_ids: frozenset[int]
-    kv_bytes: int
-    lora: Mapping[str, LoraWeights] = dataclasses.field(default_factory=dict)
-    feeds: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    exclusive: bool = False
-    fairness_key: str = ""
-    priority: int = 0
-    deadline: float | None = None  # time.monotonic()
-    is_active: Callable[[], bool] = lambda: True
-    on_done: Callable[[], None] = lambda: None  # the adapter and quotas it holds go back
-    events: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
-    enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
-    generated: list[int] = dataclasses.field(default_factory=list)
-    first_token_at: float = 0.0
-    last_token_at: float = 0.0
-    admitted_at: float = 0.0
-
-    def group(self, decoder: DecoderSpec) -> tuple:
-        """Jobs of one group share decode steps."""
-        if self.feeds or self.exclusive or not decoder.position_ids:
-            return ("own", id(self))
-        return ("rows",)
 
 
 class _Rows:
@@ -126,6 +82,15 @@ class _Rows:
         self.feeds = None
 
 
+@dataclasses.dataclass(eq=False)
+class _Partial:
+    """A long prompt being prefilled a chunk at a time, and its cache so far."""
+
+    job: GenerationJob
+    done: int = 0
+    cache: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+
 def _left_pad(array: np.ndarray, length: int, axis: int) -> np.ndarray:
     missing = length - array.shape[axis]
     if not missing:
@@ -156,6 +121,7 @@ class DecodeLoop:
         self._pad_id = pad_id
         self._waiting: FairQueue[GenerationJob] = FairQueue()
         self._groups: dict[tuple, _Rows] = {}
+        self._partial: list[_Partial] = []  # long prompts being prefilled a chunk per iteration
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"ortmux-decode-{self.name}", daemon=True)
@@ -163,7 +129,7 @@ class DecodeLoop:
 
     @property
     def running(self) -> int:
-        return sum(len(rows.jobs) for rows in list(self._groups.values()))
+        return sum(len(rows.jobs) for rows in list(self._groups.values())) + len(self._partial)
 
     @property
     def waiting(self) -> int:
@@ -193,21 +159,27 @@ class DecodeLoop:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting.size and not self._groups:
+                while not self._waiting.size and not self._groups and not self._partial:
                     if self._closed:
                         return
                     self._cond.wait()
                 admitted = self._admit()
+            chunk = self.limits.max_prefill_tokens
             try:
-                self._prefill(admitted)
+                self._prefill([job for job in admitted if len(job.prompt_ids) <= chunk])
+                self._partial += [_Partial(job) for job in admitted if len(job.prompt_ids) > chunk]
+                self._advance_partial()
                 for key in list(self._groups):
                     self._step(key)
             except Exception as exc:  # a fault of the worker: every generation it touched ends
                 log.exception("decode step of model '%s' failed", self.name)
                 error = InternalError(f"model '{self.name}' failed to generate: {exc}")
-                for job in [*admitted, *(j for rows in self._groups.values() for j in rows.jobs)]:
+                touched = [*admitted, *(j for rows in self._groups.values() for j in rows.jobs)]
+                touched += [partial.job for partial in self._partial if partial.job not in touched]
+                for job in touched:
                     self._end(job, error=error)
                 self._groups.clear()
+                self._partial.clear()
 
     def _admit(self) -> list[GenerationJob]:
         """Waiting generations that fit now (rows, prefill tokens, KV room), in fair order."""
@@ -219,7 +191,8 @@ class DecodeLoop:
         budget = self.limits.max_prefill_tokens
 
         def fits(job: GenerationJob) -> bool:
-            return len(admitted) < room and (not admitted or len(job.prompt_ids) <= budget)
+            cost = min(len(job.prompt_ids), self.limits.max_prefill_tokens)  # long prompts: a chunk
+            return len(admitted) < room and (not admitted or cost <= budget)
 
         while True:
             job = self._waiting.pop(fits)
@@ -230,8 +203,35 @@ class DecodeLoop:
                 break
             job.admitted_at = time.monotonic()
             admitted.append(job)
-            budget -= len(job.prompt_ids)
+            budget -= min(len(job.prompt_ids), self.limits.max_prefill_tokens)
         return admitted
+
+    def _advance_partial(self) -> None:
+        """One chunk (``max_prefill_tokens``) of the oldest long prompt; once it is all in, its
+        first token is sampled and it joins its group's decode steps."""
+        if not self._partial:
+            return
+        partial = self._partial[0]
+        job = partial.job
+        now = time.monotonic()
+        if not job.is_active() or _expired(job, now):
+            self._partial.pop(0)
+            self._end(job, error=_why_gone(job, now, "while its prompt was read"))
+            return
+        chunk = job.prompt_ids[partial.done : partial.done + self.limits.max_prefill_tokens]
+        partial.done += len(chunk)
+        mask = np.ones((1, partial.done), np.int64)
+        past = partial.cache or [
+            np.zeros((1, self.decoder.kv_heads, 0, self.decoder.head_dim), self.decoder.kv_dtype)
+        ] * (2 * self.decoder.layers)
+        logits, partial.cache = self._run([job], np.array([chunk], np.int64), mask, past, None)
+        if partial.done < len(job.prompt_ids):
+            return
+        self._partial.pop(0)
+        rows = _Rows([job], partial.cache, mask)
+        self._emit(rows, logits)
+        if rows.jobs:
+            self._join(job.group(self.decoder), rows)
 
     def _prefill(self, jobs: list[GenerationJob]) -> None:
         by_group: dict[tuple, list[GenerationJob]] = {}
@@ -252,10 +252,13 @@ class DecodeLoop:
             rows = _Rows(members, present, mask)
             self._emit(rows, logits)
             if rows.jobs:
-                if key in self._groups:
-                    self._groups[key].merge(rows)
-                else:
-                    self._groups[key] = rows
+                self._join(key, rows)
+
+    def _join(self, key: tuple, rows: _Rows) -> None:
+        if key in self._groups:
+            self._groups[key].merge(rows)
+        else:
+            self._groups[key] = rows
 
     def _step(self, key: tuple) -> None:
         rows = self._groups[key]

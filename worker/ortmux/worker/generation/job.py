@@ -1,0 +1,61 @@
+"""One generation as the decode loop carries it (its prompt, sampler, text, adapter, the events
+its caller reads) and the chunks it sends."""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from ortmux.worker.engine.decoder import DecoderSpec
+from ortmux.worker.engine.lora.feeds import LoraWeights
+from ortmux.worker.generation.sampling import Sampler
+from ortmux.worker.generation.text import TextStream
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """What one step gave a generation: its new token ids and their text; the last chunk says why
+    it ended and carries the usage and timing."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str = ""  # "", "length", "stop" or "eos"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_seconds: float = 0.0
+    first_token_seconds: float = 0.0
+
+
+@dataclasses.dataclass(eq=False)
+class GenerationJob:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampler: Sampler
+    text: TextStream
+    stop_ids: frozenset[int]
+    eos_ids: frozenset[int]
+    kv_bytes: int
+    lora: Mapping[str, LoraWeights] = dataclasses.field(default_factory=dict)
+    feeds: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    exclusive: bool = False
+    fairness_key: str = ""
+    priority: int = 0
+    deadline: float | None = None  # time.monotonic()
+    is_active: Callable[[], bool] = lambda: True
+    on_done: Callable[[], None] = lambda: None  # the adapter and quotas it holds go back
+    events: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
+    enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
+    generated: list[int] = dataclasses.field(default_factory=list)
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    admitted_at: float = 0.0
+
+    def group(self, decoder: DecoderSpec) -> tuple:
+        """Jobs of one group share decode steps."""
+        if self.feeds or self.exclusive or not decoder.position_ids:
+            return ("own", id(self))
+        return ("rows",)
