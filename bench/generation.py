@@ -76,7 +76,9 @@ def serve(model_dir: Path, data: Path, extra: list[str]) -> tuple[subprocess.Pop
 
 
 def without_eos(source: Path, target: Path) -> Path:
-    """A copy of the export whose config states no eos (generations run to max_new_tokens)."""
+    """A copy of the export whose config states no eos (generations run to max_new_tokens), with a
+    word-level tokenizer whose token ``t<N>`` is id N: the text protocols then carry exactly the
+    prompts the native client sends as ids."""
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(source, target)
@@ -86,21 +88,55 @@ def without_eos(source: Path, target: Path) -> Path:
             values = json.loads(path.read_text())
             values.pop("eos_token_id", None)
             path.write_text(json.dumps(values))
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(32000)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.save(str(target / "tokenizer.json"))
     return target
 
 
-def load(address: str, http: int, streams: int, adapters: list[str], new: int, via: str) -> dict:
-    """``streams`` concurrent generations (two rounds of them), each on a random adapter."""
-    from ortmux.client import Client
+def as_text(ids: list[int]) -> str:
+    return " ".join(f"t{i}" for i in ids)
 
+
+def jobs_of(streams: int, adapters: list[str]) -> list[tuple[list[int], str]]:
+    """Two generations per stream: a random prompt of 32-128 tokens and a random adapter each."""
     rng = np.random.default_rng(streams)
-    jobs = [
+    return [
         (
             rng.integers(3, 32000, size=int(rng.integers(32, 129))).tolist(),
             adapters[int(rng.integers(len(adapters)))],
         )
         for _ in range(streams * 2)
     ]
+
+
+def through_tritonclient(address: str, streams: int, adapters: list[str], new: int) -> dict:
+    """The same load from tritonclient (its own venv, made once by bench/streaming.py's helper)."""
+    from streaming import triton_python
+
+    jobs = OUT / "triton-generation-jobs.json"
+    jobs.write_text(json.dumps([[as_text(ids), adapter] for ids, adapter in jobs_of(streams, adapters)]))
+    script = Path(__file__).resolve().parent / "triton_generation_load.py"
+    result = subprocess.run(
+        [str(triton_python()), str(script), address, "llm", str(jobs), str(streams), str(new)],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"triton_generation_load.py failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def load(address: str, http: int, streams: int, adapters: list[str], new: int, via: str) -> dict:
+    """``streams`` concurrent generations (two rounds of them), each on a random adapter."""
+    from ortmux.client import Client
+
+    if via == "tritonclient":
+        return through_tritonclient(address, streams, adapters, new)
+    jobs = jobs_of(streams, adapters)
     first, gaps, counts = [], [], []
     lock = threading.Lock()
     pending = list(jobs)
@@ -263,18 +299,17 @@ def main() -> None:
     )
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--skip-openai", action="store_true")
+    parser.add_argument("--skip-triton", action="store_true")
     parser.add_argument("--breakdown-only", action="store_true", help="only the in-process step breakdown")
     args = parser.parse_args()
     if not (DECODER / "onnx" / "model.onnx").is_file():
         raise SystemExit("no bench decoder: run /tmp/fx/bin/python bench/make_decoder.py first")
     adapters = json.loads((DECODER / "adapters.json").read_text())
     model_dir = without_eos(DECODER / "onnx", OUT / "decoder-no-eos")
-    steps = breakdown(model_dir, adapters)
-    print(
-        "One decode step at 32 rows, 100 cached tokens, every row on its own adapter (in-process, medians):"
-    )
-    print(table(["part", "ms", "share of a mixed step"], steps))
     if args.breakdown_only:
+        steps = breakdown(model_dir, adapters)
+        print("One decode step: 32 rows, 100 cached tokens, an adapter each (in-process, medians):")
+        print(table(["part", "ms", "share of a mixed step"], steps))
         return
     rows = []
     if not args.skip_plain:
@@ -291,7 +326,11 @@ def main() -> None:
             with Client(address, timeout=600) as client:
                 for name in adapters:
                     client.register_adapter("llm", name, DECODER / "adapters" / name, replace=True)
-            vias = ["native"] + ([] if args.skip_openai or kind != "float32" else ["openai"])
+            vias = ["native"]
+            if kind == "float32":
+                vias += ([] if args.skip_openai else ["openai"]) + (
+                    [] if args.skip_triton else ["tritonclient"]
+                )
             for streams in args.streams:
                 for via in vias:
                     result = load(address, http, streams, adapters, args.new_tokens, via)
@@ -310,6 +349,8 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait(60)
+    # The breakdown sets ONNX Runtime's global thread pool: in a process of its own.
+    subprocess.run([sys.executable, __file__, "--breakdown-only"], check=True)
     print(
         f"Generation, bench decoder, prompts of 32-128 tokens, {args.new_tokens} new tokens, eos off, "
         "two generations per stream"
