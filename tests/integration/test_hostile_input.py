@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -37,19 +36,6 @@ def _status_of(pid: int, key: str) -> int:
         if line.startswith(f"{key}:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no {key} in /proc/{pid}/status")
-
-
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    running = start_worker(worker_settings(tmp_path_factory.mktemp("hostile")))
-    yield running
-    running.stop(0)
-
-
-@pytest.fixture()
-def client(worker: Worker) -> Iterator[Client]:
-    with Client(worker.address, timeout=30) as connected:
-        yield connected
 
 
 def _refused(call) -> OrtmuxError:
