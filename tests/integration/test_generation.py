@@ -509,3 +509,14 @@ def test_generated_tokens_per_minute_are_a_tenant_quota(tmp_path: Path) -> None:
     assert too_big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and too_big.value.reason == "QUOTA_TOKENS"
     assert "more than tenant 'default' may generate in a minute" in too_big.value.message
     assert over.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and over.value.retry_after
+
+
+def test_the_timeout_bounds_the_whole_generation(client: Client) -> None:
+    got: list[GenerationChunk] = []
+    with pytest.raises(OrtmuxError) as caught:
+        for chunk in client.generate("gpt2", input_ids=prompt_ids(0), max_new_tokens=50, timeout=0.05):
+            got.append(chunk)
+            time.sleep(0.01)  # a slow reader: the deadline passes mid-generation
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert len(got) < 50
+    assert tokens(_generate(client, "gpt2", "base", 0)) == reference("gpt2", "base", 0)
