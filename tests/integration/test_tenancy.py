@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -294,12 +297,19 @@ def test_tls_and_mutual_tls(certificates: Path, tmp_path: Path) -> None:
         "--tls-key-file",
         str(certificates / "server.key"),
     ]
-    running = start_worker(worker_settings(tmp_path / "tls", *tls))
+    running = start_worker(worker_settings(tmp_path / "tls", *tls, "--http-port", "0"))
     try:
         with Client(running.address, credentials=grpc.ssl_channel_credentials(read("ca.pem"))) as client:
             assert client.infer("demo", IDS)["logits"].shape == (1, 8, 1000)
         with Client(running.address, retry_attempts=1, timeout=5) as plaintext:
             assert _error(lambda: plaintext.list_models()).code == grpc.StatusCode.UNAVAILABLE
+        # The HTTP API takes the same TLS settings.
+        context = ssl.create_default_context(cafile=str(certificates / "ca.pem"))
+        health = f"https://127.0.0.1:{running.http_port}/health"
+        with urllib.request.urlopen(health, context=context, timeout=10) as response:
+            assert response.status == 200
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext is refused
+            urllib.request.urlopen(f"http://127.0.0.1:{running.http_port}/health", timeout=5)
     finally:
         running.stop(0)
     mutual = [*tls, "--tls-client-ca-file", str(certificates / "ca.pem")]
