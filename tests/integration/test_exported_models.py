@@ -26,7 +26,8 @@ from ..conftest import scrape, worker_settings
 
 EXPORTS = Path(__file__).resolve().parents[1] / "fixtures" / "exports"
 CASES = json.loads((EXPORTS / "cases.json").read_text())
-EXPECTED = np.load(EXPORTS / "expected.npz")
+# Read whole: an NpzFile reads lazily from one zip handle, not safe from several threads.
+EXPECTED = dict(np.load(EXPORTS / "expected.npz"))
 MODELS = sorted({case["model"] for case in CASES})
 
 
@@ -36,7 +37,7 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 def inputs_of(model: str) -> dict[str, np.ndarray]:
     prefix = f"{model}/input/"
-    return {key[len(prefix) :]: EXPECTED[key] for key in EXPECTED.files if key.startswith(prefix)}
+    return {key[len(prefix) :]: EXPECTED[key] for key in EXPECTED if key.startswith(prefix)}
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ from ..conftest import scrape, worker_settings
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "generation"
 INFO = json.loads((FIXTURES / "cases.json").read_text())
-EXPECTED = np.load(FIXTURES / "expected.npz")
+# Read whole: an NpzFile reads lazily from one zip handle, not safe from several threads.
+EXPECTED = dict(np.load(FIXTURES / "expected.npz"))
 FAMILIES = [case["model"] for case in INFO["cases"]]
 NEW = INFO["new_tokens"]
 PROMPTS = range(len(INFO["prompts"]))

@@ -22,7 +22,8 @@ from ..conftest import worker_settings
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "peft"
 ADAPTER_BASES: dict[str, str] = json.loads((FIXTURES / "adapters.json").read_text())
-EXPECTED = np.load(FIXTURES / "expected.npz")
+# Read whole: an NpzFile reads lazily from one zip handle, not safe from several threads.
+EXPECTED = dict(np.load(FIXTURES / "expected.npz"))
 OUTPUT = {"bert": "last_hidden_state", "llama": "logits"}
 
 

@@ -33,7 +33,8 @@ from ..conftest import scrape, worker_settings
 
 HEADS = Path(__file__).resolve().parents[1] / "fixtures" / "heads"
 CASES = json.loads((HEADS / "cases.json").read_text())
-EXPECTED = np.load(HEADS / "expected.npz")
+# Read whole: an NpzFile reads lazily from one zip handle, not safe from several threads.
+EXPECTED = dict(np.load(HEADS / "expected.npz"))
 MODELS = sorted({case["model"] for case in CASES})
 SERVED = [case for case in CASES if not case.get("refused")]
 OUTPUT = {case["model"]: case["output"] for case in CASES}
@@ -45,7 +46,7 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 def inputs_of(model: str) -> dict[str, np.ndarray]:
     prefix = f"{model}/input/"
-    return {key[len(prefix) :]: EXPECTED[key] for key in EXPECTED.files if key.startswith(prefix)}
+    return {key[len(prefix) :]: EXPECTED[key] for key in EXPECTED if key.startswith(prefix)}
 
 
 def value_only(directory: Path, source: Path) -> Path:

@@ -30,7 +30,8 @@ from ..quantized_reference import branched_reference, peft_factors, quantize, re
 IDS = np.random.default_rng(11).integers(0, 1000, size=(2, 8), dtype=np.int64)
 
 PEFT = Path(__file__).resolve().parents[1] / "fixtures" / "peft"
-EXPECTED = np.load(PEFT / "expected.npz")
+# Read whole: an NpzFile reads lazily from one zip handle, not safe from several threads.
+EXPECTED = dict(np.load(PEFT / "expected.npz"))
 RECIPES = {"int8": "int8-matmul", "int4": "int4"}  # --quantize -> the same recipe run by hand
 
 
