@@ -53,6 +53,7 @@ class GenerationJob:
     first_token_at: float = 0.0
     last_token_at: float = 0.0
     admitted_at: float = 0.0
+    ended: bool = False  # its last event is sent and what it held released
 
     def group(self, decoder: DecoderSpec) -> tuple:
         """Jobs of one group share decode steps."""

@@ -175,8 +175,7 @@ class DecodeLoop:
                 log.exception("decode step of model '%s' failed", self.name)
                 error = InternalError(f"model '{self.name}' failed to generate: {exc}")
                 touched = [*admitted, *(j for rows in self._groups.values() for j in rows.jobs)]
-                touched += [partial.job for partial in self._partial if partial.job not in touched]
-                for job in touched:
+                for job in touched + [partial.job for partial in self._partial]:
                     self._end(job, error=error)
                 self._groups.clear()
                 self._partial.clear()
@@ -184,8 +183,8 @@ class DecodeLoop:
     def _admit(self) -> list[GenerationJob]:
         """Waiting generations that fit now (rows, prefill tokens, KV room), in fair order."""
         now = time.monotonic()
-        for job in self._waiting.remove(lambda job: not job.is_active() or _expired(job, now)):
-            self._end(job, error=_why_gone(job, now, "while it waited"))
+        for job in self._waiting.remove(lambda job: _gone(job, now) is not None):
+            self._end(job, error=_gone(job, now, "while it waited"))
         admitted: list[GenerationJob] = []
         room = self.limits.max_running - self.running
         budget = self.limits.max_prefill_tokens
@@ -213,17 +212,15 @@ class DecodeLoop:
             return
         partial = self._partial[0]
         job = partial.job
-        now = time.monotonic()
-        if not job.is_active() or _expired(job, now):
+        gone = _gone(job, time.monotonic(), "while its prompt was read")
+        if gone is not None:
             self._partial.pop(0)
-            self._end(job, error=_why_gone(job, now, "while its prompt was read"))
+            self._end(job, error=gone)
             return
         chunk = job.prompt_ids[partial.done : partial.done + self.limits.max_prefill_tokens]
         partial.done += len(chunk)
         mask = np.ones((1, partial.done), np.int64)
-        past = partial.cache or [
-            np.zeros((1, self.decoder.kv_heads, 0, self.decoder.head_dim), self.decoder.kv_dtype)
-        ] * (2 * self.decoder.layers)
+        past = partial.cache or self._empty_cache(1)
         logits, partial.cache = self._run([job], np.array([chunk], np.int64), mask, past, None)
         if partial.done < len(job.prompt_ids):
             return
@@ -244,15 +241,17 @@ class DecodeLoop:
             for row, job in enumerate(members):
                 ids[row, length - len(job.prompt_ids) :] = job.prompt_ids
                 mask[row, length - len(job.prompt_ids) :] = 1
-            empty = np.zeros(
-                (len(members), self.decoder.kv_heads, 0, self.decoder.head_dim), self.decoder.kv_dtype
-            )
-            past = [empty] * (2 * self.decoder.layers)
-            logits, present = self._run(members, ids, mask, past, None)
+            logits, present = self._run(members, ids, mask, self._empty_cache(len(members)), None)
             rows = _Rows(members, present, mask)
             self._emit(rows, logits)
             if rows.jobs:
                 self._join(key, rows)
+
+    def _empty_cache(self, rows: int) -> list[np.ndarray]:
+        """The past of sequences that have none yet: every layer's key and value, length 0."""
+        decoder = self.decoder
+        empty = np.zeros((rows, decoder.kv_heads, 0, decoder.head_dim), decoder.kv_dtype)
+        return [empty] * (2 * decoder.layers)
 
     def _join(self, key: tuple, rows: _Rows) -> None:
         if key in self._groups:
@@ -263,11 +262,11 @@ class DecodeLoop:
     def _step(self, key: tuple) -> None:
         rows = self._groups[key]
         now = time.monotonic()
-        gone = [i for i, job in enumerate(rows.jobs) if not job.is_active() or _expired(job, now)]
-        if gone:
-            for i in gone:
-                self._end(rows.jobs[i], error=_why_gone(rows.jobs[i], now, "while it ran"))
-            rows.keep([i for i in range(len(rows.jobs)) if i not in gone])
+        errors = {i: error for i, job in enumerate(rows.jobs) if (error := _gone(job, now, "while it ran"))}
+        if errors:
+            for i, error in errors.items():
+                self._end(rows.jobs[i], error=error)
+            rows.keep([i for i in range(len(rows.jobs)) if i not in errors])
         if not rows.jobs:
             self._drop_group(key)
             return
@@ -367,6 +366,11 @@ class DecodeLoop:
         )
 
     def _end(self, job: GenerationJob, chunk: Chunk | None = None, error: Exception | None = None) -> None:
+        """The generation's last event and the release of what it holds; once only (a failed step
+        ends every generation it touched, some of which may have just finished)."""
+        if job.ended:
+            return
+        job.ended = True
         if job.admitted_at:
             self.kv.release(job.kv_bytes)
         job.events.put(chunk if chunk is not None else error)
@@ -377,11 +381,10 @@ class DecodeLoop:
             log.exception("releasing a generation of '%s' failed", self.name)
 
 
-def _expired(job: GenerationJob, now: float) -> bool:
-    return job.deadline is not None and now >= job.deadline
-
-
-def _why_gone(job: GenerationJob, now: float, when: str) -> Exception:
-    if _expired(job, now):
+def _gone(job: GenerationJob, now: float, when: str = "") -> Exception | None:
+    """Why ``job`` is to end now (its deadline passed, its caller went away), or None."""
+    if job.deadline is not None and now >= job.deadline:
         return DeadlineExceeded(f"the generation's deadline passed {when}")
-    return Cancelled(f"the caller cancelled the generation {when}")
+    if not job.is_active():
+        return Cancelled(f"the caller cancelled the generation {when}")
+    return None
