@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
+
+import numpy as np
 
 from ortmux.worker.adapters.local_store import DEFAULT_TENANT
 from ortmux.worker.adapters.manager import AdapterManager
 from ortmux.worker.dataplane.models import ModelManagement
+from ortmux.worker.dataplane.requests import fairness_key
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.decoder import DecoderSpec
 from ortmux.worker.engine.lora.feeds import FeedPool
@@ -108,14 +112,15 @@ class GenerationPath:
         self.memory = memory or MemoryGuard(0)
         self.tokens = tokens or TokenQuota()
         self._loops: dict[str, DecodeLoop] = {}
-        self._files: dict[int, ModelGeneration] = {}
+        # per model object: what its files say, read once (a model loaded again is read again)
+        self._files: weakref.WeakKeyDictionary[BaseModel, ModelGeneration] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self.draining = False
 
     def describe(self, model: BaseModel) -> ModelGeneration:
         """Whether ``model`` generates, its context length and tokenizer (read once per model)."""
         with self._lock:
-            known = self._files.get(id(model))
+            known = self._files.get(model)
         if known is None:
             decoder = model.decoder
             config = read_generation_config(model.path)
@@ -129,7 +134,7 @@ class GenerationPath:
                 ChatTemplate.beside(model.path),
             )
             with self._lock:
-                self._files[id(model)] = known
+                self._files[model] = known
         return known
 
     def loops(self) -> list[DecodeLoop]:
@@ -166,22 +171,17 @@ class GenerationPath:
             raise Unavailable("the worker is shutting down; send the generation elsewhere", retry_after=1.0)
         tenant = request.tenant or DEFAULT_TENANT
         self.memory.admit()
-        self.tokens.take(tenant, request.max_new_tokens)
-        try:
-            self.quotas.admit(tenant)
-        except BaseException:
-            self.tokens.give_back(tenant, request.max_new_tokens)
-            raise
-        held = ExitStack()
-        held.callback(self.quotas.release, tenant)
         job: GenerationJob | None = None
 
         def unused() -> int:
             return request.max_new_tokens - (len(job.generated) if job is not None else 0)
 
-        # what the generation did not generate goes back to the tenant's token quota
-        held.callback(lambda: self.tokens.give_back(tenant, unused()))
+        held = ExitStack()  # what the generation holds until it ends, given back in reverse
         try:
+            self.tokens.take(tenant, request.max_new_tokens)
+            held.callback(lambda: self.tokens.give_back(tenant, unused()))  # what it did not generate
+            self.quotas.admit(tenant)
+            held.callback(self.quotas.release, tenant)
             adapter = (
                 held.enter_context(self.adapters.use(model.name, request.adapter, tenant))
                 if request.adapter
@@ -200,7 +200,7 @@ class GenerationPath:
                 lora=adapter.lora if adapter else {},
                 feeds=adapter.feeds if adapter else {},
                 exclusive=bool(adapter and adapter.exclusive),
-                fairness_key=tenant if tenant != DEFAULT_TENANT else request.adapter,
+                fairness_key=fairness_key(tenant, request.adapter),
                 priority=request.priority,
                 deadline=request.deadline,
                 is_active=lambda: not cancelled.is_set() and active(),
@@ -256,13 +256,10 @@ class GenerationPath:
             ids = [int(i) for i in request.input_ids or ()]
         if not ids or request.prompt == "":
             raise InvalidArgument("the prompt is empty", field="prompt")
-        vocab = next((r for r in model.limits.id_ranges if r.input == "input_ids"), None)
-        bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab.size)]
-        if bad:
-            limit = f"[0, {vocab.size})" if vocab is not None else "[0, ...)"
-            raise InvalidArgument(
-                f"input_ids holds {bad[0]}; model '{model.name}' takes ids in {limit}", field="input_ids"
-            )
+        for vocab in (r for r in model.limits.id_ranges if r.input == "input_ids"):
+            vocab.check(model.name, np.array(ids), label="input_ids", field="input_ids")
+        if min(ids) < 0:  # a model whose ids index no table the worker found
+            raise InvalidArgument(f"input_ids holds {min(ids)}; token ids are 0 or more", field="input_ids")
         return ids
 
     @staticmethod

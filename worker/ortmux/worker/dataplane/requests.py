@@ -222,7 +222,7 @@ class RequestPath:
                 output_names=names,
                 lora=adapter.lora if adapter else {},
                 feeds=adapter.feeds if adapter else {},
-                fairness_key=_fairness_key(request),
+                fairness_key=fairness_key(request.tenant, request.adapter),
                 priority=request.priority,
                 deadline=request.deadline,
                 is_active=request.is_active,
@@ -261,9 +261,10 @@ class RequestPath:
         return answer
 
 
-def _fairness_key(request: InferenceRequest) -> str:
-    """What the batcher draws round-robin across: tenants when the worker has them, else adapters
-    (a single-tenant worker's callers are all the default tenant)."""
-    if request.tenant and request.tenant != DEFAULT_TENANT:
-        return request.tenant
-    return request.adapter
+def fairness_key(tenant: str, adapter: str) -> str:
+    """What the scheduler's queues draw round-robin across (requests and generations alike):
+    tenants when the worker has them, else adapters (a single-tenant worker's callers are all
+    the default tenant)."""
+    if tenant and tenant != DEFAULT_TENANT:
+        return tenant
+    return adapter

@@ -49,6 +49,21 @@ class IdRange:
     size: int
     table: str
 
+    def check(self, model: str, array: np.ndarray, label: str = "", field: str = "") -> None:
+        """InvalidArgument naming the first id outside [0, size), where it is and the range
+        (``label`` and ``field`` name the input as the caller's protocol does)."""
+        if not array.size:
+            return
+        low, high = array.min(), array.max()
+        if low < 0 or high >= self.size:
+            bad = low if low < 0 else high
+            where = np.argwhere(array == bad)[0].tolist()
+            raise InvalidArgument(
+                f"{label or f'input {self.input!r}'} holds {int(bad)} at {where}; model '{model}' takes "
+                f"ids in [0, {self.size}) (rows of '{self.table}')",
+                field=field or f"inputs[{self.input}]",
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class InputLimits:
@@ -68,18 +83,7 @@ class InputLimits:
                         field=f"inputs[{spec.name}]",
                     )
         for limit in self.id_ranges:
-            array = inputs[limit.input]
-            if not array.size:
-                continue
-            low, high = array.min(), array.max()
-            if low < 0 or high >= limit.size:
-                bad = low if low < 0 else high
-                where = np.argwhere(array == bad)[0].tolist()
-                raise InvalidArgument(
-                    f"input '{limit.input}' holds {int(bad)} at {where}; model '{model}' takes ids in "
-                    f"[0, {limit.size}) (rows of '{limit.table}')",
-                    field=f"inputs[{limit.input}]",
-                )
+            limit.check(model, inputs[limit.input])
 
 
 def find_limits(model: onnx.ModelProto, path: Path, configured: int = 0) -> InputLimits:
