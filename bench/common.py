@@ -85,8 +85,12 @@ class WorkerProcess:
         )
         assert self.process.stderr is not None
         self.log: list[str] = []
+        self.http_port: int | None = None  # with --http-port: the port the log names
         for line in self.process.stderr:
             self.log.append(line)
+            http = re.search(r"HTTP on .*:(\d+)", line)
+            if http:
+                self.http_port = int(http.group(1))
             match = re.search(r"serving .* on port (\d+)", line)
             if match:
                 self.address = f"127.0.0.1:{match.group(1)}"

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, table
+from common import OUT, WorkerProcess, table
 
 DECODER = OUT / "decoder"
 
@@ -35,44 +34,20 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def serve(model_dir: Path, data: Path, extra: list[str]) -> tuple[subprocess.Popen, str, int]:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ortmux.worker.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "-1",
-            "--http-port",
-            "0",
-            "--data-dir",
-            str(data),
-            "--model",
-            f"llm={model_dir / 'model.onnx'}",
-            "--max-running-sequences",
-            "32",
-            "--kv-cache-bytes",
-            str(8 << 30),
-            *extra,
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
+def serve(model_dir: Path, data: Path, extra: list[str]) -> WorkerProcess:
+    return WorkerProcess(
+        "--http-port",
+        "0",
+        "--data-dir",
+        str(data),
+        "--model",
+        f"llm={model_dir / 'model.onnx'}",
+        "--max-running-sequences",
+        "32",
+        "--kv-cache-bytes",
+        str(8 << 30),
+        *extra,
     )
-    assert process.stderr is not None
-    http = 0
-    for line in process.stderr:
-        found = re.search(r"HTTP on .*:(\d+)", line)
-        http = int(found.group(1)) if found else http
-        found = re.search(r"serving .* on port (\d+)", line)
-        if found:
-            threading.Thread(target=lambda: process.stderr.read(), daemon=True).start()
-            return process, f"127.0.0.1:{found.group(1)}", http
-    raise SystemExit(f"the worker exited with {process.wait()}")
 
 
 def without_eos(source: Path, target: Path) -> Path:
@@ -319,7 +294,8 @@ def main() -> None:
                 [f"plain ONNX Runtime loop, base, batch {batch}", "-", f"{rate:.1f}", "-", "-", "-", "-"]
             )
     for kind, extra in [("float32", [])] + ([("int8", ["--quantize", "int8"])] if args.int8 else []):
-        process, address, http = serve(model_dir, OUT / f"gen-data-{kind}", extra)
+        worker = serve(model_dir, OUT / f"gen-data-{kind}", extra)
+        address, http = worker.address, worker.http_port or 0
         try:
             from ortmux.client import Client
 
@@ -347,8 +323,7 @@ def main() -> None:
                     )
                     print(rows[-1], flush=True)
         finally:
-            process.terminate()
-            process.wait(60)
+            worker.stop()
     # The breakdown sets ONNX Runtime's global thread pool: in a process of its own.
     subprocess.run([sys.executable, __file__, "--breakdown-only"], check=True)
     print(
