@@ -1,5 +1,6 @@
 """Fixtures of the integration tests: the worker the Open Inference Protocol tests share (an
-admin key, a tenant with an adapter, the demo model and the test models of oip_models)."""
+admin key, a tenant with an adapter, the demo model and the test models of oip_models), and the
+worker serving the generation fixtures with their adapters (generation_cases)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ortmux.worker.auth import key_digest
 
 from ..conftest import worker_settings
 from ..demo_adapters import write_peft
+from .generation_cases import FAMILIES, FIXTURES, runs
 from .oip_models import ADMIN_KEY, TENANT_KEY, TYPES, faulty_model, types_model
 
 
@@ -49,3 +51,23 @@ def _demo(data: Path) -> Path:
 def stub(oip_worker: Worker) -> Iterator[oip_grpc.GRPCInferenceServiceStub]:
     with grpc.insecure_channel(oip_worker.address) as channel:
         yield oip_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def generation_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    models = [
+        arg for family in FAMILIES for arg in ("--model", f"{family}={FIXTURES / family / 'model.onnx'}")
+    ]
+    running = start_worker(worker_settings(tmp_path_factory.mktemp("generation"), *models))
+    with Client(running.address, timeout=60) as client:
+        for family in FAMILIES:
+            for adapter in runs(family)[1:]:
+                client.register_adapter(family, adapter, FIXTURES / adapter)
+    yield running
+    running.stop(0)
+
+
+@pytest.fixture()
+def generation_client(generation_worker: Worker) -> Iterator[Client]:
+    with Client(generation_worker.address, timeout=60) as connected:
+        yield connected

@@ -1,0 +1,214 @@
+"""Generation's bounds and lifecycle on real workers (the fixtures of test_generation.py):
+cancellation, the KV bound, drain, timeouts, tenant token quotas, what GetModel says, and a
+precise status for every bad request, the worker serving on."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ortmux.client import Client, GenerationChunk, OrtmuxError
+from ortmux.worker.api.server import Worker, start_worker
+
+from ..conftest import scrape, worker_settings
+from .generation_cases import (
+    FIXTURES,
+    NEW,
+    decode_steps,
+    gauge,
+    generate_case,
+    prompt_ids,
+    reference,
+    tokens,
+)
+
+
+@pytest.fixture()
+def client(generation_client: Client) -> Client:
+    return generation_client
+
+
+def test_closing_the_stream_frees_the_sequence_within_a_step(
+    generation_worker: Worker, client: Client
+) -> None:
+    stream = client.generate("gpt2", input_ids=prompt_ids(0), max_new_tokens=50)
+    next(stream)
+    next(stream)
+    stream.close()
+    deadline = time.monotonic() + 10
+    while (
+        gauge(generation_worker, "ortmux_generations_running", "gpt2")
+        or scrape(generation_worker)[("ortmux_kv_cache_bytes", ())]
+    ):
+        assert time.monotonic() < deadline, "the cancelled sequence still runs"
+        time.sleep(0.02)
+
+
+def test_the_kv_bound_makes_generations_wait_and_refuses_one_that_cannot_fit(tmp_path: Path) -> None:
+    # gpt2 fixture: 2 layers x 2 (key, value) x 2 heads x 16 x 4 bytes = 512 bytes per token.
+    prompt = prompt_ids(0)
+    one = (len(prompt) + 40) * 512
+    running = start_worker(
+        worker_settings(
+            tmp_path, "--model", f"gpt2={FIXTURES / 'gpt2' / 'model.onnx'}", "--kv-cache-bytes", str(one)
+        )
+    )
+    try:
+        with Client(running.address, timeout=60) as client:
+            with pytest.raises(OrtmuxError) as caught:
+                list(client.generate("gpt2", input_ids=prompt, max_new_tokens=41))
+            assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "over the worker's" in caught.value.message and "(kv_cache_bytes)" in caught.value.message
+            done: list[list[GenerationChunk]] = []
+
+            def send() -> None:
+                done.append(list(client.generate("gpt2", input_ids=prompt, max_new_tokens=40)))
+
+            threads = [threading.Thread(target=send) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+        assert [len(chunks) for chunks in done] == [40, 40]
+        # Room for one: the other waited, and no decode step ever held both.
+        assert max(chunks[-1].queue_seconds for chunks in done) > 0.005
+        steps, rows = decode_steps(running, "gpt2")
+        assert steps and rows == steps
+    finally:
+        running.stop(0)
+
+
+def test_drain_lets_running_generations_finish_and_refuses_new_ones(tmp_path: Path) -> None:
+    running = start_worker(worker_settings(tmp_path, "--model", f"gpt2={FIXTURES / 'gpt2' / 'model.onnx'}"))
+    try:
+        with Client(running.address, timeout=60) as client:
+            stream = client.generate("gpt2", input_ids=prompt_ids(0), max_new_tokens=30)
+            next(stream)
+            running.dataplane.drain()
+            with pytest.raises(OrtmuxError) as caught:
+                list(client.generate("gpt2", input_ids=prompt_ids(1), max_new_tokens=3))
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+            assert len(list(stream)) == 29
+    finally:
+        running.stop(0)
+
+
+def test_get_model_says_what_generates(client: Client) -> None:
+    info = client.model_info("qwen2")
+    assert (info.generates, info.context_length, info.has_tokenizer) == (True, 64, True)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "code", "message"),
+    [
+        ({"model": "qwen2", "input_ids": [5, 100000]}, "INVALID_ARGUMENT", "input_ids holds 100000"),
+        ({"model": "qwen2", "input_ids": [5, -1]}, "INVALID_ARGUMENT", "input_ids holds -1"),
+        ({"model": "qwen2", "prompt": ""}, "INVALID_ARGUMENT", "the prompt is empty"),
+        (
+            {"model": "qwen2", "input_ids": [5], "temperature": -1.0},
+            "INVALID_ARGUMENT",
+            "temperature must be",
+        ),
+        ({"model": "qwen2", "input_ids": [5], "top_p": 0.0}, "INVALID_ARGUMENT", "top_p must be in (0, 1]"),
+        ({"model": "qwen2", "input_ids": [5], "top_k": -2}, "INVALID_ARGUMENT", "top_k must be"),
+        (
+            {"model": "qwen2", "input_ids": [5] * 60, "max_new_tokens": 10},
+            "INVALID_ARGUMENT",
+            "exceed the model's context of 64 tokens",
+        ),
+        ({"model": "nope", "input_ids": [5]}, "NOT_FOUND", "nope"),
+        ({"model": "qwen2", "input_ids": [5], "adapter": "nope"}, "NOT_FOUND", "adapter 'nope'"),
+    ],
+)
+def test_bad_generation_requests_get_precise_statuses(
+    client: Client, arguments: dict, code: str, message: str
+) -> None:
+    model = arguments.pop("model")
+    with pytest.raises(OrtmuxError) as caught:
+        list(client.generate(model, **arguments))
+    assert caught.value.code.name == code
+    assert message in caught.value.message
+    assert tokens(generate_case(client, "qwen2", "base", 0)) == reference("qwen2", "base", 0)  # serving on
+
+
+def test_a_model_that_cannot_generate_or_has_no_tokenizer_is_failed_precondition(tmp_path: Path) -> None:
+    model = tmp_path / "no-tokenizer"
+    shutil.copytree(FIXTURES / "gpt2", model)
+    (model / "tokenizer.json").unlink()
+    running = start_worker(
+        worker_settings(
+            tmp_path / "data", "--model", f"m={model / 'model.onnx'}", "--model", "d=" + _demo(tmp_path)
+        )
+    )
+    try:
+        with Client(running.address, timeout=60) as client:
+            with pytest.raises(OrtmuxError) as text:
+                list(client.generate("m", prompt="the quick"))
+            with pytest.raises(OrtmuxError) as demo:
+                list(client.generate("d", input_ids=[1, 2]))
+            assert tokens(
+                list(client.generate("m", input_ids=prompt_ids(0), max_new_tokens=NEW))
+            ) == reference("gpt2", "base", 0)
+    finally:
+        running.stop(0)
+    assert text.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "has no tokenizer.json beside it: send input_ids" in text.value.message
+    assert demo.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "model 'd' cannot generate: it has no past_key_values.N.key/value inputs" in demo.value.message
+
+
+def _demo(tmp_path: Path) -> str:
+    from ortmux.worker.demo import ensure_demo_model
+
+    return str(ensure_demo_model(tmp_path / "demo"))
+
+
+def test_generated_tokens_per_minute_are_a_tenant_quota(tmp_path: Path) -> None:
+    running = start_worker(
+        worker_settings(
+            tmp_path,
+            "--model",
+            f"gpt2={FIXTURES / 'gpt2' / 'model.onnx'}",
+            "--tenant-max-generated-tokens-per-minute",
+            "20",
+        )
+    )
+    try:
+        with Client(running.address, timeout=60) as client:
+            with pytest.raises(OrtmuxError) as too_big:
+                list(client.generate("gpt2", input_ids=prompt_ids(0), max_new_tokens=21))
+            chunks = list(
+                client.generate("gpt2", input_ids=prompt_ids(0), max_new_tokens=12, stop_token_ids=[])
+            )
+            assert len(chunks) == 12
+            with pytest.raises(OrtmuxError) as over:
+                list(client.generate("gpt2", input_ids=prompt_ids(0), max_new_tokens=12))
+            stopped = reference("gpt2", "base", 0)
+            short = list(
+                client.generate(
+                    "gpt2", input_ids=prompt_ids(0), max_new_tokens=8, stop_token_ids=[stopped[0]]
+                )
+            )
+            assert len(short) == 1  # took 8, used 1: 7 went back
+            assert len(list(client.generate("gpt2", input_ids=prompt_ids(0), max_new_tokens=7))) == 7
+    finally:
+        running.stop(0)
+    assert too_big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and too_big.value.reason == "QUOTA_TOKENS"
+    assert "more than tenant 'default' may generate in a minute" in too_big.value.message
+    assert over.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and over.value.retry_after
+
+
+def test_the_timeout_bounds_the_whole_generation(client: Client) -> None:
+    got: list[GenerationChunk] = []
+    with pytest.raises(OrtmuxError) as caught:
+        for chunk in client.generate("gpt2", input_ids=prompt_ids(0), max_new_tokens=50, timeout=0.05):
+            got.append(chunk)
+            time.sleep(0.01)  # a slow reader: the deadline passes mid-generation
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert len(got) < 50
+    assert tokens(generate_case(client, "gpt2", "base", 0)) == reference("gpt2", "base", 0)
