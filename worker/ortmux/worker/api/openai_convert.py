@@ -99,7 +99,7 @@ def generation_request(
     """The generation a completions (``chat`` False) or chat completions request asks for."""
     for key, value in body.items():
         if key in NEUTRAL:
-            if value != NEUTRAL[key] and not (value is None or (key == "logit_bias" and value == {})):
+            if value is not None and value != NEUTRAL[key]:
                 raise InvalidArgument(f"'{key}' = {value!r} is not supported", field=key)
         elif key not in SERVED:
             raise InvalidArgument(f"'{key}' is not supported", field=key)
