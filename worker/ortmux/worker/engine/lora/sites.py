@@ -9,6 +9,10 @@ from collections.abc import Mapping
 # How a branch reads its activation: [batch, ..., in] itself; a [batch, in] matrix; or the
 # [batch, ..., in] tensor a Reshape flattened into [batch*seq, in].
 ROWS, MATRIX, FLATTENED = "rows", "matrix", "flattened"
+# Fused ONNX Runtime / Optimum operators that consume projection weights no branch can reach.
+FUSED_OPS = frozenset(
+    {"Attention", "MultiHeadAttention", "PackedAttention", "GroupQueryAttention", "QAttention", "FusedMatMul"}
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,6 +33,7 @@ from ortmux.worker.engine.lora.naming import module_names
 from ortmux.worker.engine.lora.shapes import batch_symbol, infer_shapes
 from ortmux.worker.engine.lora.sites import (
     FLATTENED,
+    FUSED_OPS,
     MATRIX,
     ROWS,
     LoraSite,
@@ -48,11 +49,6 @@ from ortmux.worker.engine.quantized_ops import (
 )
 
 log = logging.getLogger(__name__)
-
-# Fused ONNX Runtime / Optimum operators that consume projection weights no branch can reach.
-FUSED_OPS = frozenset(
-    {"Attention", "MultiHeadAttention", "PackedAttention", "GroupQueryAttention", "QAttention", "FusedMatMul"}
-)
 
 
 class _Graph:

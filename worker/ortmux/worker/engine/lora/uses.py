@@ -24,16 +24,13 @@ from collections.abc import Iterable, Mapping
 import onnx
 
 from ortmux.worker.engine.lora.naming import from_node_name, from_scopes, module_names
-from ortmux.worker.engine.lora.sites import SiteReport, Unadaptable
+from ortmux.worker.engine.lora.sites import FUSED_OPS, SiteReport, Unadaptable
 from ortmux.worker.engine.quantized_ops import PROJECTIONS
 
 _CALL_SUFFIX = re.compile(r"_\d+$")
 # Operators a weight's value is not read through: they make a new tensor from activations (the
 # weight would be that projection's own), or read only a shape.
 _STOP = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Shape", "Size"}) | PROJECTIONS
-_FUSED = frozenset(
-    {"Attention", "MultiHeadAttention", "PackedAttention", "GroupQueryAttention", "QAttention", "FusedMatMul"}
-)
 _NO_OPS = frozenset({"Identity", "Cast", "Transpose", "DequantizeLinear", "Reshape"})
 _WALK_LIMIT = 32
 
@@ -80,7 +77,7 @@ def hidden_uses(
     skip = set(projections_at)
     found = []
     for index, node in enumerate(model.graph.node):
-        if index in skip or node.op_type not in (_FUSED | {"MatMul", "Gemm"}):
+        if index in skip or node.op_type not in (FUSED_OPS | {"MatMul", "Gemm"}):
             continue
         for operand in node.input:
             for weight, path in _reaches(operand, weights, initializers, producers):
@@ -88,7 +85,7 @@ def hidden_uses(
                 _rule, module, _aliases = module_names(node, weight, "")
                 how = (
                     f"inside the fused operator {node.op_type}"
-                    if node.op_type in _FUSED
+                    if node.op_type in FUSED_OPS
                     else f"through {' -> '.join(path)}, which is not a no-op"
                 )
                 reason = f"reads the weight {how}: no LoRA branch can take this use"
