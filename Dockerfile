@@ -17,7 +17,11 @@ COPY pyproject.toml setup.py README.md ./
 COPY protos ./protos
 COPY client ./client
 COPY worker ./worker
-RUN /opt/ortmux/bin/pip install --no-cache-dir '.[worker]' && rm -rf /src
+# The LoRA kernel (docs/lora-kernel.md) is compiled here, so pods need no compiler.
+RUN /opt/ortmux/bin/pip install --no-cache-dir '.[worker]' && rm -rf /src \
+    && apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && /opt/ortmux/bin/python -m ortmux.worker.engine.kernels \
+    && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 
 # Non-root; the data dir (demo model, optimized-model cache, adapters) is a volume.
 RUN groupadd --gid 10001 ortmux && useradd --uid 10001 --gid 10001 --no-create-home ortmux \

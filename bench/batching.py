@@ -119,7 +119,7 @@ def flood(address: str, done: threading.Event, count: list[int]) -> None:
 def distinct_adapters(model, rows: int) -> tuple[list, dict[str, np.ndarray]]:
     """A batch of ``rows`` 1 x 8 requests, each row its own random rank-16 adapter on the bench's
     48 projections: the row spans a run takes, and the inputs."""
-    from ortmux.worker.engine.lora.feeds import LoraWeights, RowSpan
+    from ortmux.worker.engine.lora.feeds import Factors, LoraWeights, RowSpan
     from ortmux.worker.engine.lora.mapping import map_modules
 
     sites = map_modules(model.lora_sites, LORA_MODULES).values()  # what the bench's adapters target
@@ -128,13 +128,15 @@ def distinct_adapters(model, rows: int) -> tuple[list, dict[str, np.ndarray]]:
         RowSpan(
             row,
             row + 1,
-            {
-                site.weight: LoraWeights(
-                    a=rng.standard_normal((site.in_features, 16), dtype=np.float32) * 0.02,
-                    b=rng.standard_normal((16, site.out_features), dtype=np.float32) * 0.02,
-                )
-                for site in sites
-            },
+            Factors(
+                {
+                    site.call_group: LoraWeights(
+                        a=rng.standard_normal((site.in_features, 16), dtype=np.float32) * 0.02,
+                        b=rng.standard_normal((16, site.out_features), dtype=np.float32) * 0.02,
+                    )
+                    for site in sites
+                }
+            ),
         )
         for row in range(rows)
     ]

@@ -1,14 +1,16 @@
 """Served throughput of adapter requests against base-only requests, through a real worker.
 
-    python bench/served.py [--seconds 4] [--clients 32] [--rounds 3] [--profile]
+    python bench/served.py [--seconds 4] [--clients 32] [--rounds 3] [--lora-branch kernel matmul]
+                           [--profile]
 
 One worker in its own process (``ortmux serve``) on the bench base with 64 rank-16 adapters on all
 48 projections. ``--clients`` threads send 1 x 8-token requests back to back for ``--seconds`` per
 mode: base only, every request on one adapter, a uniformly random adapter of 16, of 64. Rounds
 interleave the modes; the table gives each mode's median requests/s and p50/p99 over rounds, and
-its ratio to base-only. With ``--profile`` (needs py-spy) the worker is sampled during one extra
-round of each mode and the hottest worker functions are printed: where a served request's time
-goes besides the model.
+its ratio to base-only. ``--lora-branch`` runs one worker per LoRA branch (docs/lora-kernel.md),
+one after the other, each with its own base-only reference. With ``--profile`` (needs py-spy) the
+worker is sampled during one extra round of each mode and the hottest worker functions are
+printed: where a served request's time goes besides the model.
 """
 
 from __future__ import annotations
@@ -84,11 +86,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--lora-branch", nargs="+", default=["kernel"], choices=["kernel", "matmul"])
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
+    for branch in args.lora_branch:
+        serve(args, branch)
+
+
+def serve(args: argparse.Namespace, branch: str) -> None:
     work = OUT / "served"
     shutil.rmtree(work / "data", ignore_errors=True)
-    worker = WorkerProcess("--data-dir", str(work / "data"), "--model", f"bench={bench_model()}")
+    worker = WorkerProcess(
+        "--data-dir", str(work / "data"), "--model", f"bench={bench_model()}", "--lora-branch", branch
+    )
     try:
         from ortmux.client import Client
 
@@ -111,8 +121,8 @@ def main() -> None:
             p99 = median([float(np.percentile(lat, 99)) for _, lat in runs])
             rows.append([mode, rps, rps / base, p50, p99, ", ".join(f"{value:.0f}" for value, _ in runs)])
         print(
-            f"\nServed requests/s, {args.clients} clients, 1 x 8 tokens, rank-16 adapters on 48 projections, "
-            f"medians of {args.rounds} interleaved rounds of {args.seconds:.0f} s"
+            f"\nServed requests/s, lora_branch={branch}, {args.clients} clients, 1 x 8 tokens, rank-16 "
+            f"adapters on 48 projections, medians of {args.rounds} interleaved rounds of {args.seconds:.0f} s"
         )
         print(table(["mode", "req/s", "x base-only", "p50 ms", "p99 ms", "rounds req/s"], rows))
         if args.profile:

@@ -1,5 +1,6 @@
 """PEFT LoRA adapters of real (tiny, random) transformers, exported with torch.onnx dynamo, through
-the real server: outputs equal PEFT's own within 1e-4 relative, alone and in mixed batches.
+the real server: outputs equal PEFT's own within 1e-4 relative, alone and in mixed batches; with
+the LoRA kernel (factors read in place) and with MatMul on copied factors.
 
 Fixtures come from tests/fixtures/make_fixtures.py (needs torch, transformers and peft).
 """
@@ -31,11 +32,13 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-@pytest.fixture(scope="module")
-def peft_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+@pytest.fixture(scope="module", params=["kernel", "matmul"])
+def peft_worker(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Worker]:
     data_dir = tmp_path_factory.mktemp("peft-data")
     models = [arg for base in OUTPUT for arg in ("--model", f"{base}={FIXTURES / f'{base}.onnx'}")]
-    running = start_worker(worker_settings(data_dir, *models))
+    running = start_worker(worker_settings(data_dir, *models, "--lora-branch", request.param))
+    model = running.dataplane.get_model("llama")
+    assert all(bool(lora.table) == (request.param == "kernel") for lora in model.lora_inputs)
     with Client(running.address) as client:
         for adapter, base in ADAPTER_BASES.items():
             client.register_adapter(base, adapter, FIXTURES / adapter)

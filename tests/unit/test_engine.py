@@ -280,14 +280,26 @@ def test_cuda_arena_lives_on_the_device_and_is_shared(
         )
 
 
-def test_base_only_graph_has_no_branches_and_the_same_outputs(demo_path: Path, tmp_path: Path) -> None:
-
-    model = _load(demo_path, tmp_path)
+@pytest.mark.parametrize("branch", ["kernel", "matmul"])
+def test_base_only_graph_has_no_branches_and_the_same_outputs(
+    demo_path: Path, tmp_path: Path, branch: str
+) -> None:
+    runtime = RuntimeOptions(providers=(CPU,), lora_branch=branch)
+    model = BaseModel("m", demo_path, runtime, ModelCache(tmp_path))
     full = onnx.load(str(model.entry.model_path), load_external_data=False)
     plain = onnx.load(str(model.entry.directory / BASE_MODEL_FILE), load_external_data=False)
     assert len(model.lora_inputs) == 13
+    assert all(bool(lora.table) == (branch == "kernel") for lora in model.lora_inputs)
+    assert {node.domain for node in full.graph.node if node.op_type == "LoraBranch"} == (
+        {"ortmux"} if branch == "kernel" else set()
+    )
     assert not [t for t in plain.graph.initializer if t.name.startswith("ortmux.lora.")]
-    assert len(full.graph.node) - len(plain.graph.node) >= 2 * len(model.lora_inputs)
+    assert not [
+        n for n in plain.graph.node if n.domain == "ortmux" or any("ortmux.lora." in i for i in n.input)
+    ]
+    assert "ortmux" not in {opset.domain for opset in plain.opset_import}
+    per_branch = 1 if branch == "kernel" else 2
+    assert len(full.graph.node) - len(plain.graph.node) >= per_branch * len(model.lora_inputs) - 1
     # both graphs read the same data file: one copy of the weights for both sessions
     locations = {e.value for t in plain.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {model.entry.data_path.name}
@@ -308,3 +320,15 @@ def test_a_failed_load_leaves_no_model_reported_as_loading(demo_path: Path, tmp_
         registry.get("later")
     registry.load("later", demo_path)
     assert [model.name for model in registry.all()] == ["later"]
+
+
+def test_no_request_can_feed_a_branch_input(demo_path: Path, tmp_path: Path) -> None:
+    """The kernel's tables hold addresses: only the worker builds them, no request may name them."""
+    model = _load(demo_path, tmp_path)
+    names = {name for lora in model.lora_inputs for name in lora.names}
+    assert names and not names & {spec.name for spec in model.inputs}
+    assert not names & set(model.feedable_specs())
+    table = np.array([[1 << 40, 1 << 40, 16, 0]], np.int64)
+    for name in sorted(names)[:2]:
+        with pytest.raises(InvalidArgument, match=name.replace(".", r"\.")):
+            model.run({"input_ids": IDS, name: table})

@@ -62,6 +62,13 @@ class Settings:
         "or separate (the original graph optimized on its own: keeps the fusions LoRA branches block, "
         "costs a second weight file).",
     )
+    lora_branch: str = _field(
+        "kernel",
+        "How LoRA branches compute: kernel (the worker's own operator reads each row's factors where "
+        "the adapter keeps them; CPU, compiled on first use with the system's C compiler) or matmul "
+        "(ONNX Runtime's MatMul on per-run copies of the factors). kernel falls back to matmul, with "
+        "a warning, where it cannot serve (no compiler, CUDA first, float16 bases).",
+    )
     quantize: str = _field(
         "none",
         "Quantize float base models once when they enter the cache, before the LoRA rewrite (adapters "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ortmux.worker.engine.lora.graph import BRANCHES
 from ortmux.worker.engine.quantize import QUANTIZE_KINDS
 from ortmux.worker.errors import InvalidArgument
 
@@ -30,6 +31,11 @@ def check_settings(self: Settings) -> None:
         raise InvalidArgument(
             f"setting 'base_graph' must be shared or separate, got '{self.base_graph}'",
             field="base_graph",
+        )
+    if self.lora_branch not in BRANCHES:
+        raise InvalidArgument(
+            f"setting 'lora_branch' must be kernel or matmul, got '{self.lora_branch}'",
+            field="lora_branch",
         )
     if self.intra_op_threads < 0:
         raise InvalidArgument("setting 'intra_op_threads' must be 0 or more", field="intra_op_threads")

@@ -12,7 +12,7 @@ from ortmux.worker.adapters import formats
 from ortmux.worker.adapters.formats import Payload
 from ortmux.worker.adapters.local_store import AdapterMeta
 from ortmux.worker.engine.base_model import BaseModel
-from ortmux.worker.engine.lora.feeds import LoraWeights, rank_bucket
+from ortmux.worker.engine.lora.feeds import Factors, LoraWeights, rank_bucket
 from ortmux.worker.engine.lora.mapping import map_modules
 from ortmux.worker.engine.lora.sites import LoraSite
 from ortmux.worker.engine.quantized_ops import replaced_by
@@ -211,7 +211,7 @@ def _lora_factors(
     no copy, whatever the rank."""
     sizes = {group: (rank_bucket(m.rank), m.a.shape[1], m.b.shape[0]) for group, (m, _bias) in groups.items()}
     block = np.zeros(sum(r * (i + o) for r, i, o in sizes.values()), dtype=np.float32)
-    lora, offset = {}, 0
+    lora, offset = Factors(), 0
     for group, (module, bias) in groups.items():
         rank, (bucket, fan_in, fan_out) = module.rank, sizes[group]
         a = block[offset : offset + fan_in * bucket].reshape(fan_in, bucket)
@@ -224,6 +224,8 @@ def _lora_factors(
         if dtype != block.dtype:  # a float16 (or bfloat16) base: its branches take its type
             a, b = a.astype(dtype), b.astype(dtype)
             bias = bias.astype(dtype) if bias is not None else None
+        elif bias is not None:
+            bias = np.ascontiguousarray(bias, dtype)
         lora[group] = LoraWeights(a=a, b=b, bias=bias)
     return lora
 

@@ -161,6 +161,7 @@ def create_server(
         optimization_level=settings.optimization_level,
         base_graph=settings.base_graph,
         quantize=settings.quantize,
+        lora_branch=settings.lora_branch,
     )
     models = ModelRegistry(
         runtime, ModelCache(settings.cache_path()), settings.overridable, settings.sequence_limits()

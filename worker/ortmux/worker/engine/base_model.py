@@ -125,7 +125,7 @@ class BaseModel:
             cpu=cpu_signature(),
             overridable=self.overridable,
             quantize=f"{quantize}-{QUANTIZE_VERSION}" if quantize else "",
-            rewrite=f"lora-{REWRITE_VERSION}-{runtime.base_graph}"
+            rewrite=f"lora-{REWRITE_VERSION}-{runtime.base_graph}-{runtime.lora_branch_in_force()}"
             if has_batch_dimension(source_model)
             else "",
         )
@@ -139,7 +139,7 @@ class BaseModel:
         base_graph = self.entry.directory / BASE_MODEL_FILE
         self._plain = self.new_session(graph=base_graph) if base_graph.is_file() else self._base
         self.providers: tuple[str, ...] = tuple(self._base.session.get_providers())
-        lora_names = {name for lora in self.lora_inputs for name in (lora.a, lora.b)}
+        lora_names = {name for lora in self.lora_inputs for name in lora.names}
         self.inputs = tuple(
             TensorSpec.from_ort(arg) for arg in self._base.session.get_inputs() if arg.name not in lora_names
         )

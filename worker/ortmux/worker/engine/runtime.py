@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ortmux.worker.engine import kernels
+
 log = logging.getLogger(__name__)
 
 OPTIMIZATION_LEVELS = {
@@ -85,6 +87,21 @@ class RuntimeOptions:
     base_graph: str = "shared"
     # Float bases quantized once when they enter the cache: none, int8 or int4 (engine/quantize.py).
     quantize: str = "none"
+    # LoRA branches: "kernel" reads each row's factors in place (engine/kernels; CPU), "matmul"
+    # feeds copies of them to ONNX Runtime's MatMul. "kernel" falls back to "matmul" with a
+    # warning where the kernel cannot serve (no C compiler, CUDA first).
+    lora_branch: str = "kernel"
+
+    def lora_branch_in_force(self) -> str:
+        """The branch in force: "kernel" when asked for, on CPU, and its library builds."""
+        if self.lora_branch != "kernel":
+            return "matmul"
+        if self.providers and self.providers[0] != "CPUExecutionProvider":
+            _warn_once(
+                f"LoRA kernel off: it runs on CPU and {self.providers[0]} comes first; branches use MatMul"
+            )
+            return "matmul"
+        return "kernel" if kernels.library() is not None else "matmul"
 
     def graph_optimization_level(self) -> ort.GraphOptimizationLevel:
         """The level the cache optimizes at (sessions on cached models run at ORT_DISABLE_ALL)."""
@@ -98,7 +115,14 @@ class RuntimeOptions:
         options.add_session_config_entry("session.use_env_allocators", "1")
         options.graph_optimization_level = optimization
         options.log_severity_level = 3
+        if self.lora_branch_in_force() == "kernel":
+            options.register_custom_ops_library(str(kernels.library()))
         return options
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 @functools.cache

@@ -1,5 +1,9 @@
 """Per-run LoRA inputs: each row of a batch gets its adapter's A and B, or zeros.
 
+With the LoRA kernel (graph.py) a run is fed, per site, only a table of each row's factor
+addresses (:func:`address_rows`, computed once per adapter and model): no factor is copied. What
+follows describes the MatMul branch, which copies them.
+
 For site ``s`` and a batch of ``batch`` rows the run feeds A_rows [batch, in, R] and
 B_rows [batch, R, out]. R is the largest rank among the batch's adapters on that site, rounded
 up to a power of two so that run shapes repeat; padding with zeros is exact. A site no adapter in
@@ -39,6 +43,68 @@ class LoraWeights:
     @property
     def nbytes(self) -> int:
         return self.a.nbytes + self.b.nbytes + (self.bias.nbytes if self.bias is not None else 0)
+
+
+class Factors(dict):
+    """One adapter's :class:`LoraWeights` on one model, by call group; it also keeps the
+    kernel's address rows for that model (:func:`address_rows`), valid while it lives."""
+
+    address_cache: tuple[object, np.ndarray] | None = None
+
+
+def address_rows(weights: Mapping[str, LoraWeights], inputs: Sequence[LoraInput]) -> np.ndarray:
+    """[sites, 4] int64: for each kernel site, the addresses of the adapter's A [in, R] and
+    B [R, out], R and the address of its bias delta (0 where none); zeros where it has no factors.
+
+    The addresses stay valid as long as ``weights`` lives: a run holds its rows' factors."""
+    cached = weights.address_cache if isinstance(weights, Factors) else None
+    if cached is not None and cached[0] is inputs:
+        return cached[1]
+    rows = np.zeros((len(inputs), 4), np.int64)
+    for index, lora in enumerate(inputs):
+        factors = weights.get(lora.site.call_group)
+        if factors is None:
+            continue
+        arrays = [factors.a, factors.b, *([factors.bias] if factors.bias is not None else [])]
+        if any(array.dtype != np.float32 or not array.flags.c_contiguous for array in arrays):
+            raise ValueError(f"the LoRA kernel reads contiguous float32 factors ({lora.site.weight})")
+        bias = factors.bias.ctypes.data if factors.bias is not None else 0
+        rows[index] = (factors.a.ctypes.data, factors.b.ctypes.data, factors.rank, bias)
+    if isinstance(weights, Factors):
+        weights.address_cache = (inputs, rows)
+    return rows
+
+
+def _shared_activation_error(lora: LoraInput) -> ValueError:
+    return ValueError(
+        f"the activation of '{lora.site.node}' is shared by every row: its adapter must have the "
+        "run to itself"
+    )
+
+
+def kernel_feeds(inputs: Sequence[LoraInput], batch: int, spans: Sequence[RowSpan]) -> dict[str, np.ndarray]:
+    """The kernel's address tables of one run, for the sites its adapters touch (the others keep
+    the graph's default: no branch). Building them copies 32 bytes per row and site."""
+    spans = merge_spans(sorted(spans, key=lambda span: span.start))
+    addressed = [(span, address_rows(span.weights, inputs)) for span in spans]
+    if not addressed:
+        return {}
+    tables = np.zeros((len(inputs), batch, 4), np.int64)
+    touched = np.zeros(len(inputs), bool)
+    for span, rows in addressed:
+        tables[:, span.start : span.stop] = rows[:, None, :]
+        touched |= rows[:, 0] != 0
+    feeds = {}
+    for index in np.flatnonzero(touched):
+        lora = inputs[index]
+        if lora.site.per_row:
+            feeds[lora.table] = tables[index]
+            continue
+        users = [span for span, rows in addressed if rows[index, 0]]
+        if len(users) != 1 or (users[0].start, users[0].stop) != (0, batch):
+            raise _shared_activation_error(lora)
+        feeds[lora.table] = tables[index, :1]
+    return feeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +222,8 @@ def build_feeds(
 ) -> dict[str, np.ndarray]:
     """The feeds of one run. With ``buffers`` the arrays are reused between runs (the caller must
     not start a run before the previous one using them has finished)."""
+    if inputs and inputs[0].table:
+        return kernel_feeds(inputs, batch, spans)
     spans = merge_spans(sorted(spans, key=lambda span: span.start))
     feeds: dict[str, np.ndarray] = {}
     plans = []
@@ -167,10 +235,7 @@ def build_feeds(
         rank = rank_bucket(max(weights.rank for _span, weights in users))
         whole = len(users) == 1 and (users[0][0].start, users[0][0].stop) == (0, batch)
         if not site.per_row and not whole:
-            raise ValueError(
-                f"the activation of '{site.node}' is shared by every row: its adapter must have the "
-                "run to itself"
-            )
+            raise _shared_activation_error(lora)
         if whole and users[0][1].rank == rank:
             # One adapter on every row, no padding: [1, in, R] views that MatMul broadcasts over
             # the batch, so no copies and one product for all rows.

@@ -12,6 +12,11 @@ rank with zeros, which is exact. Each input has a default of rank 0 (an overrida
 of shape [1, in, 0]; zeros for a bias), so a run feeds only the branches its adapters touch and a
 base-only run feeds none.
 W stays a constant, so the optimizer still prepacks it.
+
+With the worker's own kernel (``branch="kernel"``, engine/kernels) each site is instead one
+``ortmux.LoraBranch(x, x @ W, table)`` node: ``table`` [batch or 1, 4] gives each row the
+addresses of its adapter's A and B where the adapter keeps them, its rank and its bias delta, so a
+run copies no factors (docs/lora-kernel.md). Its default, one row of zeros, is no branch.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ortmux.worker.engine.kernels import DOMAIN, OP
 from ortmux.worker.engine.lora.shapes import batch_symbol
 from ortmux.worker.engine.lora.targets import ROWS, LoraSite, SiteReport, find_sites
 
@@ -30,17 +36,26 @@ REWRITE_VERSION = 5
 # adapter of the run touches one), and ONNX Runtime plans buffer reuse on equal dimension names.
 RANK_DIM = "ortmux_lora_rank"
 BATCH_DIM = "ortmux_batch"
+TABLE_DIM = "ortmux_lora_rows"
+BRANCHES = ("matmul", "kernel")
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraInput:
-    """The two inputs that feed one site's branch."""
+    """The inputs that feed one site's branch: A, B (and the bias delta) per row, or with the
+    kernel the table of the rows' factor addresses."""
 
     site: LoraSite
     a: str
     b: str
     dtype: int  # onnx TensorProto data type of the weight
     bias: str = ""  # the per-row bias delta's input, where the projection has a bias
+    table: str = ""  # the kernel's per-row address table (then a, b and bias are "")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every graph input of this branch (none of them a client may feed)."""
+        return tuple(name for name in (self.a, self.b, self.bias, self.table) if name)
 
     @property
     def middle_dims(self) -> int:
@@ -65,6 +80,7 @@ class LoraInput:
             b=values["b"],
             dtype=int(values["dtype"]),
             bias=values.get("bias", ""),
+            table=values.get("table", ""),
         )
 
 
@@ -73,11 +89,17 @@ def has_batch_dimension(model: onnx.ModelProto) -> bool:
     return bool(batch_symbol(model))
 
 
+def kernel_serves(sites: list[LoraSite], dtypes: dict[str, int]) -> bool:
+    """The kernel computes in float32: a model with a branch of another type uses MatMul."""
+    return all((site.dtype or dtypes[site.weight]) == TensorProto.FLOAT for site in sites)
+
+
 def rewrite(
-    model: onnx.ModelProto, report: SiteReport | None = None
+    model: onnx.ModelProto, report: SiteReport | None = None, branch: str = "matmul"
 ) -> tuple[onnx.ModelProto, list[LoraInput]]:
     """A copy of ``model`` with a branch on every adaptable site, and the branches' inputs in site
-    order. A model without a batch dimension is returned as is."""
+    order. A model without a batch dimension is returned as is. ``branch`` is "matmul" or
+    "kernel" (the caller has checked the kernel's library loads and :func:`kernel_serves`)."""
     if not has_batch_dimension(model):
         return model, []
     report = report or find_sites(model)
@@ -88,8 +110,14 @@ def rewrite(
     nodes = list(graph.node)
     inputs: list[LoraInput] = []
     extra_nodes: list[onnx.NodeProto] = []
+    if branch == "kernel":
+        rewritten.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     for index, site in enumerate(report.sites):
         prefix = f"ortmux.lora.{index}"
+        if branch == "kernel":
+            lora = _kernel_branch(graph, nodes[site.node_index], site, prefix, index, extra_nodes)
+            inputs.append(dataclasses.replace(lora, dtype=site.dtype or dtypes[site.weight]))
+            continue
         bias = f"{prefix}.bias" if site.bias else ""
         lora = LoraInput(site, f"{prefix}.a", f"{prefix}.b", site.dtype or dtypes[site.weight], bias)
         node = nodes[site.node_index]
@@ -149,6 +177,41 @@ def rewrite(
     return rewritten, inputs
 
 
+def _kernel_branch(
+    graph: onnx.GraphProto,
+    node: onnx.NodeProto,
+    site: LoraSite,
+    prefix: str,
+    index: int,
+    extra_nodes: list[onnx.NodeProto],
+) -> LoraInput:
+    """One LoraBranch node computing the site's output from its activation, the base product and
+    the run's address table. An activation that a Reshape flattened ([batch * rows, in]) is seen
+    as [batch, rows, in]; the base output keeps its own shape, which the kernel's output takes."""
+    lora = LoraInput(site, "", "", TensorProto.FLOAT, table=f"{prefix}.table")
+    base_output = f"{site.output}.ortmux_base"
+    node.output[0] = base_output
+    source = site.activation
+    if site.layout != ROWS:
+        source = f"{prefix}.rows"
+        graph.initializer.append(
+            helper.make_tensor(f"{prefix}.rows_shape", TensorProto.INT64, [3], [0, -1, site.in_features])
+        )
+        extra_nodes.append(
+            helper.make_node("Reshape", [site.activation, f"{prefix}.rows_shape"], [source], name=source)
+        )
+    extra_nodes.append(
+        helper.make_node(
+            OP, [source, base_output, lora.table], [site.output], name=f"{prefix}.branch", domain=DOMAIN
+        )
+    )
+    graph.input.append(
+        helper.make_tensor_value_info(lora.table, TensorProto.INT64, [f"{TABLE_DIM}_{index}", 4])
+    )
+    graph.initializer.append(numpy_helper.from_array(np.zeros([1, 4], np.int64), lora.table))
+    return lora
+
+
 def _topological_sort(graph: onnx.GraphProto) -> None:
     """Order nodes so each comes after the producers of its inputs (ONNX requires it)."""
     available = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer} | {""}
@@ -189,6 +252,18 @@ def strip_branches(optimized: onnx.ModelProto, inputs: list[LoraInput]) -> onnx.
     removed: set[int] = set()
     renamed: dict[str, str] = {}
     for lora in inputs:
+        if lora.table:  # the kernel's node: its output is the base output plus the branch
+            (join,) = consumers[lora.table]
+            removed.add(id(join))
+            base_output = join.input[1]
+            if join.output[0] in outputs:
+                removed.discard(id(join))
+                join.op_type, join.domain = "Identity", ""
+                del join.input[:]
+                join.input.append(base_output)
+            else:
+                renamed[join.output[0]] = base_output
+            continue
         (down,) = consumers[lora.a]
         (up,) = consumers[lora.b]
         removed.update((id(down), id(up)))
@@ -215,11 +290,13 @@ def strip_branches(optimized: onnx.ModelProto, inputs: list[LoraInput]) -> onnx.
             while name in renamed:
                 name = renamed[name]
             node.input[index] = name
-    branch_inputs = {name for lora in inputs for name in (lora.a, lora.b, lora.bias) if name}
+    branch_inputs = {name for lora in inputs for name in lora.names}
     del graph.node[:]
     graph.node.extend(_live(kept, outputs))
     _keep_only(graph.initializer, lambda tensor: tensor.name not in branch_inputs)
     _keep_only(graph.input, lambda value: value.name not in branch_inputs)
+    if not any(node.domain == DOMAIN for node in graph.node):
+        _keep_only(stripped.opset_import, lambda opset: opset.domain != DOMAIN)
     return stripped
 
 

@@ -1,0 +1,97 @@
+"""The worker's own ONNX Runtime operators, compiled from C on the machine that runs them.
+
+``LoraBranch`` (lora_branch.c) computes a projection's LoRA branch for every row of a run from
+per-row addresses of the adapters' factors, so a mixed-adapter run reads each adapter's factors
+where they lie instead of copying them into per-run feeds (docs/lora-kernel.md).
+
+:func:`library` finds the compiled library: beside this module when the install built it
+(``python -m ortmux.worker.engine.kernels``), else in a per-user cache directory, compiling it
+there on first use with the system's C compiler (well under a second). Where that cannot happen
+(no compiler, a runtime without the API it needs), it returns None and says why once; the worker
+then serves LoRA branches with ONNX Runtime's MatMul (copied factors), as exact and slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("lora_branch.c")
+DOMAIN = "ortmux"
+OP = "LoraBranch"
+# The C API version the library asks for (KernelContext_ParallelFor): ONNX Runtime 1.17 or newer.
+MIN_ORT = (1, 17)
+FLAGS = ("-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c11")
+
+
+def _tag() -> str:
+    """What the compiled file depends on: the source and the machine's architecture."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    return f"{platform.machine()}-{digest}"
+
+
+def _file_name() -> str:
+    return f"liblora_branch-{_tag()}.so"
+
+
+def build(directory: Path) -> Path:
+    """Compile the library into ``directory`` (atomically: a reader sees all of it or nothing)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / _file_name()
+    handle, scratch = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=directory)
+    os.close(handle)
+    try:
+        result = subprocess.run(
+            [compiler, *FLAGS, "-o", scratch, str(SOURCE)], capture_output=True, text=True, timeout=120
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(scratch, target)
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+    return target
+
+
+def _cache_directory() -> Path:
+    return Path(tempfile.gettempdir()) / f"ortmux-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
+
+
+@functools.cache
+def library() -> Path | None:
+    """The compiled LoraBranch library, or None (with one warning saying why)."""
+    version = tuple(int(part) for part in ort.__version__.split(".")[:2])
+    if version < MIN_ORT:
+        log.warning("LoRA kernel off: ONNX Runtime %s predates its C API 17", ort.__version__)
+        return None
+    if sys.platform != "linux":
+        log.warning("LoRA kernel off: built for Linux only; branches use MatMul on copied factors")
+        return None
+    for directory in (SOURCE.parent, _cache_directory()):
+        if (directory / _file_name()).is_file():
+            return directory / _file_name()
+    try:
+        return build(_cache_directory())
+    except Exception as exc:  # no compiler, read-only temp, ...
+        log.warning("LoRA kernel off (%s); branches use MatMul on copied factors", exc)
+        return None
+
+
+def main() -> None:
+    """Build the library beside this module (what an image build runs, so pods compile nothing)."""
+    print(build(SOURCE.parent))

@@ -1,0 +1,267 @@
+/* LoraBranch: the LoRA branch of one projection for every row of a run, reading each row's
+ * factors where the adapter keeps them (no copy into per-run feeds).
+ *
+ *   y = base + (x @ A[row]) @ B[row] + bias[row]
+ *
+ * Inputs (domain "ortmux", CPU):
+ *   x     float [rows, ..., in]  the projection's activation (tokens between rows and in)
+ *   base  float [..., out]       the projection's output, rows x tokens x out elements
+ *   table int64 [rows or 1, 4]   per row: address of A [in, rank], address of B [rank, out],
+ *                                rank, address of the bias delta [out] (0: none); a row whose
+ *                                A address is 0 (or rank 0) takes no branch. One table row serves
+ *                                every row (an activation shared by the whole run).
+ * Output: float, the shape of base.
+ *
+ * The addresses are process-internal: the worker builds the table from the resident adapters'
+ * arrays and keeps them alive for the run; clients cannot feed it. Written against the ONNX
+ * Runtime C API (an append-only table of function pointers, OrtApiBase->GetApi(version)); only
+ * the entries below are used, by their index in that table, and the library links nothing of
+ * ONNX Runtime. tests/unit/test_lora_kernel.py checks every entry against the runtime.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define API_VERSION 17u /* KernelContext_ParallelFor arrived in 17 */
+
+/* Indices into OrtApi (onnxruntime_c_api.h, struct OrtApi, in declaration order). */
+enum {
+    API_CreateStatus = 0,
+    API_CreateCustomOpDomain = 26,
+    API_CustomOpDomain_Add = 27,
+    API_AddCustomOpDomain = 28,
+    API_GetTensorMutableData = 51,
+    API_GetDimensionsCount = 61,
+    API_GetDimensions = 62,
+    API_GetTensorTypeAndShape = 65,
+    API_KernelContext_GetInput = 90,
+    API_KernelContext_GetOutput = 91,
+    API_ReleaseTensorTypeAndShapeInfo = 99,
+    API_KernelContext_ParallelFor = 274,
+};
+
+typedef void *Status; /* OrtStatus*: NULL is success */
+typedef struct {
+    const void *const *(*GetApi)(uint32_t version);
+    const char *(*GetVersionString)(void);
+} ApiBase;
+
+typedef Status (*CreateStatusFn)(int code, const char *message);
+typedef Status (*CreateCustomOpDomainFn)(const char *domain, void **out);
+typedef Status (*CustomOpDomainAddFn)(void *domain, const void *op);
+typedef Status (*AddCustomOpDomainFn)(void *options, void *domain);
+typedef Status (*GetTensorMutableDataFn)(void *value, void **out);
+typedef Status (*GetDimensionsCountFn)(const void *info, size_t *out);
+typedef Status (*GetDimensionsFn)(const void *info, int64_t *dims, size_t count);
+typedef Status (*GetTensorTypeAndShapeFn)(const void *value, void **out);
+typedef Status (*GetInputFn)(const void *context, size_t index, const void **out);
+typedef Status (*GetOutputFn)(void *context, size_t index, const int64_t *dims, size_t count, void **out);
+typedef void (*ReleaseInfoFn)(void *info);
+typedef Status (*ParallelForFn)(const void *context, void (*fn)(void *, size_t), size_t total,
+                                size_t num_batch, void *data);
+
+static const void *const *api;
+#define CALL(type, index) ((type)api[index])
+
+enum { ORT_INVALID_ARGUMENT = 2, TYPE_FLOAT = 1, TYPE_INT64 = 7, MAX_DIMS = 8 };
+enum { BLOCK_TOKENS = 16 };
+
+/* OrtCustomOp up to version 16's fields (KernelComputeV2); ORT reads no further at version 16. */
+typedef struct {
+    uint32_t version;
+    void *(*CreateKernel)(const void *op, const void *api, const void *info);
+    const char *(*GetName)(const void *op);
+    const char *(*GetExecutionProviderType)(const void *op);
+    int (*GetInputType)(const void *op, size_t index);
+    size_t (*GetInputTypeCount)(const void *op);
+    int (*GetOutputType)(const void *op, size_t index);
+    size_t (*GetOutputTypeCount)(const void *op);
+    void (*KernelCompute)(void *kernel, void *context);
+    void (*KernelDestroy)(void *kernel);
+    int (*GetInputCharacteristic)(const void *op, size_t index);
+    int (*GetOutputCharacteristic)(const void *op, size_t index);
+    int (*GetInputMemoryType)(const void *op, size_t index);
+    int (*GetVariadicInputMinArity)(const void *op);
+    int (*GetVariadicInputHomogeneity)(const void *op);
+    int (*GetVariadicOutputMinArity)(const void *op);
+    int (*GetVariadicOutputHomogeneity)(const void *op);
+    Status (*CreateKernelV2)(const void *op, const void *api, const void *info, void **kernel);
+    Status (*KernelComputeV2)(void *kernel, void *context);
+} CustomOp;
+
+typedef struct {
+    const float *x;
+    const float *base;
+    float *y;
+    const int64_t *table;
+    int64_t table_rows, rows, tokens, in, out, blocks;
+} Work;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLONES
+#endif
+
+/* Tokens [t0, t1) of one row: xa = x @ A (A's rows read once for the block), then y = base +
+ * xa @ B + bias. The loops run along contiguous memory, so they vectorize without reordering
+ * any sum: each row's result is the same whatever else the run holds. */
+CLONES static void branch_block(const Work *w, const int64_t *entry, int64_t row, int64_t t0, int64_t t1,
+                                float *xa) {
+    const int64_t in = w->in, out = w->out, rank = entry[2], n = t1 - t0;
+    const float *A = (const float *)(intptr_t)entry[0];
+    const float *B = (const float *)(intptr_t)entry[1];
+    const float *bias = (const float *)(intptr_t)entry[3];
+    const float *x = w->x + (row * w->tokens + t0) * in;
+    float *y = w->y + (row * w->tokens + t0) * out;
+    memcpy(y, w->base + (row * w->tokens + t0) * out, (size_t)(n * out) * sizeof(float));
+    if (A != NULL && B != NULL && rank > 0) {
+        memset(xa, 0, (size_t)(n * rank) * sizeof(float));
+        for (int64_t i = 0; i < in; ++i) {
+            const float *a = A + i * rank;
+            for (int64_t t = 0; t < n; ++t) {
+                const float v = x[t * in + i];
+                float *acc = xa + t * rank;
+                for (int64_t r = 0; r < rank; ++r) acc[r] += v * a[r];
+            }
+        }
+        for (int64_t r = 0; r < rank; ++r) {
+            const float *b = B + r * out;
+            for (int64_t t = 0; t < n; ++t) {
+                const float c = xa[t * rank + r];
+                float *dst = y + t * out;
+                for (int64_t o = 0; o < out; ++o) dst[o] += c * b[o];
+            }
+        }
+    }
+    if (bias != NULL) {
+        for (int64_t t = 0; t < n; ++t)
+            for (int64_t o = 0; o < out; ++o) y[t * out + o] += bias[o];
+    }
+}
+
+static void run_task(void *data, size_t task) {
+    const Work *w = (const Work *)data;
+    const int64_t row = (int64_t)task / w->blocks, block = (int64_t)task % w->blocks;
+    const int64_t t0 = block * BLOCK_TOKENS;
+    const int64_t t1 = t0 + BLOCK_TOKENS < w->tokens ? t0 + BLOCK_TOKENS : w->tokens;
+    const int64_t *entry = w->table + 4 * (w->table_rows == 1 ? 0 : row);
+    const int64_t rank = entry[0] != 0 ? entry[2] : 0;
+    float stack[BLOCK_TOKENS * 64];
+    float *xa = stack;
+    if (rank > 64) {
+        xa = (float *)malloc((size_t)(BLOCK_TOKENS * rank) * sizeof(float));
+        if (xa == NULL) abort(); /* a few hundred KiB at most: the table's ranks are checked */
+    }
+    branch_block(w, entry, row, t0, t1, xa);
+    if (xa != stack) free(xa);
+}
+
+static Status fail(const char *message) {
+    return CALL(CreateStatusFn, API_CreateStatus)(ORT_INVALID_ARGUMENT, message);
+}
+
+/* The dimensions of input or output value; their count, or -1. */
+static int64_t shape_of(const void *value, int64_t *dims) {
+    void *info = NULL;
+    size_t count = 0;
+    if (CALL(GetTensorTypeAndShapeFn, API_GetTensorTypeAndShape)(value, &info) != NULL) return -1;
+    int64_t result = -1;
+    if (CALL(GetDimensionsCountFn, API_GetDimensionsCount)(info, &count) == NULL && count <= MAX_DIMS &&
+        CALL(GetDimensionsFn, API_GetDimensions)(info, dims, count) == NULL)
+        result = (int64_t)count;
+    CALL(ReleaseInfoFn, API_ReleaseTensorTypeAndShapeInfo)(info);
+    return result;
+}
+
+static Status compute(void *kernel, void *context) {
+    (void)kernel;
+    const void *values[3];
+    int64_t dims[3][MAX_DIMS], ranks[3], elements[3];
+    for (size_t i = 0; i < 3; ++i) {
+        if (CALL(GetInputFn, API_KernelContext_GetInput)(context, i, &values[i]) != NULL || values[i] == NULL)
+            return fail("LoraBranch: missing input");
+        ranks[i] = shape_of(values[i], dims[i]);
+        if (ranks[i] < 1) return fail("LoraBranch: an input has no shape or too many dimensions");
+        elements[i] = 1;
+        for (int64_t d = 0; d < ranks[i]; ++d) elements[i] *= dims[i][d];
+    }
+    Work w;
+    w.in = dims[0][ranks[0] - 1];
+    w.out = dims[1][ranks[1] - 1];
+    w.rows = dims[0][0];
+    const int64_t tokens = w.in > 0 ? elements[0] / w.in : 0;
+    w.tokens = w.rows > 0 ? tokens / w.rows : 0;
+    w.table_rows = dims[2][0];
+    if (ranks[0] < 2 || ranks[2] != 2 || dims[2][1] != 4)
+        return fail("LoraBranch: x must be [rows, ..., in] and the table [rows, 4]");
+    if (elements[1] != tokens * w.out)
+        return fail("LoraBranch: base does not hold one output per token of x");
+    if (w.table_rows != 1 && w.table_rows != w.rows)
+        return fail("LoraBranch: the table must have one row per row of x, or one for all");
+    void *output = NULL;
+    if (CALL(GetOutputFn, API_KernelContext_GetOutput)(context, 0, dims[1], (size_t)ranks[1], &output) != NULL)
+        return fail("LoraBranch: no output");
+    if (tokens == 0) return NULL;
+    void *data[4];
+    for (size_t i = 0; i < 3; ++i)
+        if (CALL(GetTensorMutableDataFn, API_GetTensorMutableData)((void *)values[i], &data[i]) != NULL)
+            return fail("LoraBranch: unreadable input");
+    if (CALL(GetTensorMutableDataFn, API_GetTensorMutableData)(output, &data[3]) != NULL)
+        return fail("LoraBranch: unwritable output");
+    w.x = data[0];
+    w.base = data[1];
+    w.table = data[2];
+    w.y = data[3];
+    for (int64_t r = 0; r < w.table_rows; ++r) {
+        const int64_t *entry = w.table + 4 * r;
+        if (entry[0] != 0 && (entry[1] == 0 || entry[2] < 0 || entry[2] > (1 << 16)))
+            return fail("LoraBranch: a table row names A without B or a rank out of range");
+    }
+    w.blocks = (w.tokens + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
+    const size_t total = (size_t)(w.rows * w.blocks);
+    if (total == 1) {
+        run_task(&w, 0);
+        return NULL;
+    }
+    return CALL(ParallelForFn, API_KernelContext_ParallelFor)(context, run_task, total, 0, &w);
+}
+
+static void *create_kernel(const void *op, const void *ort_api, const void *info) {
+    (void)op, (void)ort_api, (void)info;
+    return (void *)&api; /* stateless: any non-NULL pointer */
+}
+static Status create_kernel_v2(const void *op, const void *ort_api, const void *info, void **kernel) {
+    *kernel = create_kernel(op, ort_api, info);
+    return NULL;
+}
+static void compute_v1(void *kernel, void *context) { (void)compute(kernel, context); }
+static void destroy_kernel(void *kernel) { (void)kernel; }
+static const char *op_name(const void *op) { (void)op; return "LoraBranch"; }
+static const char *op_provider(const void *op) { (void)op; return "CPUExecutionProvider"; }
+static int input_type(const void *op, size_t index) { (void)op; return index == 2 ? TYPE_INT64 : TYPE_FLOAT; }
+static size_t input_count(const void *op) { (void)op; return 3; }
+static int output_type(const void *op, size_t index) { (void)op, (void)index; return TYPE_FLOAT; }
+static size_t output_count(const void *op) { (void)op; return 1; }
+static int required(const void *op, size_t index) { (void)op, (void)index; return 0; }
+static int default_memory(const void *op, size_t index) { (void)op, (void)index; return 0; }
+static int one(const void *op) { (void)op; return 1; }
+
+static const CustomOp lora_branch = {
+    16,          create_kernel, op_name,        op_provider,    input_type,   input_count,
+    output_type, output_count,  compute_v1,     destroy_kernel, required,     required,
+    default_memory, one,        one,            one,            one,          create_kernel_v2,
+    compute,
+};
+
+/* What SessionOptions.register_custom_ops_library calls. */
+__attribute__((visibility("default"))) Status RegisterCustomOps(void *options, const ApiBase *base) {
+    api = base->GetApi(API_VERSION);
+    if (api == NULL) return NULL; /* a runtime older than 1.17: the worker checks the version first */
+    void *domain = NULL;
+    Status status = CALL(CreateCustomOpDomainFn, API_CreateCustomOpDomain)("ortmux", &domain);
+    if (status == NULL) status = CALL(CustomOpDomainAddFn, API_CustomOpDomain_Add)(domain, &lora_branch);
+    if (status == NULL) status = CALL(AddCustomOpDomainFn, API_AddCustomOpDomain)(options, domain);
+    return status;
+}
