@@ -4,11 +4,15 @@ q_proj/v_proj and 16 on every linear layer), streams of 32-128-token prompts and
 (eos off), each on a random adapter, at 1, 8 and 32 concurrent streams: aggregate tokens/s, time to
 first token and inter-token latency (p50 / p99, measured by the clients). Side by side in the
 same run: plain ONNX Runtime on the same export with a Python loop (base model, batch 1 and 32,
-its KV cache fed back each step), and the same load through the ``openai`` client on the worker's
-HTTP API.
+its KV cache fed back each step), the same load through the ``openai`` client on the worker's HTTP
+API and through tritonclient, and with ``--peers`` the peers of bench/generation_peers.py
+(onnxruntime-genai, PyTorch + PEFT), each in its own virtual environment. Streams draw from 16
+adapters (8 on q_proj/v_proj, 8 on every linear layer; ``--adapters 32`` for all).
 
     /tmp/fx/bin/python bench/make_decoder.py      # once
-    python bench/generation.py [--streams 1 8 32] [--new-tokens 128] [--int8]
+    python bench/generation.py [--streams 1 8 32] [--new-tokens 128] [--int8] [--adapters 16]
+                               [--peers] [--peft-python /tmp/fx/bin/python]
+                               [--genai-python /tmp/genai/bin/python]
 """
 
 from __future__ import annotations
@@ -75,12 +79,15 @@ def as_text(ids: list[int]) -> str:
     return " ".join(f"t{i}" for i in ids)
 
 
-def jobs_of(streams: int, adapters: list[str]) -> list[tuple[list[int], str]]:
-    """Two generations per stream: a random prompt of 32-128 tokens and a random adapter each."""
+def jobs_of(
+    streams: int, adapters: list[str], prompt: tuple[int, int] = (32, 128)
+) -> list[tuple[list[int], str]]:
+    """Two generations per stream: a random prompt of ``prompt`` tokens (shortest, longest) and a
+    random adapter each."""
     rng = np.random.default_rng(streams)
     return [
         (
-            rng.integers(3, 32000, size=int(rng.integers(32, 129))).tolist(),
+            rng.integers(3, 32000, size=int(rng.integers(prompt[0], prompt[1] + 1))).tolist(),
             adapters[int(rng.integers(len(adapters)))],
         )
         for _ in range(streams * 2)
@@ -105,13 +112,21 @@ def through_tritonclient(address: str, streams: int, adapters: list[str], new: i
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def load(address: str, http: int, streams: int, adapters: list[str], new: int, via: str) -> dict:
+def load(
+    address: str,
+    http: int,
+    streams: int,
+    adapters: list[str],
+    new: int,
+    via: str,
+    prompt: tuple[int, int] = (32, 128),
+) -> dict:
     """``streams`` concurrent generations (two rounds of them), each on a random adapter."""
     from ortmux.client import Client
 
     if via == "tritonclient":
         return through_tritonclient(address, streams, adapters, new)
-    jobs = jobs_of(streams, adapters)
+    jobs = jobs_of(streams, adapters, prompt)
     first, gaps, counts = [], [], []
     lock = threading.Lock()
     pending = list(jobs)
@@ -185,15 +200,20 @@ def plain_loop(model: Path, rows: int, new: int) -> float:
 
 def breakdown(model_dir: Path, adapters: list[str], rows: int = 32, past: int = 100) -> list[list[str]]:
     """Where one decode step's time goes at ``rows`` rows and ``past`` cached tokens, in-process:
-    the base-only step, the step with every row on its own adapter, building those rows' LoRA
-    feeds (the copy of each row's factors), and re-laying the cache when a row joins."""
+    the base-only step, the step with the rows spread over ``adapters`` (the row's factors read by
+    the worker's LoRA branch), building those rows' LoRA feeds, and re-laying the cache when a row
+    joins; against the step's floor: the base step, the branches' multiply-adds at its speed, and
+    reading each distinct adapter's factors once at the measured memory bandwidth."""
     import tempfile
+
+    from lora_kernel import read_bandwidth
 
     from ortmux.client import Client
     from ortmux.worker.api.server import start_worker
     from ortmux.worker.engine.lora.feeds import FeedBuffers, RowSpan, build_feeds
     from ortmux.worker.settings import Settings
 
+    bandwidth = read_bandwidth()
     with tempfile.TemporaryDirectory() as data:
         settings = Settings.load(
             [
@@ -213,7 +233,7 @@ def breakdown(model_dir: Path, adapters: list[str], rows: int = 32, past: int = 
         worker = start_worker(settings)
         try:
             with Client(worker.address, timeout=600) as client:
-                for name in adapters[:rows]:
+                for name in adapters:
                     client.register_adapter("llm", name, DECODER / "adapters" / name, replace=True)
             model = worker.dataplane.get_model("llm")
             decoder = worker.dataplane.describe_generation(model).decoder
@@ -228,30 +248,49 @@ def breakdown(model_dir: Path, adapters: list[str], rows: int = 32, past: int = 
                     np.float32
                 )
             names = [decoder.logits, *(p for _n, p in decoder.cache_names())]
-            residents = [worker.dataplane.adapters.use("llm", name) for name in adapters[:rows]]
+            residents = [worker.dataplane.adapters.use("llm", name) for name in adapters]
             loras = [stack.__enter__().lora for stack in residents]
-            spans = [RowSpan(i, i + 1, lora) for i, lora in enumerate(loras)]
+            spans = [RowSpan(i, i + 1, loras[i % len(loras)]) for i in range(rows)]
             buffers = FeedBuffers()
+            sites = {lora.site.call_group: lora.site for lora in model.lora_inputs}
+            factor_bytes = sum(weights.nbytes for lora in loras for weights in lora.values())
+            branch_macs = sum(
+                weights.rank * (sites[group].in_features + sites[group].out_features)
+                for lora in loras
+                for group, weights in lora.items()
+            ) * (rows / len(loras))
+            base_macs = rows * sum(site.in_features * site.out_features for site in sites.values())
 
-            def timed(function, runs: int = 7) -> float:
-                times = []
-                for _ in range(runs):
+            lora_feeds = build_feeds(model.lora_inputs, rows, spans, buffers)
+            caches = [feeds[name] for name, _p in decoder.cache_names()]
+            parts = {
+                "base": lambda: model.run(feeds, names),
+                "build": lambda: build_feeds(model.lora_inputs, rows, spans, buffers),
+                "mixed": lambda: model.run(feeds, names, extra_feeds=lora_feeds),
+                "relay": lambda: [np.concatenate([c[: rows - 1], c[rows - 1 :]]) for c in caches],
+            }
+            times: dict[str, list[float]] = {part: [] for part in parts}
+            for part in parts.values():
+                part()  # warm
+            for _ in range(9):  # interleaved rounds: the machine's drifts touch every part alike
+                for part, function in parts.items():
                     started = time.perf_counter()
                     function()
-                    times.append(time.perf_counter() - started)
-                return float(np.median(times[1:])) * 1000
-
-            base = timed(lambda: model.run(feeds, names))
-            build = timed(lambda: build_feeds(model.lora_inputs, rows, spans, buffers))
-            lora_feeds = build_feeds(model.lora_inputs, rows, spans, buffers)
-            mixed = timed(lambda: model.run(feeds, names, extra_feeds=lora_feeds))
-            caches = [feeds[name] for name, _p in decoder.cache_names()]
-            relay = timed(lambda: [np.concatenate([c[: rows - 1], c[rows - 1 :]]) for c in caches])
+                    times[part].append((time.perf_counter() - started) * 1000)
+            base, build, mixed, relay = (float(np.median(times[part])) for part in parts)
             for stack in residents:
                 stack.__exit__(None, None, None)
+            branch = "kernel" if model.lora_inputs[0].table else "matmul"
         finally:
             worker.stop(0)
     step = mixed + build
+    floor = base * (1 + branch_macs / base_macs) + factor_bytes / bandwidth * 1000
+    print(
+        f"{rows} rows over {len(loras)} adapters ({factor_bytes / 1e6:.0f} MB of factors), "
+        f"lora_branch={branch}, "
+        f"read bandwidth {bandwidth / 1e9:.1f} GB/s; floor of the mixed step {floor:.1f} ms, "
+        f"the step {step:.1f} ms = {step / floor:.2f}x the floor"
+    )
     return [
         ["base-only step", f"{base:.1f}", f"{base / step:.2f}"],
         ["mixed step: run with each row's factors", f"{mixed:.1f}", f"{mixed / step:.2f}"],
@@ -260,9 +299,35 @@ def breakdown(model_dir: Path, adapters: list[str], rows: int = 32, past: int = 
             f"{mixed - base:.1f}",
             f"{(mixed - base) / step:.2f}",
         ],
-        ["mixed step: building the rows' feeds (factor copies)", f"{build:.1f}", f"{build / step:.2f}"],
+        ["mixed step: building the rows' LoRA feeds", f"{build:.1f}", f"{build / step:.2f}"],
         ["re-laying the cache when a row joins or leaves", f"{relay:.1f}", f"{relay / step:.2f}"],
+        ["floor of the mixed step", f"{floor:.1f}", f"{floor / step:.2f}"],
     ]
+
+
+def peers(args: argparse.Namespace) -> list[list[str]]:
+    """The rows of bench/generation_peers.py, each peer run by its own environment's Python."""
+    script = Path(__file__).resolve().parent / "generation_peers.py"
+    rows = []
+    for peer, python in (("peft", args.peft_python), ("genai", args.genai_python)):
+        result = subprocess.run(
+            [python, str(script), peer, "--new-tokens", str(args.new_tokens)],
+            capture_output=True,
+            text=True,
+            timeout=7200,
+        )
+        if result.returncode != 0:
+            print(f"generation_peers.py {peer} failed:\n{result.stderr[-3000:]}")
+            continue
+        for line in result.stdout.splitlines():
+            if line.startswith("{"):
+                values = json.loads(line)
+                name = f"{values['peer']}, {values['run']} (64-token prompts)"
+                rows.append(
+                    [name, f"{values['rows']} rows", f"{values['tokens_per_second']:.1f}", *["-"] * 4]
+                )
+                print(rows[-1], flush=True)
+    return rows
 
 
 def main() -> None:
@@ -276,14 +341,22 @@ def main() -> None:
     parser.add_argument("--skip-openai", action="store_true")
     parser.add_argument("--skip-triton", action="store_true")
     parser.add_argument("--breakdown-only", action="store_true", help="only the in-process step breakdown")
+    parser.add_argument("--adapters", type=int, default=16, choices=[2, 4, 8, 16, 32])
+    parser.add_argument("--peers", action="store_true", help="also run bench/generation_peers.py")
+    parser.add_argument("--peft-python", default="/tmp/fx/bin/python")
+    parser.add_argument("--genai-python", default="/tmp/genai/bin/python")
     args = parser.parse_args()
     if not (DECODER / "onnx" / "model.onnx").is_file():
         raise SystemExit("no bench decoder: run /tmp/fx/bin/python bench/make_decoder.py first")
-    adapters = json.loads((DECODER / "adapters.json").read_text())
+    every = json.loads((DECODER / "adapters.json").read_text())
+    half = args.adapters // 2
+    adapters = [n for n in every if n.startswith("qv-")][:half] + [n for n in every if n.startswith("all-")][
+        :half
+    ]
     model_dir = without_eos(DECODER / "onnx", OUT / "decoder-no-eos")
     if args.breakdown_only:
         steps = breakdown(model_dir, adapters)
-        print("One decode step: 32 rows, 100 cached tokens, an adapter each (in-process, medians):")
+        print("One decode step: 32 rows, 100 cached tokens, in-process, medians of 9 interleaved rounds:")
         print(table(["part", "ms", "share of a mixed step"], steps))
         return
     rows = []
@@ -307,25 +380,32 @@ def main() -> None:
                 vias += ([] if args.skip_openai else ["openai"]) + (
                     [] if args.skip_triton else ["tritonclient"]
                 )
-            for streams in args.streams:
-                for via in vias:
-                    result = load(address, http, streams, adapters, args.new_tokens, via)
-                    rows.append(
-                        [
-                            f"ortmux {kind}, {via} client, random adapter of 32",
-                            str(streams),
-                            f"{result['tokens_per_second']:.1f}",
-                            f"{result['ttft_p50']:.0f}",
-                            f"{result['ttft_p99']:.0f}",
-                            f"{result['itl_p50']:.1f}",
-                            f"{result['itl_p99']:.1f}",
-                        ]
-                    )
-                    print(rows[-1], flush=True)
+            plan = [(streams, via, (32, 128)) for streams in args.streams for via in vias]
+            if args.peers and kind == "float32":  # the peers' load: 64-token prompts, native client
+                plan += [(streams, "native", (64, 64)) for streams in (1, 32)]
+            for streams, via, prompt in plan:
+                result = load(address, http, streams, adapters, args.new_tokens, via, prompt)
+                lengths = "32-128" if prompt == (32, 128) else "64"
+                rows.append(
+                    [
+                        f"ortmux {kind}, {via} client, {lengths}-token prompts, {len(adapters)} adapters",
+                        str(streams),
+                        f"{result['tokens_per_second']:.1f}",
+                        f"{result['ttft_p50']:.0f}",
+                        f"{result['ttft_p99']:.0f}",
+                        f"{result['itl_p50']:.1f}",
+                        f"{result['itl_p99']:.1f}",
+                    ]
+                )
+                print(rows[-1], flush=True)
         finally:
             worker.stop()
+    if args.peers:
+        rows += peers(args)
     # The breakdown sets ONNX Runtime's global thread pool: in a process of its own.
-    subprocess.run([sys.executable, __file__, "--breakdown-only"], check=True)
+    subprocess.run(
+        [sys.executable, __file__, "--breakdown-only", "--adapters", str(args.adapters)], check=True
+    )
     print(
         f"Generation, bench decoder, prompts of 32-128 tokens, {args.new_tokens} new tokens, eos off, "
         "two generations per stream"

@@ -1,8 +1,9 @@
 """Make the bench decoder for bench/generation.py: a Qwen2-style checkpoint (12 layers, d 768, 12
 heads, 4 KV heads, intermediate 3072, vocab 32k, random weights), exported by Optimum with past,
 and 32 rank-16 PEFT adapters (16 on q_proj/v_proj, 16 on every linear layer). Written under
-bench/out/decoder (not in the repository). Needs transformers, PEFT and Optimum, as the fixture
-scripts do (not part of ``make bench``):
+bench/out/decoder (not in the repository), with the checkpoint itself (``checkpoint/``), which
+bench/generation_peers.py gives to onnxruntime-genai's model builder and to PyTorch + PEFT. Needs
+transformers, PEFT and Optimum, as the fixture scripts do (not part of ``make bench``):
 
     /tmp/fx/bin/python bench/make_decoder.py
 """
@@ -10,7 +11,6 @@ scripts do (not part of ``make bench``):
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -41,9 +41,9 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config(), attn_implementation="eager").eval()
-    with tempfile.TemporaryDirectory() as scratch:
-        model.save_pretrained(scratch)
-        main_export(scratch, output=str(OUT / "onnx"), task="text-generation-with-past", no_post_process=True)
+    model.save_pretrained(OUT / "checkpoint")
+    export = {"task": "text-generation-with-past", "no_post_process": True}
+    main_export(str(OUT / "checkpoint"), output=str(OUT / "onnx"), **export)
     targets = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
     made = []
     for kind, modules in targets.items():

@@ -11,7 +11,7 @@ import numpy as np
 from ortmux.client import Client, GenerationChunk
 from ortmux.worker.api.server import Worker
 
-from ..conftest import scrape
+from ..conftest import plain_session, scrape
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "generation"
 INFO = json.loads((FIXTURES / "cases.json").read_text())
@@ -56,3 +56,26 @@ def decode_steps(worker: Worker, model: str) -> tuple[float, float]:
 
 def gauge(worker: Worker, name: str, model: str) -> float:
     return scrape(worker)[(name, (("model", model),))]
+
+
+def plain_greedy(path: Path, ids: list[int], new: int) -> list[int]:
+    """Greedy decoding with plain ONNX Runtime, one sequence, the cache fed back each step."""
+    session = plain_session(path)
+    names = [i.name for i in session.get_inputs()]
+    pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    feeds = {p.name: np.zeros((1, p.shape[1], 0, p.shape[3]), np.float32) for p in pasts}
+    tokens_, current = [], list(ids)
+    length = 0
+    for _ in range(new):
+        feeds["input_ids"] = np.array([current], np.int64)
+        feeds["attention_mask"] = np.ones((1, length + len(current)), np.int64)
+        if "position_ids" in names:
+            feeds["position_ids"] = np.arange(length, length + len(current), dtype=np.int64)[None]
+        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
+        token = int(np.argmax(outputs["logits"][0, -1]))
+        tokens_.append(token)
+        length += len(current)
+        current = [token]
+        for past in pasts:
+            feeds[past.name] = outputs[past.name.replace("past_key_values", "present")]
+    return tokens_

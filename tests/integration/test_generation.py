@@ -29,6 +29,7 @@ from .generation_cases import (
     PROMPTS,
     decode_steps,
     generate_case,
+    plain_greedy,
     prompt_ids,
     reference,
     runs,
@@ -215,31 +216,6 @@ def test_the_cli_streams_generated_text(generation_worker: Worker) -> None:
     assert f"[length: {len(prompt_ids(1))} prompt + {NEW} generated tokens]" in result.stderr
 
 
-def _plain_greedy(path: Path, ids: list[int], new: int) -> list[int]:
-    """Greedy decoding with plain ONNX Runtime, one sequence, the cache fed back each step."""
-    from ..conftest import plain_session
-
-    session = plain_session(path)
-    names = [i.name for i in session.get_inputs()]
-    pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    feeds = {p.name: np.zeros((1, p.shape[1], 0, p.shape[3]), np.float32) for p in pasts}
-    tokens_, current = [], list(ids)
-    length = 0
-    for _ in range(new):
-        feeds["input_ids"] = np.array([current], np.int64)
-        feeds["attention_mask"] = np.ones((1, length + len(current)), np.int64)
-        if "position_ids" in names:
-            feeds["position_ids"] = np.arange(length, length + len(current), dtype=np.int64)[None]
-        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
-        token = int(np.argmax(outputs["logits"][0, -1]))
-        tokens_.append(token)
-        length += len(current)
-        current = [token]
-        for past in pasts:
-            feeds[past.name] = outputs[past.name.replace("past_key_values", "present")]
-    return tokens_
-
-
 def test_an_int8_base_generates_what_plain_onnx_runtime_greedy_decoding_gives(tmp_path: Path) -> None:
     model = tmp_path / "qwen2-int8"
     shutil.copytree(FIXTURES / "qwen2", model)
@@ -261,7 +237,7 @@ def test_an_int8_base_generates_what_plain_onnx_runtime_greedy_decoding_gives(tm
         with Client(running.address, timeout=60) as client:
             for number in PROMPTS:
                 got = tokens(list(client.generate("q", input_ids=prompt_ids(number), max_new_tokens=NEW)))
-                assert got == _plain_greedy(quantized, prompt_ids(number), NEW), number
+                assert got == plain_greedy(quantized, prompt_ids(number), NEW), number
     finally:
         running.stop(0)
 

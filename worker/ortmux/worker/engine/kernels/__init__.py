@@ -69,7 +69,20 @@ def build(directory: Path) -> Path:
 
 
 def _cache_directory() -> Path:
-    return Path(tempfile.gettempdir()) / f"ortmux-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    """A per-user directory under the temporary directory, or, where that name is taken by a
+    directory another user could write (a shared /tmp), a fresh private one: the worker loads
+    code from it."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    directory = Path(tempfile.gettempdir()) / f"ortmux-kernels-{uid}"
+    try:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        status = directory.lstat()
+        if directory.is_symlink() or status.st_uid != uid or status.st_mode & 0o022:
+            raise PermissionError(f"{directory} is not this user's own")
+    except OSError as exc:
+        log.warning("LoRA kernel: %s; building in a private directory", exc)
+        return Path(tempfile.mkdtemp(prefix="ortmux-kernels-"))
+    return directory
 
 
 @functools.cache
@@ -82,11 +95,13 @@ def library() -> Path | None:
     if sys.platform != "linux":
         log.warning("LoRA kernel off: built for Linux only; branches use MatMul on copied factors")
         return None
-    for directory in (SOURCE.parent, _cache_directory()):
-        if (directory / _file_name()).is_file():
-            return directory / _file_name()
+    if (SOURCE.parent / _file_name()).is_file():
+        return SOURCE.parent / _file_name()
     try:
-        return build(_cache_directory())
+        cache = _cache_directory()
+        if (cache / _file_name()).is_file():
+            return cache / _file_name()
+        return build(cache)
     except Exception as exc:  # no compiler, read-only temp, ...
         log.warning("LoRA kernel off (%s); branches use MatMul on copied factors", exc)
         return None
