@@ -11,7 +11,7 @@ adapters (8 on q_proj/v_proj, 8 on every linear layer; ``--adapters 32`` for all
 
     /tmp/fx/bin/python bench/make_decoder.py      # once
     python bench/generation.py [--streams 1 8 32] [--new-tokens 128] [--int8] [--adapters 16]
-                               [--peers] [--peft-python /tmp/fx/bin/python]
+                               [--prompt-tokens 32 128] [--peers] [--peft-python /tmp/fx/bin/python]
                                [--genai-python /tmp/genai/bin/python]
 """
 
@@ -342,6 +342,14 @@ def main() -> None:
     parser.add_argument("--skip-triton", action="store_true")
     parser.add_argument("--breakdown-only", action="store_true", help="only the in-process step breakdown")
     parser.add_argument("--adapters", type=int, default=16, choices=[2, 4, 8, 16, 32])
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        nargs=2,
+        default=[32, 128],
+        metavar=("MIN", "MAX"),
+        help="prompt lengths (the peers run 64 64)",
+    )
     parser.add_argument("--peers", action="store_true", help="also run bench/generation_peers.py")
     parser.add_argument("--peft-python", default="/tmp/fx/bin/python")
     parser.add_argument("--genai-python", default="/tmp/genai/bin/python")
@@ -380,12 +388,10 @@ def main() -> None:
                 vias += ([] if args.skip_openai else ["openai"]) + (
                     [] if args.skip_triton else ["tritonclient"]
                 )
-            plan = [(streams, via, (32, 128)) for streams in args.streams for via in vias]
-            if args.peers and kind == "float32":  # the peers' load: 64-token prompts, native client
-                plan += [(streams, "native", (64, 64)) for streams in (1, 32)]
-            for streams, via, prompt in plan:
+            prompt = tuple(args.prompt_tokens)
+            lengths = f"{prompt[0]}-{prompt[1]}" if prompt[0] != prompt[1] else str(prompt[0])
+            for streams, via in [(streams, via) for streams in args.streams for via in vias]:
                 result = load(address, http, streams, adapters, args.new_tokens, via, prompt)
-                lengths = "32-128" if prompt == (32, 128) else "64"
                 rows.append(
                     [
                         f"ortmux {kind}, {via} client, {lengths}-token prompts, {len(adapters)} adapters",
@@ -407,7 +413,8 @@ def main() -> None:
         [sys.executable, __file__, "--breakdown-only", "--adapters", str(args.adapters)], check=True
     )
     print(
-        f"Generation, bench decoder, prompts of 32-128 tokens, {args.new_tokens} new tokens, eos off, "
+        f"Generation, bench decoder, prompts of {args.prompt_tokens[0]}-{args.prompt_tokens[1]} tokens, "
+        f"{args.new_tokens} new tokens, eos off, "
         "two generations per stream"
     )
     print(
