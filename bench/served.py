@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,45 @@ def main() -> None:
         serve(args, branch)
 
 
+def single_request(address: str, rounds: int, runs: int = 30) -> None:
+    """One 1 x 8 request at a time, through the worker (its batcher, gRPC, the client) against
+    a plain optimized ONNX Runtime session in this process on the same inputs, in interleaved
+    rounds of ``runs`` requests: what the serving path adds to a run. Medians of the rounds'
+    medians."""
+    import onnxruntime as ort
+
+    from ortmux.client import Client
+
+    ids = {"input_ids": np.random.default_rng(0).integers(0, 8000, (1, 8), dtype=np.int64)}
+    session = ort.InferenceSession(str(bench_model()), providers=["CPUExecutionProvider"])
+    served, plain = [], []
+    with Client(address) as client:
+        for _ in range(3):  # warm both
+            client.infer("bench", ids)
+            session.run(None, ids)
+        for _round in range(rounds):
+            for times, call in (
+                (served, lambda: client.infer("bench", ids)),
+                (plain, lambda: session.run(None, ids)),
+            ):
+                samples = []
+                for _ in range(runs):
+                    started = time.perf_counter()
+                    call()
+                    samples.append((time.perf_counter() - started) * 1000)
+                times.append(median(samples))
+    print(f"\nOne 1 x 8 request at a time, base only, medians of {rounds} interleaved rounds of {runs}")
+    print(
+        table(
+            ["path", "ms", "x plain session"],
+            [
+                ["served (worker process, gRPC, client)", median(served), median(served) / median(plain)],
+                ["plain ONNX Runtime session, in-process", median(plain), 1.0],
+            ],
+        )
+    )
+
+
 def serve(args: argparse.Namespace, branch: str) -> None:
     work = OUT / "served"
     shutil.rmtree(work / "data", ignore_errors=True)
@@ -125,6 +165,7 @@ def serve(args: argparse.Namespace, branch: str) -> None:
             f"adapters on 48 projections, medians of {args.rounds} interleaved rounds of {args.seconds:.0f} s"
         )
         print(table(["mode", "req/s", "x base-only", "p50 ms", "p99 ms", "rounds req/s"], rows))
+        single_request(worker.address, args.rounds)
         if args.profile:
             for mode, adapters in MODES.items():
                 raw = work / f"profile-{adapters}.txt"
