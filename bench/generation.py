@@ -383,6 +383,8 @@ def main() -> None:
             with Client(address, timeout=600) as client:
                 for name in adapters:
                     client.register_adapter("llm", name, DECODER / "adapters" / name, replace=True)
+                for name in ["", *adapters]:  # warm: the weights' pages, first runs, each adapter
+                    list(client.generate("llm", input_ids=list(range(3, 67)), adapter=name, max_new_tokens=2))
             vias = ["native"]
             if kind == "float32":
                 vias += ([] if args.skip_openai else ["openai"]) + (

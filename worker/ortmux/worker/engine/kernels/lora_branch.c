@@ -64,7 +64,7 @@ typedef Status (*ParallelForFn)(const void *context, void (*fn)(void *, size_t),
 static const void *const *api;
 #define CALL(type, index) ((type)api[index])
 
-enum { ORT_INVALID_ARGUMENT = 2, TYPE_FLOAT = 1, TYPE_INT64 = 7, MAX_DIMS = 8 };
+enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2, TYPE_FLOAT = 1, TYPE_INT64 = 7, MAX_DIMS = 8 };
 enum { BLOCK_TOKENS = 16 };
 
 /* OrtCustomOp up to version 16's fields (KernelComputeV2); ORT reads no further at version 16. */
@@ -95,7 +95,9 @@ typedef struct {
     const float *base;
     float *y;
     const int64_t *table;
+    const int64_t *order; /* the rows, those of one adapter side by side */
     int64_t table_rows, rows, tokens, in, out, blocks;
+    int failed; /* a task could not allocate its scratch: the run fails, the process lives */
 } Work;
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -156,6 +158,11 @@ CLONES static void up_wide(const float *xa, int64_t rank, const float *B, const 
     }
 }
 
+/* dst += c * src, along contiguous memory (it vectorizes; each element's sum keeps its order). */
+static inline void axpy(float *dst, const float *src, float c, int64_t count) {
+    for (int64_t k = 0; k < count; ++k) dst[k] += c * src[k];
+}
+
 /* Tokens [t0, t1) of one row: xa = x @ A (A's rows read once for the block), then y = base +
  * xa @ B + bias. The loops run along contiguous memory, so they vectorize without reordering
  * any sum: each row's result is the same whatever else the run holds. Ranks that are a multiple
@@ -177,32 +184,18 @@ CLONES static void branch_block(const Work *w, const int64_t *entry, int64_t row
     memcpy(y, base, (size_t)(n * out) * sizeof(float));
     if (A != NULL && B != NULL && rank > 0) {
         memset(xa, 0, (size_t)(n * rank) * sizeof(float));
-        for (int64_t i = 0; i < in; ++i) {
-            const float *a = A + i * rank;
-            for (int64_t t = 0; t < n; ++t) {
-                const float v = x[t * in + i];
-                float *acc = xa + t * rank;
-                for (int64_t r = 0; r < rank; ++r) acc[r] += v * a[r];
-            }
-        }
-        for (int64_t r = 0; r < rank; ++r) {
-            const float *b = B + r * out;
-            for (int64_t t = 0; t < n; ++t) {
-                const float c = xa[t * rank + r];
-                float *dst = y + t * out;
-                for (int64_t o = 0; o < out; ++o) dst[o] += c * b[o];
-            }
-        }
+        for (int64_t i = 0; i < in; ++i)
+            for (int64_t t = 0; t < n; ++t) axpy(xa + t * rank, A + i * rank, x[t * in + i], rank);
+        for (int64_t r = 0; r < rank; ++r)
+            for (int64_t t = 0; t < n; ++t) axpy(y + t * out, B + r * out, xa[t * rank + r], out);
     }
-    if (bias != NULL) {
-        for (int64_t t = 0; t < n; ++t)
-            for (int64_t o = 0; o < out; ++o) y[t * out + o] += bias[o];
-    }
+    if (bias != NULL)
+        for (int64_t t = 0; t < n; ++t) axpy(y + t * out, bias, 1.0f, out);
 }
 
 static void run_task(void *data, size_t task) {
     const Work *w = (const Work *)data;
-    const int64_t row = (int64_t)task / w->blocks, block = (int64_t)task % w->blocks;
+    const int64_t row = w->order[(int64_t)task / w->blocks], block = (int64_t)task % w->blocks;
     const int64_t t0 = block * BLOCK_TOKENS;
     const int64_t t1 = t0 + BLOCK_TOKENS < w->tokens ? t0 + BLOCK_TOKENS : w->tokens;
     const int64_t *entry = w->table + 4 * (w->table_rows == 1 ? 0 : row);
@@ -211,14 +204,49 @@ static void run_task(void *data, size_t task) {
     float *xa = stack;
     if (rank > 64) {
         xa = (float *)malloc((size_t)(BLOCK_TOKENS * rank) * sizeof(float));
-        if (xa == NULL) abort(); /* a few hundred KiB at most: the table's ranks are checked */
+        if (xa == NULL) {
+            __atomic_store_n(&((Work *)data)->failed, 1, __ATOMIC_RELAXED);
+            return;
+        }
     }
     branch_block(w, entry, row, t0, t1, xa);
     if (xa != stack) free(xa);
 }
 
+typedef struct {
+    int64_t key, row;
+} Keyed;
+
+static int by_key(const void *left, const void *right) {
+    const Keyed *a = (const Keyed *)left, *b = (const Keyed *)right;
+    if (a->key != b->key) return a->key < b->key ? -1 : 1;
+    return (a->row > b->row) - (a->row < b->row);
+}
+
+/* The rows in an order that puts the rows of one adapter side by side (by A's address): the pool
+ * hands each thread a contiguous range of tasks, so a thread reads an adapter's factors once for
+ * all its rows there, not once per row. 0 when out of memory. */
+static int row_order(const Work *w, int64_t *order) {
+    Keyed *keyed = (Keyed *)malloc((size_t)w->rows * sizeof(Keyed));
+    if (keyed == NULL) return 0;
+    for (int64_t i = 0; i < w->rows; ++i) {
+        keyed[i].key = w->table_rows == 1 ? 0 : w->table[4 * i];
+        keyed[i].row = i;
+    }
+    qsort(keyed, (size_t)w->rows, sizeof(Keyed), by_key);
+    for (int64_t i = 0; i < w->rows; ++i) order[i] = keyed[i].row;
+    free(keyed);
+    return 1;
+}
+
 static Status fail(const char *message) {
     return CALL(CreateStatusFn, API_CreateStatus)(ORT_INVALID_ARGUMENT, message);
+}
+
+/* The words ONNX Runtime's own allocation failures carry, which the worker answers as
+ * RESOURCE_EXHAUSTED. */
+static Status out_of_memory(void) {
+    return CALL(CreateStatusFn, API_CreateStatus)(ORT_FAIL, "LoraBranch: Failed to allocate memory");
 }
 
 /* The dimensions of input or output value; their count, or -1. */
@@ -280,11 +308,21 @@ static Status compute(void *kernel, void *context) {
     }
     w.blocks = (w.tokens + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
     const size_t total = (size_t)(w.rows * w.blocks);
-    if (total == 1) {
-        run_task(&w, 0);
-        return NULL;
+    int64_t *order = (int64_t *)malloc((size_t)w.rows * sizeof(int64_t));
+    if (order == NULL || !row_order(&w, order)) {
+        free(order);
+        return out_of_memory();
     }
-    return CALL(ParallelForFn, API_KernelContext_ParallelFor)(context, run_task, total, 0, &w);
+    w.order = order;
+    w.failed = 0;
+    Status status = NULL;
+    if (total == 1)
+        run_task(&w, 0);
+    else
+        status = CALL(ParallelForFn, API_KernelContext_ParallelFor)(context, run_task, total, 0, &w);
+    free(order);
+    if (status == NULL && __atomic_load_n(&w.failed, __ATOMIC_RELAXED)) return out_of_memory();
+    return status;
 }
 
 static void *create_kernel(const void *op, const void *ort_api, const void *info) {
