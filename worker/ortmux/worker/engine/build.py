@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 
 from ortmux.worker.engine.cache import BASE_DATA_FILE, BASE_MODEL_FILE, MODEL_FILE, CacheKey, optimize_into
-from ortmux.worker.engine.lora.graph import LoraInput, kernel_serves, rewrite, strip_branches
+from ortmux.worker.engine.lora.graph import LoraInput, rewrite, strip_branches
 from ortmux.worker.engine.lora.targets import SiteReport, carry_names, find_sites, projection_names
 from ortmux.worker.engine.providers import CUDA
 from ortmux.worker.engine.quantize import quantize_model
@@ -181,11 +181,9 @@ class EntryBuilder:
             if graph is not self._graph:  # quantized by the worker
                 report = carry_names(report, projection_names(self._graph))
             branch = self.runtime.lora_branch_in_force()
-            dtypes = {tensor.name: tensor.data_type for tensor in graph.graph.initializer}
-            if branch == "kernel" and not kernel_serves(report.sites, dtypes):
-                log.info("model '%s': LoRA branches use MatMul (the kernel computes float32 only)", self.name)
-                branch = "matmul"
             rewritten, inputs = rewrite(graph, report, branch)
+            if branch == "kernel" and inputs and not inputs[0].table:
+                log.info("model '%s': LoRA branches use MatMul (the kernel computes float32 only)", self.name)
             return rewritten, inputs, report
         except Exception as exc:  # a graph the rewrite cannot handle is served without LoRA
             log.warning("model '%s' is served without LoRA adapters: %s", self.name, exc)

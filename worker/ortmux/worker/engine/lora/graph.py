@@ -99,7 +99,8 @@ def rewrite(
 ) -> tuple[onnx.ModelProto, list[LoraInput]]:
     """A copy of ``model`` with a branch on every adaptable site, and the branches' inputs in site
     order. A model without a batch dimension is returned as is. ``branch`` is "matmul" or
-    "kernel" (the caller has checked the kernel's library loads and :func:`kernel_serves`)."""
+    "kernel" (the caller has checked the kernel's library loads); a model the kernel does not
+    serve (:func:`kernel_serves`) gets MatMul branches, which its inputs show (no ``table``)."""
     if not has_batch_dimension(model):
         return model, []
     report = report or find_sites(model)
@@ -110,32 +111,19 @@ def rewrite(
     nodes = list(graph.node)
     inputs: list[LoraInput] = []
     extra_nodes: list[onnx.NodeProto] = []
+    if branch == "kernel" and not kernel_serves(report.sites, dtypes):
+        branch = "matmul"  # the kernel computes float32 only
     if branch == "kernel":
         rewritten.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     for index, site in enumerate(report.sites):
         prefix = f"ortmux.lora.{index}"
+        base_output, source = _branch_point(graph, nodes[site.node_index], site, prefix, extra_nodes)
         if branch == "kernel":
-            lora = _kernel_branch(graph, nodes[site.node_index], site, prefix, index, extra_nodes)
-            inputs.append(dataclasses.replace(lora, dtype=site.dtype or dtypes[site.weight]))
+            inputs.append(_kernel_branch(graph, site, prefix, index, base_output, source, extra_nodes))
             continue
         bias = f"{prefix}.bias" if site.bias else ""
         lora = LoraInput(site, f"{prefix}.a", f"{prefix}.b", site.dtype or dtypes[site.weight], bias)
-        node = nodes[site.node_index]
-        base_output = f"{site.output}.ortmux_base"
-        node.output[0] = base_output
-        source, down, delta = site.activation, f"{prefix}.xa", f"{prefix}.delta"
-        if site.layout != ROWS:
-            # [batch, in] -> [batch, 1, in], and [batch, ..., in] that a Reshape flattened ->
-            # [batch, rows, in]: each request's rows meet its own factors.
-            source = f"{prefix}.rows"
-            graph.initializer.append(
-                helper.make_tensor(f"{prefix}.rows_shape", TensorProto.INT64, [3], [0, -1, site.in_features])
-            )
-            extra_nodes.append(
-                helper.make_node(
-                    "Reshape", [site.activation, f"{prefix}.rows_shape"], [source], name=f"{prefix}.rows"
-                )
-            )
+        down, delta = f"{prefix}.xa", f"{prefix}.delta"
         extra_nodes.append(helper.make_node("MatMul", [source, lora.a], [down], name=f"{prefix}.down"))
         rows = delta if site.layout == ROWS else f"{delta}.rows"
         up = f"{prefix}.xab" if bias else rows
@@ -177,29 +165,43 @@ def rewrite(
     return rewritten, inputs
 
 
-def _kernel_branch(
+def _branch_point(
     graph: onnx.GraphProto,
     node: onnx.NodeProto,
     site: LoraSite,
     prefix: str,
-    index: int,
     extra_nodes: list[onnx.NodeProto],
-) -> LoraInput:
-    """One LoraBranch node computing the site's output from its activation, the base product and
-    the run's address table. An activation that a Reshape flattened ([batch * rows, in]) is seen
-    as [batch, rows, in]; the base output keeps its own shape, which the kernel's output takes."""
-    lora = LoraInput(site, "", "", TensorProto.FLOAT, table=f"{prefix}.table")
+) -> tuple[str, str]:
+    """Where a site's branch joins: the projection's output renamed to its base product (the
+    branch writes the original name), and the activation the branch reads, as rows. [batch, in]
+    becomes [batch, 1, in], and [batch, ..., in] that a Reshape flattened becomes [batch, rows, in]:
+    each request's rows meet its own factors. Returns (base output, activation)."""
     base_output = f"{site.output}.ortmux_base"
     node.output[0] = base_output
-    source = site.activation
-    if site.layout != ROWS:
-        source = f"{prefix}.rows"
-        graph.initializer.append(
-            helper.make_tensor(f"{prefix}.rows_shape", TensorProto.INT64, [3], [0, -1, site.in_features])
-        )
-        extra_nodes.append(
-            helper.make_node("Reshape", [site.activation, f"{prefix}.rows_shape"], [source], name=source)
-        )
+    if site.layout == ROWS:
+        return base_output, site.activation
+    source = f"{prefix}.rows"
+    graph.initializer.append(
+        helper.make_tensor(f"{prefix}.rows_shape", TensorProto.INT64, [3], [0, -1, site.in_features])
+    )
+    extra_nodes.append(
+        helper.make_node("Reshape", [site.activation, f"{prefix}.rows_shape"], [source], name=source)
+    )
+    return base_output, source
+
+
+def _kernel_branch(
+    graph: onnx.GraphProto,
+    site: LoraSite,
+    prefix: str,
+    index: int,
+    base_output: str,
+    source: str,
+    extra_nodes: list[onnx.NodeProto],
+) -> LoraInput:
+    """One LoraBranch node computing the site's output from its activation (as rows), the base
+    product and the run's address table; the output takes the base product's shape."""
+    lora = LoraInput(site, "", "", TensorProto.FLOAT, table=f"{prefix}.table")
     extra_nodes.append(
         helper.make_node(
             OP, [source, base_output, lora.table], [site.output], name=f"{prefix}.branch", domain=DOMAIN
@@ -254,14 +256,13 @@ def strip_branches(optimized: onnx.ModelProto, inputs: list[LoraInput]) -> onnx.
     for lora in inputs:
         if lora.table:  # the kernel's node: its output is the base output plus the branch
             (join,) = consumers[lora.table]
-            removed.add(id(join))
             base_output = join.input[1]
             if join.output[0] in outputs:
-                removed.discard(id(join))
                 join.op_type, join.domain = "Identity", ""
                 del join.input[:]
                 join.input.append(base_output)
             else:
+                removed.add(id(join))
                 renamed[join.output[0]] = base_output
             continue
         (down,) = consumers[lora.a]
