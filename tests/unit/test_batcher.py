@@ -23,11 +23,13 @@ class Recorder:
         if not hold:
             self.release.set()
         self.started = threading.Event()
+        self.widths: list[int] = []
 
     def __call__(self, requests: Sequence[QueuedRequest]) -> list:
         self.started.set()
         self.release.wait(10)
         self.batches.append([r.fairness_key for r in requests])
+        self.widths += [r.inputs["x"].shape[1] for r in requests]
         return [{"y": r.inputs["x"] * 2} for r in requests]
 
 
@@ -129,17 +131,23 @@ def test_a_flooding_tenant_cannot_starve_another() -> None:
     batcher.close()
 
 
-def test_priority_runs_first() -> None:
+def test_priority_orders_a_tenants_own_requests_and_never_one_tenant_against_another() -> None:
     recorder = Recorder(hold=True)
     batcher = Batcher("m", recorder, BatchLimits(max_batch_rows=1, max_delay=0.0))
     batcher.submit(request("block", batchable=False))
     assert recorder.started.wait(5)
-    low = [batcher.submit(request("low")) for _ in range(3)]
-    high = batcher.submit(request("high", priority=5))
+    quiet = [batcher.submit(request("quiet")) for _ in range(2)]
+    loud = [batcher.submit(request("loud", width=2 + i, priority=0)) for i in range(2)]
+    loud.append(batcher.submit(request("loud", width=9, priority=100)))
     recorder.release.set()
-    for q in [*low, high]:
+    for q in [*quiet, *loud]:
         q.future.result(5)
-    assert [b[0] for b in recorder.batches[1:]] == ["high", "low", "low", "low"]
+    runs = recorder.batches[1:]
+    # round-robin across tenants whatever priority they claim: quiet is not pushed back
+    assert runs == [["quiet"], ["loud"], ["quiet"], ["loud"], ["loud"]]
+    # inside its own queue the loud tenant's urgent request went first
+    assert loud[2].future.result(5).outputs["y"].shape == (1, 9)
+    assert recorder.widths[1:3] == [4, 9]
     batcher.close()
 
 

@@ -39,6 +39,18 @@ class Settings:
         "Port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, "
         "/health); 0 picks a free port (logged at start), -1 turns it off.",
     )
+    http_max_body_bytes: int = _field(
+        8 * 1024 * 1024,
+        "Largest HTTP request body in bytes; a larger one is answered 413 before more of it is read.",
+    )
+    http_header_timeout_seconds: float = _field(
+        10.0,
+        "Seconds an HTTP client has to send a request's headers (from connecting, or from the end of "
+        "its previous response on a kept-alive connection); then the connection is closed.",
+    )
+    http_body_timeout_seconds: float = _field(
+        30.0, "Seconds an HTTP client has to send a request's whole body; then it is answered 408."
+    )
     metrics_port: int = _field(9095, "Prometheus /metrics port; 0 picks a free port, -1 turns metrics off.")
     data_dir: Path = _field(Path("ortmux-data"), "Directory for the demo model, caches and adapters.")
     models: list[str] = _field(
@@ -145,6 +157,11 @@ class Settings:
         2048,
         "Prompt tokens prefilled between two decode steps (a longer prompt is prefilled alone), so a "
         "long prompt does not stall every running generation for long.",
+    )
+    max_generation_seconds: float = _field(
+        600.0,
+        "Longest one generation may take from its arrival, whichever front end sent it (a client's "
+        "shorter deadline wins); then it ends with DEADLINE_EXCEEDED. 0: no limit of the worker's.",
     )
     memory_limit_bytes: int = _field(
         0,

@@ -58,6 +58,7 @@ def check_settings(self: Settings) -> None:
         "max_queue_size",
         "stream_window",
         "max_request_elements",
+        "http_max_body_bytes",
     ):
         if getattr(self, name) < 1:
             raise InvalidArgument(f"setting '{name}' must be 1 or more", field=name)
@@ -95,9 +96,15 @@ def check_settings(self: Settings) -> None:
         "adapter_store_lookups_per_second",
         "adapter_orphan_grace_seconds",
         "adapter_gc_seconds",
+        "http_header_timeout_seconds",
+        "http_body_timeout_seconds",
     ):
         if getattr(self, name) <= 0:
             raise InvalidArgument(f"setting '{name}' must be more than 0", field=name)
+    if self.max_generation_seconds < 0:
+        raise InvalidArgument(
+            "setting 'max_generation_seconds' must be 0 (no limit) or more", field="max_generation_seconds"
+        )
     if self.adapter_disk_bytes < 0:
         raise InvalidArgument("setting 'adapter_disk_bytes' must be 0 or more", field="adapter_disk_bytes")
     self.sequence_limits()

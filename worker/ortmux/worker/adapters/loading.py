@@ -53,12 +53,18 @@ def _materialize(model: BaseModel, parsed: formats.ParsedAdapter) -> tuple[Resid
     if parsed.format == formats.PEFT_LORA:
         return _peft(model, parsed)
     if parsed.format == formats.ORT_ADAPTER:
-        specs = model.feedable_specs()
+        specs = model.weight_specs()
         for name, array in parsed.tensors.items():
+            if name in model.feedable_specs() and name not in specs:
+                raise InvalidArgument(
+                    f"adapter tensor '{name}' is an input of model '{model.name}', which requests "
+                    "give; an adapter replaces only overridable weights",
+                    field="tensors",
+                )
             _check_tensor(model, name, array, specs)
         nbytes = sum(array.nbytes for array in parsed.tensors.values())
         return Resident(feeds=dict(parsed.tensors), nbytes=nbytes), 0, sorted(parsed.tensors)
-    specs = model.feedable_specs()
+    specs = model.weight_specs()
     for name, array in parsed.tensors.items():
         if name not in model.overridable:
             quantized = replaced_by(name, model.quantized)
@@ -250,7 +256,7 @@ def _check_tensor(
     spec = specs.get(name)
     if spec is None:
         raise InvalidArgument(
-            f"adapter tensor '{name}' is neither an input nor an overridable weight of model '{model.name}'",
+            f"adapter tensor '{name}' is not an overridable weight of model '{model.name}'",
             field="tensors",
         )
     dtype, shape = spec

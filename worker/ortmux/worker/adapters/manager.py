@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -40,17 +39,17 @@ from ortmux.worker.adapters.records import (
     exists_error,
     not_found,
     store_down,
+    validate_adapter_id,
 )
 from ortmux.worker.adapters.residency import Residency
 from ortmux.worker.adapters.shared_store import SharedStore
 from ortmux.worker.adapters.store_mirror import StoreMirror
 from ortmux.worker.adapters.uploads import UploadHeader, UploadTrailer, receive_path, receive_upload
 from ortmux.worker.engine.base_model import BaseModel
-from ortmux.worker.errors import InvalidArgument, ResourceExhausted, Unavailable
+from ortmux.worker.errors import ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
-ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DELETE_WAIT_SECONDS = 60.0
 
 __all__ = [
@@ -78,15 +77,6 @@ class AdapterInfo:
     created_at: float
     last_used_at: float
     sha256: str
-
-
-def validate_adapter_id(adapter_id: str) -> None:
-    if not ADAPTER_ID.match(adapter_id or ""):
-        raise InvalidArgument(
-            f"adapter id {adapter_id!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit",
-            field="adapter_id",
-        )
 
 
 class AdapterManager:

@@ -26,7 +26,14 @@ READ_CHUNK_BYTES = 1 << 20
 
 
 class StoreUnavailable(Exception):
-    """The object store could not be reached or refused the request; the message says which."""
+    """The object store could not be reached or refused the request. ``str()`` is the whole story
+    for the worker's log (the store's address, the key, the client library's words); ``public``
+    is what a caller is told: the operation and the kind of failure, nothing of where the store
+    is or how it is laid out."""
+
+    def __init__(self, detail: str, public: str = "") -> None:
+        super().__init__(detail)
+        self.public = public or "the adapter store failed to answer"
 
 
 class Conflict(Exception):
@@ -151,10 +158,14 @@ class S3Objects:
                 raise Conflict(what) from None
             raise StoreUnavailable(
                 f"adapter store {self.description}: {what} failed: {code or status} "
-                f"{error.get('Message', '')}".rstrip()
+                f"{error.get('Message', '')}".rstrip(),
+                f"the adapter store refused a {operation} ({code or status})",
             ) from None
         except BotoCoreError as exc:
-            raise StoreUnavailable(f"adapter store {self.description}: {what} failed: {exc}") from None
+            raise StoreUnavailable(
+                f"adapter store {self.description}: {what} failed: {exc}",
+                f"the adapter store did not answer a {operation} ({type(exc).__name__})",
+            ) from None
         finally:
             with self.counters.lock:
                 counts = self.counters.operations[operation]

@@ -4,14 +4,31 @@ its limits, and the errors it answers with."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 import threading
 
 from ortmux.worker.adapters.loading import Resident
 from ortmux.worker.adapters.local_store import AdapterMeta, Key
 from ortmux.worker.adapters.object_store import StoreUnavailable
-from ortmux.worker.errors import AlreadyExists, NotFound, Unavailable
+from ortmux.worker.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
 
 STORE_RETRY_SECONDS = 5.0
+ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def validate_adapter_id(adapter_id: str, field: str = "adapter_id") -> None:
+    """InvalidArgument unless ``adapter_id`` is 1-128 letters, digits, '.', '_' or '-' starting
+    with a letter or digit: checked when an adapter is registered and on every lookup, so no
+    id reaches a path, a store key or the log that no registration could have made."""
+    if not ADAPTER_ID.match(adapter_id or ""):
+        raise InvalidArgument(
+            f"adapter id {adapter_id[:300]!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit",
+            field=field,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +95,8 @@ def exists_error(adapter_id: str, model: str) -> AlreadyExists:
 
 
 def store_down(exc: StoreUnavailable, consequence: str) -> Unavailable:
+    """What a caller is told of a store failure: the store's address and keys stay in the log."""
+    log.warning("%s; %s", exc, consequence)
     return Unavailable(
-        f"{exc}; {consequence}", reason="ADAPTER_STORE_UNAVAILABLE", retry_after=STORE_RETRY_SECONDS
+        f"{exc.public}; {consequence}", reason="ADAPTER_STORE_UNAVAILABLE", retry_after=STORE_RETRY_SECONDS
     )

@@ -116,7 +116,7 @@ class Residency:
                 raise store_down(exc, f"adapter '{key[2]}' is not on this pod's disk") from None
             if not found or digest.hexdigest() != meta.sha256:
                 raise Unavailable(
-                    f"adapter '{key[2]}' changed in {self.shared.description} while it was loading; retry",
+                    f"adapter '{key[2]}' changed in the adapter store while it was loading; retry",
                     retry_after=0.5,
                 )
             payload = pending.finish(sync=False)

@@ -15,7 +15,14 @@ from collections.abc import Callable
 
 from ortmux.worker.adapters.local_store import AdapterMeta, AdapterStore, Key
 from ortmux.worker.adapters.object_store import Conflict, StoreUnavailable
-from ortmux.worker.adapters.records import Record, Records, exists_error, not_found, store_down
+from ortmux.worker.adapters.records import (
+    Record,
+    Records,
+    exists_error,
+    not_found,
+    store_down,
+    validate_adapter_id,
+)
 from ortmux.worker.adapters.shared_store import SharedStore
 from ortmux.worker.errors import ResourceExhausted
 from ortmux.worker.quotas import TokenBuckets
@@ -90,6 +97,7 @@ class StoreMirror:
     def find(self, key: Key, field: str) -> Record:
         """The live record of ``key``; an id this pod does not know is looked up in the shared store
         (at most ``store_lookups_per_second`` per tenant; "not there" believed for a second)."""
+        validate_adapter_id(key[2], field)
         with self._records.lock:
             record = self._records.entries.get(key)
             if record is not None and not record.deleting:

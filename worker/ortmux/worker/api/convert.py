@@ -19,6 +19,7 @@ from ortmux.worker.dataplane import DataPlane, InferenceRequest, InferenceResult
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.specs import TensorSpec
 from ortmux.worker.errors import InvalidArgument
+from ortmux.worker.request_bounds import check_length
 from ortmux.worker.streaming import AnswerStream, Incoming, StreamAnswer
 
 
@@ -96,15 +97,7 @@ def loading_model_to_proto(name: str) -> models_pb2.ModelInfo:
     return models_pb2.ModelInfo(name=name, state=models_pb2.MODEL_STATE_LOADING)
 
 
-MAX_NAME_CHARS = 256  # model, adapter, request id, tensor and output names
 MAX_NAMES = 256  # inputs or output names per request
-
-
-def check_length(value: str, field: str) -> None:
-    if len(value) > MAX_NAME_CHARS:
-        raise InvalidArgument(
-            f"{field} is {len(value)} characters long, over the limit of {MAX_NAME_CHARS}", field=field
-        )
 
 
 NO_DEADLINE_SECONDS = 10**7  # what gRPC reports as time remaining for a call without a deadline

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ortmux.v1 import inference_pb2, models_pb2
-from ortmux.worker.api.convert import check_length
 from ortmux.worker.dataplane import GenerationRequest
 from ortmux.worker.dataplane.generation import ModelGeneration
 from ortmux.worker.errors import InvalidArgument
@@ -21,13 +20,9 @@ def request_from_proto(
     is_active: Callable[[], bool],
     tenant: str,
 ) -> GenerationRequest:
-    for field in ("model", "adapter", "request_id"):
-        check_length(getattr(message, field), field)
     which = message.WhichOneof("input")
     if which is None:
         raise InvalidArgument("give a prompt (text) or input_ids", field="prompt")
-    if any(len(stop) > 256 for stop in message.stop):
-        raise InvalidArgument("a stop string is longer than 256 characters", field="stop")
     return GenerationRequest(
         model=message.model,
         adapter=message.adapter,

@@ -17,11 +17,11 @@ import ml_dtypes
 import numpy as np
 
 from ortmux.common import tensors
-from ortmux.worker.api.convert import MAX_NAME_CHARS
 from ortmux.worker.api.inference_v2 import grpc_service_pb2 as oip
 from ortmux.worker.dataplane import InferenceRequest, InferenceResult
 from ortmux.worker.engine.specs import TensorSpec
 from ortmux.worker.errors import InvalidArgument
+from ortmux.worker.request_bounds import MAX_NAME_CHARS
 
 LORA_PARAMETER = "lora_name"
 

@@ -78,6 +78,13 @@ def parse(
         raise InvalidArgument(
             "sampling_parameters 'stop' must be a string or a list of strings", field="stop"
         )
+    stop_ids = sampling.get("stop_token_ids", [])
+    if not isinstance(stop_ids, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in stop_ids
+    ):
+        raise InvalidArgument(
+            "sampling_parameters 'stop_token_ids' must be a list of token ids", field="stop_token_ids"
+        )
     top_k = int(sampling.get("top_k", 0))
     return TritonGeneration(
         request=GenerationRequest(
@@ -92,7 +99,7 @@ def parse(
                 seed=int(sampling["seed"]) if "seed" in sampling else None,
             ),
             stop=tuple(stop),
-            stop_ids=tuple(int(i) for i in sampling.get("stop_token_ids", [])),
+            stop_ids=tuple(stop_ids),
             request_id=request.id,
             tenant=tenant,
             deadline=deadline,
@@ -202,7 +209,7 @@ def _sampling(value: object) -> dict[str, object]:
             kind = NUMBERS.get(key, type(NEUTRAL.get(key)))
             try:
                 number = kind(float(raw)) if kind is int else kind(raw)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise InvalidArgument(
                     f"sampling_parameters '{key}' must be a number, got {raw!r}", field=key
                 ) from None

@@ -214,6 +214,7 @@ def create_server(
         requests.feed_pool,
         requests.memory,
         TokenQuota(settings.tenant_max_generated_tokens_per_minute),
+        settings.max_generation_seconds,
     )
     dataplane = DataPlane(management, requests, adapters, statistics, generation)
     metrics.watch_generation(generation.loops, kv)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
@@ -29,10 +30,10 @@ from ortmux.worker.generation.sampling import Sampler, SamplingParams
 from ortmux.worker.generation.text import TextStream
 from ortmux.worker.observability.metrics import Metrics
 from ortmux.worker.quotas import RequestQuotas, TokenQuota
+from ortmux.worker.request_bounds import MAX_STOP, MAX_STOP_CHARS, check_length
 from ortmux.worker.scheduler.decode_loop import DecodeLimits, DecodeLoop
 
 MAX_NEW_TOKENS = 1 << 16
-MAX_STOP = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +102,7 @@ class GenerationPath:
         feed_pool: FeedPool | None = None,
         memory: MemoryGuard | None = None,
         tokens: TokenQuota | None = None,
+        max_seconds: float = 0.0,
     ) -> None:
         self.models = models
         self.adapters = adapters
@@ -111,6 +113,7 @@ class GenerationPath:
         self.feed_pool = feed_pool or FeedPool(1 << 30)
         self.memory = memory or MemoryGuard(0)
         self.tokens = tokens or TokenQuota()
+        self.max_seconds = max_seconds  # the worker's own bound on one generation (0: none)
         self._loops: dict[str, DecodeLoop] = {}
         # per model object: what its files say, read once (a model loaded again is read again)
         self._files: weakref.WeakKeyDictionary[BaseModel, ModelGeneration] = weakref.WeakKeyDictionary()
@@ -152,6 +155,8 @@ class GenerationPath:
             loop.close()
 
     def generate(self, request: GenerationRequest) -> GenerationStream:
+        for field in ("model", "adapter", "request_id"):
+            check_length(getattr(request, field), field)
         model = self.models.get(request.model)
         info = self.describe(model)
         if info.decoder is None:
@@ -202,7 +207,7 @@ class GenerationPath:
                 exclusive=bool(adapter and adapter.exclusive),
                 fairness_key=fairness_key(tenant, request.adapter),
                 priority=request.priority,
-                deadline=request.deadline,
+                deadline=self._deadline(request.deadline),
                 is_active=lambda: not cancelled.is_set() and active(),
                 on_done=held.close,
             )
@@ -211,6 +216,13 @@ class GenerationPath:
             held.close()
             raise
         return GenerationStream(job, cancelled)
+
+    def _deadline(self, asked: float | None) -> float | None:
+        """The caller's deadline, or the worker's own (``max_generation_seconds``) if sooner."""
+        if not self.max_seconds:
+            return asked
+        own = time.monotonic() + self.max_seconds
+        return own if asked is None else min(asked, own)
 
     def _loop(self, model: BaseModel, info: ModelGeneration) -> DecodeLoop:
         assert info.decoder is not None
@@ -272,6 +284,8 @@ class GenerationPath:
         request.sampling.check()
         if len(request.stop) > MAX_STOP or len(request.stop_ids) > MAX_STOP:
             raise InvalidArgument(f"at most {MAX_STOP} stop strings and {MAX_STOP} stop ids", field="stop")
+        if any(len(stop) > MAX_STOP_CHARS for stop in request.stop):
+            raise InvalidArgument(f"a stop string is longer than {MAX_STOP_CHARS} characters", field="stop")
         context = info.context_length
         if context and prompt_tokens + request.max_new_tokens > context:
             raise InvalidArgument(

@@ -28,6 +28,7 @@ from ortmux.worker.engine.cache import (
     mark_overridable,
 )
 from ortmux.worker.engine.decoder import DecoderSpec, find_decoder
+from ortmux.worker.engine.kernels import refuse_own_domain
 from ortmux.worker.engine.limits import find_limits
 from ortmux.worker.engine.lora.feeds import FeedBuffers, RowSpan, build_feeds
 from ortmux.worker.engine.lora.graph import (
@@ -109,6 +110,7 @@ class BaseModel:
             source_model = onnx.load(str(path), load_external_data=False)
         except Exception as exc:  # unreadable file, not protobuf, broken external data, ...
             raise InvalidArgument(f"model '{name}' at {path} cannot be read: {exc}", field="path") from None
+        refuse_own_domain(name, source_model)
         self.overridable = select_overridable(source_model, overridable_patterns, path)
         self.limits = find_limits(source_model, path, max_sequence_length)
         self.initializer_names = frozenset(tensor.name for tensor in source_model.graph.initializer)
@@ -146,8 +148,9 @@ class BaseModel:
         self._graph = None  # only needed to optimize; the cached model serves from here on
         session = self._base.session
         overridable = [arg for arg in session.get_overridable_initializers() if arg.name not in lora_names]
-        feedable = [*self.inputs, *(TensorSpec.from_ort(arg) for arg in overridable)]
-        self._feedable = {spec.name: (spec.dtype, spec.shape) for spec in feedable}
+        weights = [TensorSpec.from_ort(arg) for arg in overridable]
+        self._weights = {spec.name: (spec.dtype, spec.shape) for spec in weights}
+        self._feedable = {spec.name: (spec.dtype, spec.shape) for spec in [*self.inputs, *weights]}
         self.outputs = tuple(TensorSpec.from_ort(arg) for arg in self._base.session.get_outputs())
         # Its past/present pairs if it is a decoder with past, else why it cannot generate.
         self.decoder: DecoderSpec | str = find_decoder(self.inputs, self.outputs)
@@ -176,6 +179,11 @@ class BaseModel:
     def feedable_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Tensors a run may feed, by name: the inputs and the overridable weights (dtype, shape)."""
         return dict(self._feedable)
+
+    def weight_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """The overridable weights alone (dtype, shape): what an adapter may replace. Never the
+        model's inputs, which requests give and the worker checks (ids, lengths, KV)."""
+        return dict(self._weights)
 
     @property
     def lora_sites(self) -> list[LoraSite]:

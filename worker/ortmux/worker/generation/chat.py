@@ -2,15 +2,21 @@
 (``chat_template.jinja`` beside it, or ``chat_template`` in ``tokenizer_config.json``, as
 transformers saves them) in a sandboxed Jinja2 environment, with ``add_generation_prompt``. The
 rendered text already holds the template's special tokens, so it is tokenized without adding them
-again."""
+again.
+
+A template that does not compile (or cannot be read) is the model's problem alone: the model still
+lists and serves completions, and its chat requests are answered FAILED_PRECONDITION saying why."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ortmux.worker.errors import InvalidArgument
+from ortmux.worker.errors import FailedPrecondition, InvalidArgument
+
+log = logging.getLogger(__name__)
 
 
 class ChatTemplate:
@@ -19,8 +25,12 @@ class ChatTemplate:
 
         environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         environment.globals["raise_exception"] = _raise
-        self._template = environment.from_string(source)
         self._special = dict(special)
+        self.problem = ""  # why the template cannot serve ("" when it can)
+        try:
+            self._template = environment.from_string(source)
+        except Exception as exc:  # a syntax error, an unknown tag or filter, ...
+            self.problem = f"the model's chat template does not compile: {exc}"
 
     @classmethod
     def beside(cls, model_path: Path) -> ChatTemplate | None:
@@ -36,12 +46,26 @@ class ChatTemplate:
             key: _token_text(config.get(key)) for key in ("bos_token", "eos_token", "pad_token", "unk_token")
         }
         path = directory / "chat_template.jinja"
-        source = path.read_text() if path.is_file() else config.get("chat_template")
+        try:
+            source = path.read_text() if path.is_file() else config.get("chat_template")
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("chat template %s cannot be read (%s); chat requests are refused", path, exc)
+            broken = cls("", special)
+            broken.problem = f"the model's chat template cannot be read: {exc}"
+            return broken
         if isinstance(source, list):  # named templates: the default one
-            source = next((t.get("template") for t in source if t.get("name") == "default"), None)
-        return cls(source, special) if isinstance(source, str) and source else None
+            named = [t for t in source if isinstance(t, dict)]
+            source = next((t.get("template") for t in named if t.get("name") == "default"), None)
+        if not isinstance(source, str) or not source:
+            return None
+        template = cls(source, special)
+        if template.problem:
+            log.warning("model at %s: %s; chat requests are refused", model_path, template.problem)
+        return template
 
     def render(self, messages: Sequence[Mapping[str, object]]) -> str:
+        if self.problem:
+            raise FailedPrecondition(self.problem, field="messages")
         try:
             return self._template.render(messages=list(messages), add_generation_prompt=True, **self._special)
         except InvalidArgument:

@@ -3,8 +3,8 @@ by size or delay, fair draws across tenants, deadlines, and errors fanned out.
 
 Requests queue per fairness key (tenant, or adapter) in the scheduler's
 :class:`~ortmux.worker.scheduler.fair_queue.FairQueue`, which the generation loop shares. The
-runner thread opens a batch with the next request in round-robin order (among the keys whose
-head has the highest priority) and fills it, still round-robin, with requests of the same
+runner thread opens a batch with the next request in round-robin order across keys (priority
+orders a key's own requests only) and fills it, still round-robin, with requests of the same
 signature until it holds ``max_batch_rows`` rows (or ``max_batch_tokens`` tokens) or
 ``max_delay`` has passed since it opened. Requests that cannot share a run (other sizes, adapters
 fed to the whole run, models without a batch dimension) run alone through the same queue.

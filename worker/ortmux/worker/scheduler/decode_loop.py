@@ -32,6 +32,7 @@ from ortmux.worker.engine.lora.feeds import FeedBuffers, FeedPool, RowSpan, buil
 from ortmux.worker.errors import Cancelled, DeadlineExceeded, InternalError, ResourceExhausted, Unavailable
 from ortmux.worker.generation.job import Chunk, GenerationJob
 from ortmux.worker.generation.kv import KvPool
+from ortmux.worker.scheduler.decode_rows import Partial, Rows
 from ortmux.worker.scheduler.fair_queue import FairQueue
 
 log = logging.getLogger(__name__)
@@ -45,59 +46,14 @@ class GenerationObserver(Protocol):
     def token(self, first: bool, seconds: float) -> None: ...
 
 
+BLOCKED_POLL_SECONDS = 0.1
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeLimits:
     max_running: int = 32  # rows of a decode step (all groups together)
     max_prefill_tokens: int = 2048  # prompt tokens prefilled between two steps
     max_waiting: int = 1024
-
-
-class _Rows:
-    """The rows of one group's decode steps and their cache, left-padded to one length."""
-
-    def __init__(self, jobs: list[GenerationJob], cache: list[np.ndarray], mask: np.ndarray) -> None:
-        self.jobs = jobs
-        self.cache = cache  # per (layer, key|value): [rows, kv_heads, length, head_dim]
-        self.mask = mask  # [rows, length] int64
-        self.feeds: dict[str, np.ndarray] | None = None  # LoRA feeds of these rows, kept while they stay
-        self.buffers: FeedBuffers | None = None
-
-    def merge(self, other: _Rows) -> None:
-        length = max(self.mask.shape[1], other.mask.shape[1])
-        self.cache = [
-            np.concatenate([_left_pad(a, length, axis=2), _left_pad(b, length, axis=2)])
-            for a, b in zip(self.cache, other.cache, strict=True)
-        ]
-        self.mask = np.concatenate([_left_pad(self.mask, length, 1), _left_pad(other.mask, length, 1)])
-        self.jobs += other.jobs
-        self.feeds = None
-
-    def keep(self, kept: list[int]) -> None:
-        """Only rows ``kept`` stay; leading columns that are padding in every row go."""
-        self.jobs = [self.jobs[i] for i in kept]
-        self.mask = self.mask[kept]
-        start = int(np.argmax(self.mask.any(axis=0))) if len(kept) else 0
-        self.mask = np.ascontiguousarray(self.mask[:, start:])
-        self.cache = [np.ascontiguousarray(part[kept][:, :, start:]) for part in self.cache]
-        self.feeds = None
-
-
-@dataclasses.dataclass(eq=False)
-class _Partial:
-    """A long prompt being prefilled a chunk at a time, and its cache so far."""
-
-    job: GenerationJob
-    done: int = 0
-    cache: list[np.ndarray] = dataclasses.field(default_factory=list)
-
-
-def _left_pad(array: np.ndarray, length: int, axis: int) -> np.ndarray:
-    missing = length - array.shape[axis]
-    if not missing:
-        return array
-    widths = [(0, 0)] * array.ndim
-    widths[axis] = (missing, 0)
-    return np.pad(array, widths)
 
 
 class DecodeLoop:
@@ -120,10 +76,15 @@ class DecodeLoop:
         self._observer = observer
         self._pad_id = pad_id
         self._waiting: FairQueue[GenerationJob] = FairQueue()
-        self._groups: dict[tuple, _Rows] = {}
-        self._partial: list[_Partial] = []  # long prompts being prefilled a chunk per iteration
+        self._groups: dict[tuple, Rows] = {}
+        self._partial: list[Partial] = []  # long prompts being prefilled a chunk per iteration
         self._cond = threading.Condition()
         self._closed = False
+        # Waiting generations found no room (KV, rows) and nothing runs: sleep until room is given
+        # back (by any model's loop), a generation arrives, or BLOCKED_POLL_SECONDS pass (to end
+        # those whose deadline passed or whose caller went away meanwhile).
+        self._blocked = False
+        self._stop_listening = kv.on_release(self._wake)
         self._thread = threading.Thread(target=self._loop, name=f"ortmux-decode-{self.name}", daemon=True)
         self._thread.start()
 
@@ -145,6 +106,12 @@ class DecodeLoop:
                     retry_after=1.0,
                 )
             self._waiting.push(job)
+            self._blocked = False
+            self._cond.notify_all()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._blocked = False
             self._cond.notify_all()
 
     def close(self, timeout: float = 30.0) -> None:
@@ -153,21 +120,24 @@ class DecodeLoop:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout)
+        self._stop_listening()
 
     # -- the loop ----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting.size and not self._groups and not self._partial:
-                    if self._closed:
+                while not self._groups and not self._partial and (self._blocked or not self._waiting.size):
+                    if self._closed and not self._waiting.size:
                         return
-                    self._cond.wait()
+                    self._cond.wait(BLOCKED_POLL_SECONDS if self._waiting.size else None)
+                    self._blocked = False
                 admitted = self._admit()
+                self._blocked = not (admitted or self._groups or self._partial)
             chunk = self.limits.max_prefill_tokens
             try:
                 self._prefill([job for job in admitted if len(job.prompt_ids) <= chunk])
-                self._partial += [_Partial(job) for job in admitted if len(job.prompt_ids) > chunk]
+                self._partial += [Partial(job) for job in admitted if len(job.prompt_ids) > chunk]
                 self._advance_partial()
                 for key in list(self._groups):
                     self._step(key)
@@ -225,7 +195,7 @@ class DecodeLoop:
         if partial.done < len(job.prompt_ids):
             return
         self._partial.pop(0)
-        rows = _Rows([job], partial.cache, mask)
+        rows = Rows([job], partial.cache, mask)
         self._emit(rows, logits)
         if rows.jobs:
             self._join(job.group(self.decoder), rows)
@@ -242,7 +212,7 @@ class DecodeLoop:
                 ids[row, length - len(job.prompt_ids) :] = job.prompt_ids
                 mask[row, length - len(job.prompt_ids) :] = 1
             logits, present = self._run(members, ids, mask, self._empty_cache(len(members)), None)
-            rows = _Rows(members, present, mask)
+            rows = Rows(members, present, mask)
             self._emit(rows, logits)
             if rows.jobs:
                 self._join(key, rows)
@@ -253,7 +223,7 @@ class DecodeLoop:
         empty = np.zeros((rows, decoder.kv_heads, 0, decoder.head_dim), decoder.kv_dtype)
         return [empty] * (2 * decoder.layers)
 
-    def _join(self, key: tuple, rows: _Rows) -> None:
+    def _join(self, key: tuple, rows: Rows) -> None:
         if key in self._groups:
             self._groups[key].merge(rows)
         else:
@@ -291,7 +261,7 @@ class DecodeLoop:
         ids: np.ndarray,
         mask: np.ndarray,
         past: list[np.ndarray],
-        rows: _Rows | None,
+        rows: Rows | None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One run: the last position's logits per row, and the present cache."""
         decoder = self.decoder
@@ -309,7 +279,7 @@ class DecodeLoop:
         logits = outputs[decoder.logits][:, -1, :]
         return logits, [outputs[present] for _name, present in names]
 
-    def _lora_feeds(self, jobs: Sequence[GenerationJob], rows: _Rows | None) -> dict[str, np.ndarray]:
+    def _lora_feeds(self, jobs: Sequence[GenerationJob], rows: Rows | None) -> dict[str, np.ndarray]:
         """Each row's factors; a running group keeps its feeds while its rows stay the same."""
         if rows is not None and rows.feeds is not None:
             return rows.feeds
@@ -321,7 +291,7 @@ class DecodeLoop:
         rows.feeds = build_feeds(self.model.lora_inputs, len(jobs), spans, rows.buffers)
         return rows.feeds
 
-    def _emit(self, rows: _Rows, logits: np.ndarray) -> None:
+    def _emit(self, rows: Rows, logits: np.ndarray) -> None:
         """Each row's next token, sent; rows that finished leave."""
         now = time.monotonic()
         finished = []

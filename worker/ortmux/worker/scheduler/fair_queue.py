@@ -1,6 +1,9 @@
 """The scheduler's one queue discipline, shared by the request batcher and the generation loop:
-one FIFO per fairness key (tenant, or adapter), priority inside a key, round-robin across keys
-among those whose head has the top priority, and the keys active lately (for fair-share caps).
+one FIFO per fairness key (tenant, or adapter on a worker without tenants), priority inside a key
+only, round-robin across keys, and the keys active lately (for fair-share caps).
+
+Priority is the caller's own choice, so it orders a key's items and never one key against
+another: a tenant that marks everything urgent moves ahead of nobody but itself.
 
 Not thread-safe by itself: its owner holds its own lock around every call.
 """
@@ -28,12 +31,14 @@ class FairQueue(Generic[Item]):
         self.size = 0
 
     def push(self, item: Item, front: bool = False) -> None:
-        """Queue ``item`` behind its key's items of the same or higher priority (``front``: back
-        at the head of its key's queue, an item popped that could not run yet)."""
+        """Queue ``item`` behind its key's items of the same or higher priority (``front``: an
+        item popped that could not run yet, back at the head of its key's queue and its key back
+        at the head of the round robin)."""
         self._last_seen[item.fairness_key] = time.monotonic()
         queue = self._queues.setdefault(item.fairness_key, collections.deque())
-        if front:
+        if front:  # as if it had never been popped: its key's turn comes first again
             queue.appendleft(item)
+            self._queues.move_to_end(item.fairness_key, last=False)
         elif item.priority and queue and queue[-1].priority < item.priority:
             index = next(i for i, other in enumerate(queue) if other.priority < item.priority)
             queue.insert(index, item)
@@ -44,13 +49,11 @@ class FairQueue(Generic[Item]):
     def pop(
         self, fits: Callable[[Item], bool] = lambda item: True, skip: set[str] | frozenset[str] = frozenset()
     ) -> Item | None:
-        """The head of the next key in round-robin order among those with the top priority whose
-        head ``fits`` (keys in ``skip`` left out); the key moves to the back."""
-        heads = [(key, queue[0]) for key, queue in self._queues.items() if key not in skip and fits(queue[0])]
-        if not heads:
+        """The head of the next key in round-robin order whose head ``fits`` (keys in ``skip``
+        left out); the key moves to the back."""
+        key = next((key for key, queue in self._queues.items() if key not in skip and fits(queue[0])), None)
+        if key is None:
             return None
-        top = max(item.priority for _key, item in heads)
-        key = next(k for k, item in heads if item.priority == top)
         queue = self._queues[key]
         item = queue.popleft()
         self._queues.move_to_end(key)

@@ -22,9 +22,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
+
+from ortmux.worker.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,35 @@ OP = "LoraBranch"
 # The C API version the library asks for (KernelContext_ParallelFor): ONNX Runtime 1.17 or newer.
 MIN_ORT = (1, 17)
 FLAGS = ("-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c11")
+
+
+def refuse_own_domain(name: str, model: onnx.ModelProto) -> None:
+    """InvalidArgument when a model as given uses the worker's own operator domain: its operators
+    trust the address tables the worker alone builds, so a graph of a user's holding them (with
+    a table as a graph input) would read whatever memory a request pointed it at."""
+    domains = {opset.domain for opset in model.opset_import}
+    domains |= {function.domain for function in model.functions}
+    for graph in [model.graph, *(function for function in model.functions)]:
+        for node in _nodes(graph):
+            domains.add(node.domain)
+    if DOMAIN in domains:
+        raise InvalidArgument(
+            f"model '{name}' uses the operator domain '{DOMAIN}', which is the worker's own; "
+            "export the model with standard ONNX or ONNX Runtime operators",
+            field="path",
+        )
+
+
+def _nodes(graph: onnx.GraphProto | onnx.FunctionProto) -> Iterator[onnx.NodeProto]:
+    """Every node of a graph or function, those of its subgraphs (If, Loop, Scan) included."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for subgraph in [attribute.g, *attribute.graphs] if attribute.type in _GRAPH_ATTRIBUTES else []:
+                yield from _nodes(subgraph)
+
+
+_GRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 
 def _tag() -> str:
