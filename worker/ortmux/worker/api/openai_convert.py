@@ -125,6 +125,8 @@ def generation_request(
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise InvalidArgument("'stop' must be a string or a list of strings", field="stop")
+    if not isinstance(body.get("stream", False), bool | None):
+        raise InvalidArgument("'stream' must be true or false", field="stream")
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise InvalidArgument("'stream_options' takes only include_usage", field="stream_options")
@@ -137,6 +139,8 @@ def generation_request(
     for key, value in (("temperature", temperature), ("top_p", top_p)):
         if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
             raise InvalidArgument(f"'{key}' must be a number", field=key)
+        if isinstance(value, int) and abs(value) > 1 << 53:
+            raise InvalidArgument(f"'{key}' is out of range", field=key)
     return GenerationRequest(
         model=base,
         adapter=adapter,

@@ -300,7 +300,7 @@ def start_worker(settings: Settings, metrics_registry: CollectorRegistry | None 
         from ortmux.worker.api.openai_http import HttpServer, OpenAIApi  # its stack loads only when used
 
         assert worker.keys is not None
-        worker.http = HttpServer(OpenAIApi(worker.dataplane, worker.keys, worker.metrics), settings)
+        worker.http = HttpServer(OpenAIApi(worker.dataplane, worker.keys, worker.metrics, settings), settings)
         worker.http.start()
         worker.http_port = worker.http.port
         log.info("HTTP on %s:%d", settings.host, worker.http_port)

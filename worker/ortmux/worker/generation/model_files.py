@@ -11,6 +11,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from ortmux.worker.errors import InvalidArgument
+
 log = logging.getLogger(__name__)
 
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
@@ -67,6 +69,12 @@ class TextTokenizer:
             return None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: no text a tokenizer can read
+            raise InvalidArgument(
+                f"the prompt is not valid Unicode text: {exc.reason}", field="prompt"
+            ) from None
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int]) -> str:

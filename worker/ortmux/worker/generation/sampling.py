@@ -29,6 +29,8 @@ class SamplingParams:
             raise InvalidArgument(f"top_k must be -1, 0 (off) or more, got {self.top_k}", field="top_k")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}", field="top_p")
+        if self.seed is not None and not 0 <= self.seed < 1 << 64:
+            raise InvalidArgument(f"seed must be 0 to 2**64 - 1, got {self.seed}", field="seed")
 
 
 class Sampler:
@@ -41,7 +43,9 @@ class Sampler:
         params = self.params
         if params.temperature == 0:
             return int(np.argmax(logits))
-        scores = logits.astype(np.float64) / params.temperature
+        wide = logits.astype(np.float64)
+        with np.errstate(over="ignore"):  # a tiny temperature: -inf, never nan
+            scores = (wide - wide.max()) / params.temperature
         order = np.argsort(-scores, kind="stable")
         if params.top_k > 0:
             order = order[: params.top_k]
