@@ -9,25 +9,24 @@ import dataclasses
 import io
 import json
 import math
-import mmap
 import re
-import tarfile
 import tempfile
+import time
 import zipfile
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
+import re2
 
-from ortmux.worker.adapters import safetensors
+from ortmux.worker.adapters import archives, safetensors
 from ortmux.worker.errors import InvalidArgument
+
+Payload = archives.Payload
+unpack = archives.unpack  # archives are opened there
 
 PEFT_LORA = "peft_lora"
 ORT_ADAPTER = "ort_adapter"
 WEIGHT_OVERRIDE = "weight_override"
-
-# An upload as received: bytes, or the memory it was gathered in (see store.PendingAdapter).
-Payload = bytes | mmap.mmap
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -78,77 +77,6 @@ class ParsedAdapter:
     full_modules: list[FullModule] = dataclasses.field(default_factory=list)
     tensors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # ORT params or overrides
     module_mapping: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-def unpack(
-    payload: Payload, files: Mapping[str, bytes | memoryview] | None, max_bytes: int
-) -> dict[str, Payload]:
-    """The files of an upload: named files as given, or a single file/archive opened here."""
-    if files:
-        return {Path(name).name: data for name, data in files.items()}  # type: ignore[misc]
-    if payload[:4] == b"PK\x03\x04":
-        return _unzip(payload, max_bytes)
-    if payload[:2] == b"\x1f\x8b" or _looks_like_tar(payload):
-        return _untar(payload, max_bytes)
-    return {"": payload}
-
-
-def _looks_like_tar(payload: Payload) -> bool:
-    return len(payload) > 262 and payload[257:262] == b"ustar"
-
-
-MAX_ARCHIVE_MEMBERS = 256
-
-
-def _too_many_members() -> InvalidArgument:
-    return InvalidArgument(f"archive has more than {MAX_ARCHIVE_MEMBERS} members")
-
-
-def _unzip(payload: Payload, max_bytes: int) -> dict[str, bytes]:
-    # A member never expands past the size its header declares (zipfile stops there), so the
-    # declared total bounds what unpacking can produce.
-    try:
-        with zipfile.ZipFile(io.BytesIO(payload)) as archive:
-            members = [info for info in archive.infolist() if not info.is_dir()]
-            if len(members) > MAX_ARCHIVE_MEMBERS:
-                raise _too_many_members()
-            total = sum(info.file_size for info in members)
-            if total > max_bytes:
-                raise InvalidArgument(f"archive expands to {total} bytes, over the {max_bytes}-byte limit")
-            names = [info.filename for info in members]
-            if names and all(name.endswith(".npy") for name in names):
-                return {"": payload}  # an .npz of named tensors, not an archive of files
-            return {Path(info.filename).name: _read_member(archive.open(info), max_bytes) for info in members}
-    except zipfile.BadZipFile as exc:
-        raise InvalidArgument(f"upload is not a valid zip archive: {exc}") from None
-
-
-def _untar(payload: Payload, max_bytes: int) -> dict[str, bytes]:
-    try:
-        with tarfile.open(fileobj=io.BytesIO(payload), mode="r:*") as archive:
-            out: dict[str, bytes] = {}
-            total = 0
-            for count, member in enumerate(archive, start=1):
-                if count > MAX_ARCHIVE_MEMBERS:
-                    raise _too_many_members()
-                if not member.isfile():
-                    continue
-                total += member.size
-                if total > max_bytes:
-                    raise InvalidArgument(f"archive expands past the {max_bytes}-byte limit")
-                handle = archive.extractfile(member)
-                if handle is not None:
-                    out[Path(member.name).name] = _read_member(handle, max_bytes)
-            return out
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise InvalidArgument(f"upload is not a valid tar archive: {exc}") from None
-
-
-def _read_member(handle: io.BufferedIOBase, max_bytes: int) -> bytes:
-    data = handle.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise InvalidArgument(f"an archive member expands past the {max_bytes}-byte limit")
-    return data
 
 
 def detect(files: Mapping[str, bytes]) -> str:
@@ -212,13 +140,92 @@ _REJECTED_WHEN_SET = {
     "trainable_token_indices": "trainable tokens are not supported",
 }
 
+MAX_PATTERN_KEYS = 4096
+MAX_PATTERN_KEY_CHARS = 1024
+MAX_MATCHED_MODULE_CHARS = 1024  # the longest module path matched against a pattern map
+_PATTERN_MEMORY = 32 << 20  # RE2's budget for one map's compiled keys and their matcher
+_PATTERN_CPU_SECONDS = 10.0  # one map's matching, all modules together
 
-def _pattern_value(module: str, pattern: Mapping[str, object], default: float) -> float:
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the module path's end."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return float(value)  # type: ignore[arg-type]
-    return default
+
+class PatternMap:
+    """A rank_pattern / alpha_pattern map, checked and compiled once: PEFT's lookup in linear time.
+
+    PEFT takes the first key, in the map's order, for which ``re.match(rf"(.*\\.)?({key})$", module)``
+    holds. Here each key is a pattern ``(?:^|\\.)(?:key)$`` of one RE2 set, searched once per module;
+    the lowest index found is the first key. Index 0 always matches, unless RE2 gave up.
+    """
+
+    def __init__(self, field: str, pattern: object) -> None:
+        self.field = field
+        self._values: list[float] = []
+        self._set: re2.Set | None = None
+        self._cpu_seconds = 0.0
+        if not isinstance(pattern, dict):
+            raise self._refusal(" must be an object")
+        if len(pattern) > MAX_PATTERN_KEYS:
+            raise self._refusal(f" has {len(pattern)} keys, over the limit of {MAX_PATTERN_KEYS}")
+        options = re2.Options()
+        options.log_errors = False
+        options.max_mem = _PATTERN_MEMORY
+        alone, patterns = re2.Set.SearchSet(options), re2.Set.SearchSet(options)
+        patterns.Add(r"\A")
+        for key, value in pattern.items():
+            if not _finite_number(value):
+                raise self._refusal(f"[{key!r}] must be a finite number, got {value!r:.100}")
+            if not isinstance(key, str) or len(key) > MAX_PATTERN_KEY_CHARS:
+                raise self._refusal(f" keys must be strings of at most {MAX_PATTERN_KEY_CHARS} characters")
+            try:
+                alone.Add(key)  # a key must be a regular expression on its own (not PEFT's "a)|(b")
+                patterns.Add(rf"(?:^|\.)(?:{key})$")
+            except (re2.error, UnicodeEncodeError):
+                raise self._refusal(
+                    f" key {key!r} is not a pattern RE2 accepts ({_re2_reason(key, options)}); patterns "
+                    "use RE2 syntax (no backreferences or lookaround)"
+                ) from None
+            self._values.append(float(value))  # type: ignore[arg-type]
+        if self._values:
+            try:
+                patterns.Compile()
+            except re2.error:
+                raise self._refusal(f" keys need over {_PATTERN_MEMORY >> 20} MiB of RE2 memory") from None
+            self._set = patterns
+
+    def _refusal(self, what: str) -> InvalidArgument:
+        return InvalidArgument(f"{PEFT_CONFIG}: {self.field}{what}", field=self.field)
+
+    def value(self, module: str, default: float) -> float:
+        """The value of the first key matching ``module``, else ``default``."""
+        if self._set is None:
+            return default
+        if len(module) > MAX_MATCHED_MODULE_CHARS:
+            raise self._refusal(
+                f" cannot be matched to module paths of over {MAX_MATCHED_MODULE_CHARS} characters"
+            )
+        started = time.thread_time()  # RE2 matches in this thread, without the GIL
+        found = self._set.Match(module.encode(errors="surrogatepass")) or []
+        self._cpu_seconds += time.thread_time() - started
+        if 0 not in found or self._cpu_seconds > _PATTERN_CPU_SECONDS:
+            raise self._refusal(f" is too costly for RE2 to match (at module {module!r}); simplify it")
+        keys = [index for index in found if index]
+        return self._values[min(keys) - 1] if keys else default
+
+
+def _finite_number(value: object) -> bool:
+    """Whether a JSON value is a finite number (an integer too large for a float is not)."""
+    try:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _re2_reason(key: str, options: re2.Options) -> str:
+    """RE2's words for why it refuses ``key`` (alone, else as placed in its set pattern)."""
+    for pattern in (key, rf"(?:^|\.)(?:{key})$"):
+        try:
+            re2.compile(pattern, options)
+        except (re2.error, UnicodeEncodeError) as exc:
+            return exc.args[0].decode(errors="replace") if isinstance(exc.args[0], bytes) else str(exc)
+    return "refused"
 
 
 def _parse_peft(files: Mapping[str, bytes]) -> ParsedAdapter:
@@ -226,7 +233,7 @@ def _parse_peft(files: Mapping[str, bytes]) -> ParsedAdapter:
         raise InvalidArgument(f"PEFT adapter has {PEFT_CONFIG} but no {PEFT_WEIGHTS}", field="files")
     try:
         config = json.loads(bytes(files[PEFT_CONFIG]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # undecodable, not JSON, or an integer of over 4300 digits
         raise InvalidArgument(f"{PEFT_CONFIG} is not valid JSON: {exc}", field=PEFT_CONFIG) from None
     if not isinstance(config, dict):
         raise InvalidArgument(f"{PEFT_CONFIG} is not a JSON object", field=PEFT_CONFIG)
@@ -246,20 +253,12 @@ def _parse_peft(files: Mapping[str, bytes]) -> ParsedAdapter:
     alpha = config.get("lora_alpha", r)
     if not isinstance(r, int) or r <= 0:
         raise InvalidArgument(f"{PEFT_CONFIG}: r must be a positive integer, got {r!r}", field="r")
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
+    if not _finite_number(alpha):
         raise InvalidArgument(
             f"{PEFT_CONFIG}: lora_alpha must be a finite number, got {alpha!r}", field="lora_alpha"
         )
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    for field, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
-        if not isinstance(pattern, dict):
-            raise InvalidArgument(f"{PEFT_CONFIG}: {field} must be an object", field=field)
-        for key, value in pattern.items():
-            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-                raise InvalidArgument(
-                    f"{PEFT_CONFIG}: {field}[{key!r}] must be a finite number, got {value!r}", field=field
-                )
+    ranks = PatternMap("rank_pattern", config.get("rank_pattern") or {})
+    alphas = PatternMap("alpha_pattern", config.get("alpha_pattern") or {})
     use_rslora = bool(config.get("use_rslora", False))
     saved = config.get("modules_to_save") or []
     if not isinstance(saved, list) or not all(isinstance(name, str) for name in saved):
@@ -299,14 +298,14 @@ def _parse_peft(files: Mapping[str, bytes]) -> ParsedAdapter:
             )
         a, b = pair["A"], pair["B"]
         rank = a.shape[0]
-        expected_rank = int(_pattern_value(module, rank_pattern, r))
+        expected_rank = int(ranks.value(module, r))
         if rank != expected_rank or b.shape[1] != rank:
             raise InvalidArgument(
                 f"{PEFT_WEIGHTS}: module '{module}' has lora_A {list(a.shape)} and lora_B {list(b.shape)}, "
                 f"but the config gives it rank {expected_rank}",
                 field="r",
             )
-        module_alpha = _pattern_value(module, alpha_pattern, float(alpha))
+        module_alpha = alphas.value(module, float(alpha))
         scale = module_alpha / math.sqrt(rank) if use_rslora else module_alpha / rank
         modules.append(
             PeftModule(module, a.astype(np.float32, copy=False), b.astype(np.float32, copy=False), scale)
@@ -386,6 +385,7 @@ def _parse_ort_adapter(files: Mapping[str, bytes]) -> ParsedAdapter:
 def _parse_override(files: Mapping[str, bytes]) -> ParsedAdapter:
     data = _single(files, OVERRIDE_FILE)
     if data[:4] == b"PK\x03\x04":
+        archives.check_zip_directory(data)
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 tensors = {name: np.array(npz[name]) for name in npz.files}
