@@ -9,10 +9,17 @@ API and through tritonclient, and with ``--peers`` the peers of bench/generation
 (onnxruntime-genai, PyTorch + PEFT), each in its own virtual environment. Streams draw from 16
 adapters (8 on q_proj/v_proj, 8 on every linear layer; ``--adapters 32`` for all).
 
-    /tmp/fx/bin/python bench/make_decoder.py      # once
+``--sampling``: greedy against sampled (temperature 0.8, top-p 0.95) at 32 streams, on the bench
+decoder and on its 128k-vocabulary variant (``make_decoder.py --vocab 128256``) when made.
+``--concurrency 1 32 256 1000``: that many streams open at once from one asyncio client, with
+the worker's peak threads, RSS and PSS.
+
+    /tmp/fx/bin/python bench/make_decoder.py [--vocab 128256]     # once
     python bench/generation.py [--streams 1 8 32] [--new-tokens 128] [--int8] [--adapters 16]
                                [--prompt-tokens 32 128] [--peers] [--peft-python /tmp/fx/bin/python]
                                [--genai-python /tmp/genai/bin/python]
+    python bench/generation.py --sampling [--rounds 2]
+    python bench/generation.py --concurrency 1 32 256 1000 [--sweep-new-tokens 32]
 """
 
 from __future__ import annotations
@@ -30,12 +37,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, WorkerProcess, table
+from generation_load import percentile, stream_load
 
 DECODER = OUT / "decoder"
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
+DECODER_128K = OUT / "decoder-128k"  # bench/make_decoder.py --vocab 128256
+SAMPLED = {"temperature": 0.8, "top_p": 0.95}  # top-p over the whole vocabulary: the costly path
 
 
 def serve(model_dir: Path, data: Path, extra: list[str]) -> WorkerProcess:
@@ -69,10 +75,15 @@ def without_eos(source: Path, target: Path) -> Path:
             path.write_text(json.dumps(values))
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(32000)}, unk_token="t0"))
+    vocab = vocab_of(target)
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     words.save(str(target / "tokenizer.json"))
     return target
+
+
+def vocab_of(model_dir: Path) -> int:
+    return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
 
 
 def as_text(ids: list[int]) -> str:
@@ -80,17 +91,21 @@ def as_text(ids: list[int]) -> str:
 
 
 def jobs_of(
-    streams: int, adapters: list[str], prompt: tuple[int, int] = (32, 128)
+    streams: int,
+    adapters: list[str],
+    prompt: tuple[int, int] = (32, 128),
+    count: int | None = None,
+    vocab: int = 32000,
 ) -> list[tuple[list[int], str]]:
-    """Two generations per stream: a random prompt of ``prompt`` tokens (shortest, longest) and a
-    random adapter each."""
+    """``count`` generations (two per stream unless given): a random prompt of ``prompt`` tokens
+    (shortest, longest) and a random adapter each."""
     rng = np.random.default_rng(streams)
     return [
         (
-            rng.integers(3, 32000, size=int(rng.integers(prompt[0], prompt[1] + 1))).tolist(),
+            rng.integers(3, min(vocab, 32000), size=int(rng.integers(prompt[0], prompt[1] + 1))).tolist(),
             adapters[int(rng.integers(len(adapters)))],
         )
-        for _ in range(streams * 2)
+        for _ in range(streams * 2 if count is None else count)
     ]
 
 
@@ -173,6 +188,75 @@ def load(
         "itl_p50": percentile(gaps, 50) * 1000,
         "itl_p99": percentile(gaps, 99) * 1000,
     }
+
+
+def ready(address: str, decoder: Path, adapters: list[str]) -> None:
+    """Register ``adapters`` and warm the worker: the weights' pages, first runs, each adapter."""
+    from ortmux.client import Client
+
+    with Client(address, timeout=600) as client:
+        for name in adapters:
+            client.register_adapter("llm", name, decoder / "adapters" / name, replace=True)
+        for name in ["", *adapters]:
+            list(client.generate("llm", input_ids=list(range(3, 67)), adapter=name, max_new_tokens=2))
+
+
+def sampling_rows(args: argparse.Namespace, adapters: list[str]) -> list[list[str]]:
+    """Greedy and sampled generation at 32 streams, side by side on one worker per decoder (the
+    bench decoder, and its 128k-vocabulary variant when made), rounds interleaved."""
+    rows = []
+    decoders = [DECODER] + ([DECODER_128K] if (DECODER_128K / "onnx" / "model.onnx").is_file() else [])
+    for decoder in decoders:
+        model_dir = without_eos(decoder / "onnx", OUT / f"{decoder.name}-no-eos")
+        vocab = vocab_of(model_dir)
+        worker = serve(model_dir, OUT / f"gen-data-{decoder.name}", [])
+        try:
+            ready(worker.address, decoder, adapters)
+            jobs = jobs_of(32, adapters, tuple(args.prompt_tokens), vocab=vocab)
+            rates: dict[str, list[dict]] = {"greedy": [], "sampled": []}
+            for _round in range(args.rounds):
+                for mode in rates:
+                    sampling = SAMPLED if mode == "sampled" else None
+                    rates[mode].append(stream_load(worker.address, jobs, 32, args.new_tokens, sampling))
+            greedy = float(np.median([r["tokens_per_second"] for r in rates["greedy"]]))
+            for mode, results in rates.items():
+                rate = float(np.median([r["tokens_per_second"] for r in results]))
+                itl = float(np.median([r["itl_p50"] for r in results]))
+                rows.append([f"{vocab:,}", mode, f"{rate:.1f}", f"{itl:.1f}", f"{rate / greedy:.3f}"])
+                print(rows[-1], flush=True)
+        finally:
+            worker.stop()
+    return rows
+
+
+def concurrency_rows(args: argparse.Namespace, adapters: list[str]) -> list[list[str]]:
+    """1 to 1,000 concurrent streams on one worker, one generation each (at least 4), from one
+    asyncio client: tokens/s, TTFT, ITL and the worker's peak threads, RSS and PSS."""
+    model_dir = without_eos(DECODER / "onnx", OUT / "decoder-no-eos")
+    worker = serve(model_dir, OUT / "gen-data-concurrency", ["--max-queue-size", "4096"])
+    rows = []
+    try:
+        ready(worker.address, DECODER, adapters)
+        for streams in args.concurrency:
+            jobs = jobs_of(streams, adapters, tuple(args.prompt_tokens), count=max(streams, 4))
+            result = stream_load(worker.address, jobs, streams, args.sweep_new_tokens, pid=worker.pid)
+            rows.append(
+                [
+                    str(streams),
+                    f"{result['tokens_per_second']:.1f}",
+                    f"{result['ttft_p50']:.0f}",
+                    f"{result['ttft_p99']:.0f}",
+                    f"{result['itl_p50']:.1f}",
+                    f"{result['itl_p99']:.1f}",
+                    str(result["threads"]),
+                    f"{result['rss_mib']:.0f}",
+                    f"{result['pss_mib']:.0f}",
+                ]
+            )
+            print(rows[-1], flush=True)
+    finally:
+        worker.stop()
+    return rows
 
 
 def plain_loop(model: Path, rows: int, new: int) -> float:
@@ -351,6 +435,16 @@ def main() -> None:
         help="prompt lengths (the peers run 64 64)",
     )
     parser.add_argument("--peers", action="store_true", help="also run bench/generation_peers.py")
+    parser.add_argument(
+        "--sampling", action="store_true", help="only greedy vs sampled at 32 streams (and the 128k variant)"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of each mode for --sampling")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="*", help="only the concurrency sweep at these stream counts"
+    )
+    parser.add_argument(
+        "--sweep-new-tokens", type=int, default=32, help="new tokens per generation of the sweep"
+    )
     parser.add_argument("--peft-python", default="/tmp/fx/bin/python")
     parser.add_argument("--genai-python", default="/tmp/genai/bin/python")
     args = parser.parse_args()
@@ -362,6 +456,21 @@ def main() -> None:
         :half
     ]
     model_dir = without_eos(DECODER / "onnx", OUT / "decoder-no-eos")
+    if args.sampling:
+        heads = ["vocabulary", "sampling", "tokens/s", "inter-token p50 ms", "x greedy"]
+        print(
+            f"32 streams, {args.new_tokens} new tokens, sampled = {SAMPLED}, medians of {args.rounds} rounds:"
+        )
+        print(table(heads, sampling_rows(args, adapters)))
+        return
+    if args.concurrency:
+        rows = concurrency_rows(args, adapters)
+        print(
+            f"One generation per stream (at least 4), {args.sweep_new_tokens} new tokens, one asyncio client:"
+        )
+        heads = ["streams", "tokens/s", "TTFT p50 ms", "p99 ms", "ITL p50 ms", "p99 ms", "threads", "RSS MiB"]
+        print(table([*heads, "PSS MiB"], rows))
+        return
     if args.breakdown_only:
         steps = breakdown(model_dir, adapters)
         print("One decode step: 32 rows, 100 cached tokens, in-process, medians of 9 interleaved rounds:")

@@ -2,14 +2,17 @@
 heads, 4 KV heads, intermediate 3072, vocab 32k, random weights), exported by Optimum with past,
 and 32 rank-16 PEFT adapters (16 on q_proj/v_proj, 16 on every linear layer). Written under
 bench/out/decoder (not in the repository), with the checkpoint itself (``checkpoint/``), which
-bench/generation_peers.py gives to onnxruntime-genai's model builder and to PyTorch + PEFT. Needs
+bench/generation_peers.py gives to onnxruntime-genai's model builder and to PyTorch + PEFT.
+``--vocab 128256`` makes the same decoder with Llama-3's vocabulary size, under
+bench/out/decoder-128k (bench/generation.py --sampling compares sampling on both). Needs
 transformers, PEFT and Optimum, as the fixture scripts do (not part of ``make bench``):
 
-    /tmp/fx/bin/python bench/make_decoder.py
+    /tmp/fx/bin/python bench/make_decoder.py [--vocab 128256]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -18,13 +21,19 @@ from optimum.exporters.onnx import main_export
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-OUT = Path(__file__).resolve().parent / "out" / "decoder"
+BENCH = Path(__file__).resolve().parent / "out"
 ADAPTERS = 16
+VOCAB = 32000
 
 
-def config() -> Qwen2Config:
+def out_dir(vocab: int) -> Path:
+    """Where the decoder of ``vocab`` tokens is written (bench/generation.py reads it there)."""
+    return BENCH / "decoder" if vocab == VOCAB else BENCH / f"decoder-{vocab // 1000}k"
+
+
+def config(vocab: int) -> Qwen2Config:
     return Qwen2Config(
-        vocab_size=32000,
+        vocab_size=vocab,
         hidden_size=768,
         num_hidden_layers=12,
         num_attention_heads=12,
@@ -38,12 +47,16 @@ def config() -> Qwen2Config:
 
 
 def main() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=VOCAB)
+    vocab = parser.parse_args().vocab
+    out = out_dir(vocab)
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config(), attn_implementation="eager").eval()
-    model.save_pretrained(OUT / "checkpoint")
+    model = AutoModelForCausalLM.from_config(config(vocab), attn_implementation="eager").eval()
+    model.save_pretrained(out / "checkpoint")
     export = {"task": "text-generation-with-past", "no_post_process": True}
-    main_export(str(OUT / "checkpoint"), output=str(OUT / "onnx"), **export)
+    main_export(str(out / "checkpoint"), output=str(out / "onnx"), **export)
     targets = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
     made = []
     for kind, modules in targets.items():
@@ -57,11 +70,11 @@ def main() -> None:
                     if "lora_" in name:
                         parameter.normal_(0, 0.01)
             name = f"{kind}-{index}"
-            peft_model.save_pretrained(str(OUT / "adapters" / name))
+            peft_model.save_pretrained(str(out / "adapters" / name))
             model = peft_model.unload()  # the base without the LoRA layers, for the next adapter
             made.append(name)
-    (OUT / "adapters.json").write_text(json.dumps(made) + "\n")
-    print(f"wrote {OUT}: model and {len(made)} adapters")
+    (out / "adapters.json").write_text(json.dumps(made) + "\n")
+    print(f"wrote {out}: model and {len(made)} adapters")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from concurrent import futures
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
@@ -11,13 +10,14 @@ import pytest
 from ortmux.client import OrtmuxError
 from ortmux.worker import errors
 from ortmux.worker.api.errors import STATUS_BY_CODE
+from ortmux.worker.api.grpc_runtime import GrpcServer
 from ortmux.worker.api.interceptors import ErrorInterceptor
 
 ERROR_CLASSES = {cls.code: cls for cls in errors.WorkerError.__subclasses__()}
 SERVICE = "ortmux.test.Raiser"
 
 
-def _raise(request: bytes, context: grpc.ServicerContext) -> bytes:
+async def _raise(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     code = request.decode()
     if code == "crash":
         raise RuntimeError("secret internals")
@@ -26,29 +26,32 @@ def _raise(request: bytes, context: grpc.ServicerContext) -> bytes:
     )
 
 
-def _raise_long(request: bytes, context: grpc.ServicerContext) -> bytes:
+async def _raise_long(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     raise errors.InvalidArgument("x" * 50_000, field="f")
 
 
-def _raise_streaming(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+async def _raise_streaming(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
     yield b"first"
-    _raise(request, context)
+    await _raise(request, context)
 
 
 @pytest.fixture(scope="module")
 def raiser() -> Iterator[grpc.Channel]:
-    server = grpc.server(futures.ThreadPoolExecutor(4), interceptors=[ErrorInterceptor()])
+    server = GrpcServer(interceptors=[ErrorInterceptor()])
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(_raise),
         "Stream": grpc.unary_stream_rpc_method_handler(_raise_streaming),
         "Long": grpc.unary_unary_rpc_method_handler(_raise_long),
     }
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
-    port = server.add_insecure_port("127.0.0.1:0")
+    server.register(
+        lambda aio: aio.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+    )
+    port = server.register(lambda aio: aio.add_insecure_port("127.0.0.1:0"))
     server.start()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield channel
-    server.stop(0)
+    server.stop(0).wait(10)
+    server.close()
 
 
 def test_the_table_covers_every_error_code_and_class() -> None:

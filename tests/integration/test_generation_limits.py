@@ -7,6 +7,8 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -14,6 +16,7 @@ import pytest
 
 from ortmux.client import Client, GenerationChunk, OrtmuxError
 from ortmux.worker.api.server import Worker, start_worker
+from ortmux.worker.engine.base_model import BaseModel
 
 from ..conftest import scrape, worker_settings
 from .generation_cases import (
@@ -24,6 +27,7 @@ from .generation_cases import (
     generate_case,
     prompt_ids,
     reference,
+    runs,
     tokens,
 )
 
@@ -33,20 +37,99 @@ def client(generation_client: Client) -> Client:
     return generation_client
 
 
+def loop_model(worker: Worker, model: str) -> BaseModel:
+    """The model a running decode loop runs (the loop starts with the model's first generation)."""
+    return next(loop for loop in worker.dataplane.generation.loops() if loop.name == model).runner.model
+
+
+@contextmanager
+def slow_steps(worker: Worker, model: str, seconds: float, fault=None) -> Iterator[list[int]]:
+    """Each run of ``model``'s decode loop takes ``seconds`` more (so a test acts within a
+    generation's life, however fast the machine), and raises ``fault(inputs)`` when it names one.
+    The runs' row counts are listed."""
+    target = loop_model(worker, model)
+    real = target.run
+    runs: list[int] = []
+
+    def run(inputs, *args, **kwargs):
+        runs.append(len(inputs["input_ids"]))
+        time.sleep(seconds)
+        error = fault(inputs) if fault else None
+        if error:
+            raise error
+        return real(inputs, *args, **kwargs)
+
+    target.run = run  # type: ignore[method-assign]
+    try:
+        yield runs
+    finally:
+        del target.run
+
+
 def test_closing_the_stream_frees_the_sequence_within_a_step(
     generation_worker: Worker, client: Client
 ) -> None:
-    stream = client.generate("gpt2", input_ids=prompt_ids(0), max_new_tokens=50)
-    next(stream)
-    next(stream)
-    stream.close()
-    deadline = time.monotonic() + 10
-    while (
-        gauge(generation_worker, "ortmux_generations_running", "gpt2")
-        or scrape(generation_worker)[("ortmux_kv_cache_bytes", ())]
-    ):
-        assert time.monotonic() < deadline, "the cancelled sequence still runs"
-        time.sleep(0.02)
+    list(client.generate("gpt2", input_ids=prompt_ids(0), max_new_tokens=1))  # the loop runs
+    before = scrape(generation_worker)[("ortmux_generated_tokens_total", (("model", "gpt2"),))]
+    with slow_steps(generation_worker, "gpt2", 0.05):  # 50 tokens: 2.5 s if nothing cancels them
+        stream = client.generate("gpt2", input_ids=prompt_ids(0), max_new_tokens=50)
+        next(stream)
+        next(stream)
+        stream.close()
+        deadline = time.monotonic() + 10
+        while (
+            gauge(generation_worker, "ortmux_generations_running", "gpt2")
+            or scrape(generation_worker)[("ortmux_kv_cache_bytes", ())]
+        ):
+            assert time.monotonic() < deadline, "the cancelled sequence still runs"
+            time.sleep(0.02)
+    generated = scrape(generation_worker)[("ortmux_generated_tokens_total", (("model", "gpt2"),))] - before
+    assert generated < 10, f"{generated} tokens were generated for a stream closed after 2"
+
+
+def test_a_step_that_fails_for_one_generation_fails_that_one_alone(
+    generation_worker: Worker, client: Client
+) -> None:
+    list(client.generate("gpt2", input_ids=prompt_ids(0), max_new_tokens=1))  # the loop runs
+    poisoned = prompt_ids(0) * 5  # 25 tokens: the others never reach its positions
+
+    def fault(inputs) -> Exception | None:  # the poisoned row's third decode step fails
+        positions = inputs.get("position_ids")
+        if positions is not None and positions.shape[1] == 1 and (positions == len(poisoned) + 2).any():
+            return RuntimeError("an injected fault")
+        return None
+
+    cases = [(run, number) for run in runs("gpt2")[:2] for number in range(2)]
+    results: dict[object, object] = {}
+
+    def send(key: object, **request) -> None:
+        try:
+            results[key] = tokens(list(client.generate("gpt2", max_new_tokens=NEW, **request)))
+        except OrtmuxError as error:
+            results[key] = error
+
+    with slow_steps(generation_worker, "gpt2", 0.02, fault) as steps:
+        threads = [
+            threading.Thread(
+                target=send,
+                args=((run, number),),
+                kwargs={"input_ids": prompt_ids(number), "adapter": "" if run == "base" else run},
+            )
+            for run, number in cases
+        ]
+        threads.append(threading.Thread(target=send, args=("poisoned",), kwargs={"input_ids": poisoned}))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    failed = results["poisoned"]
+    assert isinstance(failed, OrtmuxError) and failed.code == grpc.StatusCode.INTERNAL, failed
+    assert "failed to generate" in failed.message and "an injected fault" in failed.message
+    for run, number in cases:
+        assert results[(run, number)] == reference("gpt2", run, number), (run, number)
+    assert max(steps) == len(cases) + 1, "the generations never shared a step"
+    assert not scrape(generation_worker)[("ortmux_kv_cache_bytes", ())]
+    assert tokens(generate_case(client, "gpt2", "base", 1)) == reference("gpt2", "base", 1)
 
 
 def test_the_kv_bound_makes_generations_wait_and_refuses_one_that_cannot_fit(tmp_path: Path) -> None:

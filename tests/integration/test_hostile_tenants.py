@@ -147,32 +147,40 @@ def triton_error(worker: Worker, model: str, prompt: str, sampling: dict) -> grp
 # -- scheduling ----------------------------------------------------------------------------------
 
 
-def test_priority_orders_a_tenants_own_generations_never_one_tenant_against_another(worker: Worker) -> None:
-    finished: list[str] = []
-    lock = threading.Lock()
-
-    def generate(key: str, label: str, priority: int) -> None:
-        with client(worker, key) as connected:
-            list(connected.generate("qwen2", prompt="hello", max_new_tokens=3, priority=priority))
-        with lock:
-            finished.append(label)
-
+def test_priority_orders_a_tenants_own_generations_never_one_tenant_against_another(
+    worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with client(worker) as warm:  # the model's loop exists before the pool is taken
         list(warm.generate("qwen2", prompt="hello", max_new_tokens=1))
     loop = loop_of(worker, "qwen2")
+    labels = {3: "acme0", 4: "acme1", 5: "acme2", 6: "rival"}  # told apart by their lengths
+    admitted: list[str] = []  # the order the scheduler admits them in (one sequence runs at a time)
+    admit = loop.scheduler.admit
+
+    def recorded() -> list:
+        jobs = admit()
+        admitted.extend(labels[job.max_new_tokens] for job in jobs)
+        return jobs
+
+    monkeypatch.setattr(loop.scheduler, "admit", recorded)
+
+    def generate(key: str, new: int, priority: int) -> None:
+        with client(worker, key) as connected:
+            list(connected.generate("qwen2", prompt="hello", max_new_tokens=new, priority=priority))
+
     threads = []
     with kv_held(worker):
         for number in range(3):  # acme marks every generation urgent
-            threads.append(threading.Thread(target=generate, args=(ACME, f"acme{number}", 1000)))
+            threads.append(threading.Thread(target=generate, args=(ACME, 3 + number, 1000)))
             threads[-1].start()
             wait_for(lambda n=number: loop.waiting == n + 1, "acme's generations never queued")
-        threads.append(threading.Thread(target=generate, args=(RIVAL, "rival", 0)))
+        threads.append(threading.Thread(target=generate, args=(RIVAL, 6, 0)))
         threads[-1].start()
         wait_for(lambda: loop.waiting == 4, "rival's generation never queued")
     for thread in threads:
         thread.join(60)
-    # one sequence at a time, tenants in turn: rival's runs second, not after all of acme's
-    assert finished == ["acme0", "rival", "acme1", "acme2"]
+    # tenants in turn: rival's runs second, not after all of acme's
+    assert admitted == ["acme0", "rival", "acme1", "acme2"]
 
 
 def test_a_loop_whose_generations_wait_for_kv_room_sleeps_until_room_is_given_back(worker: Worker) -> None:

@@ -103,5 +103,18 @@ def test_module_map_names_modules_that_exist() -> None:
     assert not sorted(name for name in named if not (worker / name).exists() and not (ROOT / name).exists())
 
 
+def test_module_map_names_every_module() -> None:
+    """Every module of the worker's packages is in the map (package __init__ files and the
+    generated code aside)."""
+    worker = ROOT / "worker" / "ortmux" / "worker"
+    named = set(re.findall(r"`((?:\w+/)+\w+\.py)`", (DOCS / "architecture.md").read_text()))
+    modules = {
+        path.relative_to(worker).as_posix()
+        for path in worker.rglob("*.py")
+        if path.parent != worker and path.name != "__init__.py" and "inference_v2" not in path.parts
+    }
+    assert sorted(modules - named) == []
+
+
 def test_readme_is_a_front_page() -> None:
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200

@@ -186,7 +186,9 @@ class Settings:
         True, "Let rows of different LoRA adapters (and base rows) share one run; off: one adapter per run."
     )
     grpc_workers: int = _field(
-        32, "Threads serving gRPC calls; an open InferStream holds one for its lifetime."
+        32,
+        "Threads admitting gRPC requests and generations (a quarter as many each for model and "
+        "adapter management, and for uploads); open calls and streams hold none while they wait.",
     )
     stream_window: int = _field(
         128, "Requests of one InferStream unanswered at once; the worker reads no more until one is answered."

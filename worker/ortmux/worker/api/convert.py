@@ -5,7 +5,8 @@ call deadline."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -15,10 +16,11 @@ from ortmux.v1 import adapters_pb2, inference_pb2, models_pb2, tensor_pb2
 from ortmux.worker.adapters import formats
 from ortmux.worker.adapters.manager import AdapterInfo, UploadHeader, UploadTrailer
 from ortmux.worker.api.errors import to_rpc_status
+from ortmux.worker.api.grpc_runtime import Offload, result_of
 from ortmux.worker.dataplane import DataPlane, InferenceRequest, InferenceResult
 from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.specs import TensorSpec
-from ortmux.worker.errors import InvalidArgument
+from ortmux.worker.errors import DeadlineExceeded, InvalidArgument
 from ortmux.worker.request_bounds import check_length
 from ortmux.worker.streaming import AnswerStream, Incoming, StreamAnswer
 
@@ -111,21 +113,37 @@ def call_deadline(context: grpc.ServicerContext) -> float | None:
     return time.monotonic() + remaining
 
 
-def answer_stream(
+async def submitted(dataplane: DataPlane, requests: Offload, request: InferenceRequest) -> InferenceResult:
+    """A request's result: admitted off the event loop, its batch's result awaited on it."""
+    future = await requests(dataplane.submit, request)
+    timeout = None if request.deadline is None else max(request.deadline - time.monotonic(), 0) + 1.0
+    try:
+        return await result_of(future, timeout)
+    except TimeoutError:
+        raise DeadlineExceeded("the request's deadline passed before its batch ran") from None
+
+
+async def answer_stream(
     dataplane: DataPlane,
-    incoming: Iterator[Incoming],
+    requests: Offload,
+    incoming: AsyncIterator[Incoming],
     window: int,
-    context: grpc.ServicerContext,
+    context: grpc.aio.ServicerContext,
     unique_ids: bool = False,
-) -> Iterator[StreamAnswer]:
+) -> AsyncIterator[StreamAnswer]:
     """The answers of a streaming call's requests, through the data plane with at most ``window``
     unanswered: reading stops when the call ends, and the stream drains with the worker.
     ``unique_ids``: requests need ids unique among the unanswered ones (the native API's rule)."""
-    answers = AnswerStream(incoming, dataplane.submit, window, unique_ids)
-    context.add_callback(answers.stop)
+
+    async def take(build: Callable[[], InferenceRequest]) -> Future[InferenceResult]:
+        return await requests(lambda: dataplane.submit(build()))
+
+    answers = AnswerStream(incoming, take, window, unique_ids)
+    context.add_done_callback(lambda _context: answers.stop())
     forget = dataplane.on_drain(answers.drain)
     try:
-        yield from answers
+        async for answer in answers:
+            yield answer
     finally:
         forget()
 

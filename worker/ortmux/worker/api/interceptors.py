@@ -1,11 +1,13 @@
-"""Server interceptors: ortmux errors -> gRPC statuses (applied once, here), and RPC metrics."""
+"""Server interceptors (``grpc.aio``): ortmux errors -> gRPC statuses (applied once, here), RPC
+metrics, and the caller's identity."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -19,15 +21,16 @@ from ortmux.worker.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-Behavior = Callable[[Any, grpc.ServicerContext], Any]
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 
-def _abort(context: grpc.ServicerContext, method: str, exc: Exception) -> None:
+async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
     if not isinstance(exc, WorkerError):
-        if context.is_active():
+        if not context.done():
             log.exception("unexpected error in %s", method, exc_info=exc)
         exc = InternalError("the worker hit an unexpected error; it is logged on the worker")
-    context.abort_with_status(rpc_status.to_status(to_rpc_status(exc)))
+    status = rpc_status.to_status(to_rpc_status(exc))
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def _wrap_handler(
@@ -57,6 +60,17 @@ def _wrap_handler(
     )
 
 
+async def _responses(behavior: Behavior, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
+    """The responses of a streaming behavior: an async generator, or a coroutine that writes them
+    with ``context.write`` (then nothing is yielded here)."""
+    produced = behavior(request, context)
+    if isinstance(produced, Awaitable):
+        await produced
+        return
+    async for response in produced:
+        yield response
+
+
 class _Undecodable:
     """A request message whose bytes did not parse (gRPC would answer INTERNAL for it)."""
 
@@ -84,22 +98,27 @@ def _decoded(request: Any) -> Any:
     requests is checked message by message."""
     if isinstance(request, _Undecodable):
         raise InvalidArgument(f"the request is not a valid protobuf message of this method: {request.error}")
-    if isinstance(request, Iterator):
-        return (_decoded(item) for item in request)
+    if hasattr(request, "__aiter__"):
+        return _decoded_stream(request)
     return request
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):
+async def _decoded_stream(requests: AsyncIterator) -> AsyncIterator:
+    async for item in requests:
+        yield _decoded(item)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns every exception leaving a servicer into a status with google.rpc details.
 
     WorkerError keeps its code and message; anything else is logged with its traceback and
     answered INTERNAL without internals.
     """
 
-    def intercept_service(
+    async def intercept_service(
         self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         return _wrap_handler(
@@ -112,84 +131,119 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
     @staticmethod
     def _unary(behavior: Behavior, method: str) -> Behavior:
-        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                return behavior(_decoded(request), context)
+                return await behavior(_decoded(request), context)
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:
-                _abort(context, method, exc)
+                if _aborted(exc):
+                    raise
+                await _abort(context, method, exc)
 
         return guarded
 
     @staticmethod
     def _stream(behavior: Behavior, method: str) -> Behavior:
-        def guarded(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                yield from behavior(_decoded(request), context)
+                async for response in _responses(behavior, _decoded(request), context):
+                    yield response
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:
-                _abort(context, method, exc)
+                if _aborted(exc):
+                    raise
+                await _abort(context, method, exc)
 
         return guarded
 
 
-class MetricsInterceptor(grpc.ServerInterceptor):
+def _aborted(exc: BaseException) -> bool:
+    """Whether ``exc`` is grpc's own signal that the call was already aborted."""
+    return type(exc).__name__ == "AbortError"
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts calls by method and final status code, and times them. Outermost interceptor."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
-    def intercept_service(
+    async def intercept_service(
         self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         return _wrap_handler(handler, handler_call_details.method, self._unary, self._stream)
 
-    def _finish(self, method: str, context: grpc.ServicerContext, started: float, failed: bool) -> None:
-        code = context.code() if hasattr(context, "code") else None
+    def _finish(
+        self, method: str, context: grpc.aio.ServicerContext, started: float, failed: bool | None
+    ) -> None:
+        """``failed`` None: the call was cancelled (the client went away, or its deadline passed)."""
+        code = _status_code(context.code())
         if code is None:
-            code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+            code = (
+                grpc.StatusCode.CANCELLED
+                if failed is None
+                else (grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK)
+            )
         self._metrics.rpcs.labels(method, code.name).inc()
         self._metrics.rpc_seconds.labels(method).observe(time.perf_counter() - started)
         self._metrics.rpcs_in_flight.labels(method).dec()
 
     def _unary(self, behavior: Behavior, method: str) -> Behavior:
-        def timed(request: Any, context: grpc.ServicerContext) -> Any:
+        async def timed(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             self._metrics.rpcs_in_flight.labels(method).inc()
-            failed = True
+            failed: bool | None = True
             try:
-                response = behavior(request, context)
+                response = await behavior(request, context)
                 failed = False
                 return response
+            except asyncio.CancelledError:
+                failed = None
+                raise
             finally:
                 self._finish(method, context, started, failed)
 
         return timed
 
     def _stream(self, behavior: Behavior, method: str) -> Behavior:
-        def timed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        async def timed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
             self._metrics.rpcs_in_flight.labels(method).inc()
-            failed = True
+            failed: bool | None = True
             try:
-                yield from behavior(request, context)
+                async for response in _responses(behavior, request, context):
+                    yield response
                 failed = False
+            except (asyncio.CancelledError, GeneratorExit):
+                failed = None
+                raise
             finally:
                 self._finish(method, context, started, failed)
 
         return timed
 
 
+def _status_code(code: object) -> grpc.StatusCode | None:
+    """The status a call was aborted with, as grpc.StatusCode (grpc.aio may report it as an int)."""
+    if code is None or isinstance(code, grpc.StatusCode):
+        return code
+    return next((status for status in grpc.StatusCode if status.value[0] == code), None)
+
+
 _identity: contextvars.ContextVar[Identity] = contextvars.ContextVar("ortmux_identity", default=SINGLE_TENANT)
 
 
 def current_identity() -> Identity:
-    """Who makes the call being served (set by AuthInterceptor for the handler's thread)."""
+    """Who makes the call being served (set by AuthInterceptor in the call's own task)."""
     return _identity.get()
 
 
-def _api_key(context: grpc.ServicerContext) -> str | None:
+def _api_key(context: grpc.aio.ServicerContext) -> str | None:
     for key, value in context.invocation_metadata() or ():
         if key == "authorization" and isinstance(value, str) and value.lower().startswith("bearer "):
             return value[7:].strip()
@@ -198,7 +252,7 @@ def _api_key(context: grpc.ServicerContext) -> str | None:
     return None
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Resolves the caller's API key to an identity before the servicer runs; health checks and
     reflection need no key. Innermost, so ErrorInterceptor answers UNAUTHENTICATED."""
 
@@ -213,16 +267,16 @@ class AuthInterceptor(grpc.ServerInterceptor):
     def __init__(self, keys: KeyRing) -> None:
         self._keys = keys
 
-    def intercept_service(
+    async def intercept_service(
         self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(self._OPEN):
             return handler
         return _wrap_handler(handler, method, self._unary, self._stream)
 
-    def _identify(self, context: grpc.ServicerContext, method: str) -> Identity:
+    def _identify(self, context: grpc.aio.ServicerContext, method: str) -> Identity:
         try:
             return self._keys.identify(_api_key(context))
         except WorkerError as error:
@@ -230,21 +284,16 @@ class AuthInterceptor(grpc.ServerInterceptor):
             raise
 
     def _unary(self, behavior: Behavior, method: str) -> Behavior:
-        def authenticated(request: Any, context: grpc.ServicerContext) -> Any:
-            token = _identity.set(self._identify(context, method))
-            try:
-                return behavior(request, context)
-            finally:
-                _identity.reset(token)
+        async def authenticated(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            _identity.set(self._identify(context, method))  # the call's own task: reset with it
+            return await behavior(request, context)
 
         return authenticated
 
     def _stream(self, behavior: Behavior, method: str) -> Behavior:
-        def authenticated(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            token = _identity.set(self._identify(context, method))
-            try:
-                yield from behavior(request, context)
-            finally:
-                _identity.reset(token)
+        async def authenticated(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            _identity.set(self._identify(context, method))
+            async for response in _responses(behavior, request, context):
+                yield response
 
         return authenticated

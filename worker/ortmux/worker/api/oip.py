@@ -7,14 +7,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import importlib.metadata
-import itertools
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 
 import grpc
 
 from ortmux.worker.api import convert, oip_convert, oip_generation
+from ortmux.worker.api.grpc_runtime import Offload, is_active
 from ortmux.worker.api.inference_v2 import grpc_service_pb2 as oip
 from ortmux.worker.api.inference_v2 import grpc_service_pb2_grpc as oip_grpc
 from ortmux.worker.api.interceptors import current_identity
@@ -40,28 +40,33 @@ UNSERVED = (
 
 
 class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, stream_window: int) -> None:
+    def __init__(self, dataplane: DataPlane, stream_window: int, requests: Offload, control: Offload) -> None:
         self._dataplane = dataplane
         self._stream_window = stream_window
+        self._requests = requests
+        self._control = control
 
-    def ServerLive(
-        self, request: oip.ServerLiveRequest, context: grpc.ServicerContext
+    async def ServerLive(
+        self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> oip.ServerLiveResponse:
         return oip.ServerLiveResponse(live=True)
 
-    def ServerReady(
-        self, request: oip.ServerReadyRequest, context: grpc.ServicerContext
+    async def ServerReady(
+        self, request: oip.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> oip.ServerReadyResponse:
         return oip.ServerReadyResponse(ready=self._dataplane.ready())
 
-    def ServerMetadata(
-        self, request: oip.ServerMetadataRequest, context: grpc.ServicerContext
+    async def ServerMetadata(
+        self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ServerMetadataResponse:
         return oip.ServerMetadataResponse(name="ortmux", version=_version(), extensions=EXTENSIONS)
 
-    def ModelReady(
-        self, request: oip.ModelReadyRequest, context: grpc.ServicerContext
+    async def ModelReady(
+        self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelReadyResponse:
+        return await self._control(self._model_ready, request)
+
+    def _model_ready(self, request: oip.ModelReadyRequest) -> oip.ModelReadyResponse:
         base, adapter = oip_convert.split_name(request.name)
         try:
             self._dataplane.get_model(base)
@@ -79,9 +84,12 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             self._dataplane.get_adapter(current_identity(), base, adapter)
         return model
 
-    def ModelMetadata(
-        self, request: oip.ModelMetadataRequest, context: grpc.ServicerContext
+    async def ModelMetadata(
+        self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelMetadataResponse:
+        return await self._control(self._model_metadata, request)
+
+    def _model_metadata(self, request: oip.ModelMetadataRequest) -> oip.ModelMetadataResponse:
         model = self._described(request.name)
         if self._generates(model):
             inputs, outputs = oip_generation.model_io()
@@ -100,9 +108,12 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             outputs=[oip_convert.tensor_metadata(spec) for spec in model.outputs],
         )
 
-    def ModelConfig(
-        self, request: oip.ModelConfigRequest, context: grpc.ServicerContext
+    async def ModelConfig(
+        self, request: oip.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelConfigResponse:
+        return await self._control(self._model_config, request)
+
+    def _model_config(self, request: oip.ModelConfigRequest) -> oip.ModelConfigResponse:
         model = self._described(request.name)
         if self._generates(model):
             return oip.ModelConfigResponse(config=_generation_config(request.name))
@@ -120,72 +131,76 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             config.output.add(name=spec.name, data_type=_config_type(spec.dtype), dims=spec.shape[skip:])
         return oip.ModelConfigResponse(config=config)
 
-    def ModelInfer(
-        self, request: oip.ModelInferRequest, context: grpc.ServicerContext
+    async def ModelInfer(
+        self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelInferResponse:
         deadline = convert.call_deadline(context)
         tenant = current_identity().tenant
         if oip_generation.is_generation(request):
-            generation = oip_generation.parse(request, deadline, context.is_active, tenant)
+            generation = oip_generation.parse(request, deadline, is_active(context), tenant)
             whole = dataclasses.replace(generation, stream=False)
-            stream = self._dataplane.generate(generation.request)
+            stream = await self._requests(self._dataplane.generate, generation.request)
+            context.add_done_callback(lambda _context: stream.close())
             try:
-                (response,) = oip_generation.responses(whole, stream)
+                return await anext(aiter(oip_generation.responses(whole, stream)))
             finally:
                 stream.close()
-            return response
-        inference = oip_convert.request_from_proto(request, deadline, context.is_active, tenant)
-        result = self._dataplane.infer(inference)
+        inference = oip_convert.request_from_proto(request, deadline, is_active(context), tenant)
+        result = await convert.submitted(self._dataplane, self._requests, inference)
         return oip_convert.response_to_proto(result, request.model_name, request.id)
 
-    def ModelStreamInfer(
-        self, request_iterator: Iterator[oip.ModelInferRequest], context: grpc.ServicerContext
-    ) -> Iterator[oip.ModelStreamInferResponse]:
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[oip.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[oip.ModelStreamInferResponse]:
         deadline = convert.call_deadline(context)
-        tenant = current_identity().tenant  # read here: the stream's reader runs on its own thread
-        first = next(request_iterator, None)
+        tenant = current_identity().tenant
+        active = is_active(context)
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
         if first is None:
             return
         if oip_generation.is_generation(first):
-            yield from self._generation_stream(
-                itertools.chain([first], request_iterator), deadline, tenant, context
-            )
+            async for response in self._generation_stream(
+                _chained(first, messages), deadline, tenant, context
+            ):
+                yield response
             return
-        request_iterator = itertools.chain([first], request_iterator)
         # request id -> the model names sent with it, in order (a client may repeat an id)
         names: dict[str, collections.deque[str]] = collections.defaultdict(collections.deque)
 
-        def incoming() -> Iterator[Incoming]:
-            for number, message in enumerate(request_iterator):
+        async def incoming() -> AsyncIterator[Incoming]:
+            number = 0
+            async for message in _chained(first, messages):
                 key = message.id or f"#{number}"
+                number += 1
                 names[key].append(message.model_name)
-                yield (
-                    key,
-                    partial(oip_convert.request_from_proto, message, deadline, context.is_active, tenant),
-                )
+                yield (key, partial(oip_convert.request_from_proto, message, deadline, active, tenant))
 
-        for answer in convert.answer_stream(self._dataplane, incoming(), self._stream_window, context):
+        answers = convert.answer_stream(
+            self._dataplane, self._requests, incoming(), self._stream_window, context
+        )
+        async for answer in answers:
             sent = names.get(answer.request_id)
             yield _stream_answer(answer, sent.popleft() if sent else "")
             if sent is not None and not sent:
                 del names[answer.request_id]
 
-    def _generation_stream(
+    async def _generation_stream(
         self,
-        messages: Iterator[oip.ModelInferRequest],
+        messages: AsyncIterator[oip.ModelInferRequest],
         deadline: float | None,
         tenant: str,
-        context: grpc.ServicerContext,
-    ) -> Iterator[oip.ModelStreamInferResponse]:
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[oip.ModelStreamInferResponse]:
         """Generations on a stream, one after the other: each request's responses (one per chunk
         when it streams), its errors in ``error_message`` with the stream going on."""
-        for message in messages:
+        async for message in messages:
             try:
-                generation = oip_generation.parse(message, deadline, context.is_active, tenant)
-                stream = self._dataplane.generate(generation.request)
-                context.add_callback(stream.close)
+                generation = oip_generation.parse(message, deadline, is_active(context), tenant)
+                stream = await self._requests(self._dataplane.generate, generation.request)
+                context.add_done_callback(lambda _context, stream=stream: stream.close())
                 try:
-                    for response in oip_generation.responses(generation, stream):
+                    async for response in oip_generation.responses(generation, stream):
                         yield oip.ModelStreamInferResponse(infer_response=response)
                 finally:
                     stream.close()
@@ -198,9 +213,12 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     def _generates(self, model: BaseModel) -> bool:
         return self._dataplane.describe_generation(model).decoder is not None
 
-    def ModelStatistics(
-        self, request: oip.ModelStatisticsRequest, context: grpc.ServicerContext
+    async def ModelStatistics(
+        self, request: oip.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelStatisticsResponse:
+        return await self._control(self._model_statistics, request)
+
+    def _model_statistics(self, request: oip.ModelStatisticsRequest) -> oip.ModelStatisticsResponse:
         if request.name:
             models = [self._described(request.name).name]
         else:
@@ -229,9 +247,12 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             )
         return response
 
-    def RepositoryIndex(
-        self, request: oip.RepositoryIndexRequest, context: grpc.ServicerContext
+    async def RepositoryIndex(
+        self, request: oip.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> oip.RepositoryIndexResponse:
+        return await self._control(self._repository_index, request)
+
+    def _repository_index(self, request: oip.RepositoryIndexRequest) -> oip.RepositoryIndexResponse:
         response = oip.RepositoryIndexResponse()
         for model in sorted(self._dataplane.list_models(), key=lambda m: m.name):
             response.models.add(name=model.name, version="1", state="READY")
@@ -242,15 +263,25 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             response.models.add(name=f"{info.model}:{info.adapter_id}", version="1", state="READY")
         return response
 
-    def RepositoryModelLoad(
-        self, request: oip.RepositoryModelLoadRequest, context: grpc.ServicerContext
+    async def RepositoryModelLoad(
+        self, request: oip.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> oip.RepositoryModelLoadResponse:
+        return await self._control(self._repository_model_load, request)
+
+    def _repository_model_load(
+        self, request: oip.RepositoryModelLoadRequest
     ) -> oip.RepositoryModelLoadResponse:
         path = oip_convert.load_path(request.parameters)
         self._dataplane.load_model(current_identity(), request.model_name, Path(path))
         return oip.RepositoryModelLoadResponse()
 
-    def RepositoryModelUnload(
-        self, request: oip.RepositoryModelUnloadRequest, context: grpc.ServicerContext
+    async def RepositoryModelUnload(
+        self, request: oip.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> oip.RepositoryModelUnloadResponse:
+        return await self._control(self._repository_model_unload, request)
+
+    def _repository_model_unload(
+        self, request: oip.RepositoryModelUnloadRequest
     ) -> oip.RepositoryModelUnloadResponse:
         self._dataplane.unload_model(current_identity(), request.model_name)
         return oip.RepositoryModelUnloadResponse()
@@ -283,6 +314,12 @@ def _config_type(numpy_name: str) -> int:
     return oip_convert.CONFIG_TYPE_BY_DATATYPE[oip_convert.datatype_of(numpy_name)]
 
 
+async def _chained(first: oip.ModelInferRequest, rest: AsyncIterator[oip.ModelInferRequest]) -> AsyncIterator:
+    yield first
+    async for message in rest:
+        yield message
+
+
 def _stream_answer(answer: StreamAnswer, model_name: str) -> oip.ModelStreamInferResponse:
     """One answer of a stream: its response, or its error in ``error_message`` (the stream stays
     open); the id always comes back, so callbacks can match answers to requests."""
@@ -306,7 +343,7 @@ class UnservedRpcs(grpc.GenericRpcHandler):
         if service != SERVICE or method not in UNSERVED:
             return None
 
-        def refuse(request: bytes, context: grpc.ServicerContext) -> bytes:
+        def refuse(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             raise Unimplemented(
                 f"{SERVICE}/{method} is not served by ortmux (no shared-memory, trace or log settings "
                 "RPCs); send tensors in the request"

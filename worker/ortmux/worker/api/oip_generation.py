@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 import numpy as np
 
@@ -116,14 +116,16 @@ def parse(
     )
 
 
-def responses(generation: TritonGeneration, chunks: Iterable[Chunk]) -> Iterable[oip.ModelInferResponse]:
+async def responses(
+    generation: TritonGeneration, chunks: AsyncIterable[Chunk]
+) -> AsyncIterator[oip.ModelInferResponse]:
     """The responses of one generation: a response per chunk when streaming, else one."""
     if generation.stream:
-        for chunk in chunks:
+        async for chunk in chunks:
             yield _response(generation, chunk.text, chunk, final=bool(chunk.finish_reason))
         return
     texts, last = [], None
-    for chunk in chunks:
+    async for chunk in chunks:
         texts.append(chunk.text)
         last = chunk
     prompt = "" if generation.exclude_input else generation.prompt

@@ -197,13 +197,9 @@ class OpenAIApi:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         async def events() -> AsyncIterator[str]:
-            iterator = iter(stream)
             first = True
             try:
-                while True:
-                    chunk = await run_in_threadpool(next, iterator, None)
-                    if chunk is None:
-                        break
+                async for chunk in stream:  # awaited on the event loop: no thread per stream
                     yield f"data: {json.dumps(answer.chunk(chunk, first))}\n\n"
                     first = False
                     if chunk.finish_reason and include_usage:
@@ -248,7 +244,7 @@ async def _whole(request: Request, stream: GenerationStream, gone: threading.Eve
     """All the chunks of a generation, or None when its client went away first: then the
     generation is cancelled (its sequence leaves the decode loop within a step) and its thread
     pool call has ended before this returns."""
-    collecting = asyncio.ensure_future(run_in_threadpool(list, stream))
+    collecting = asyncio.ensure_future(_collect(stream))
     watching = asyncio.ensure_future(_disconnected(request))
     watching.add_done_callback(_drop_result)
     abandoned = False
@@ -268,6 +264,10 @@ async def _whole(request: Request, stream: GenerationStream, gone: threading.Eve
     with contextlib.suppress(WorkerError):  # the stream ends with Cancelled once closed
         await collecting
     return None
+
+
+async def _collect(stream: GenerationStream) -> list[Chunk]:
+    return [chunk async for chunk in stream]
 
 
 async def _disconnected(request: Request) -> None:

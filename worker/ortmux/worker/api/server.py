@@ -6,12 +6,11 @@ import dataclasses
 import logging
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
@@ -28,6 +27,7 @@ from ortmux.worker.adapters.manager import AdapterLimits, AdapterManager
 from ortmux.worker.adapters.object_store import S3Objects
 from ortmux.worker.adapters.shared_store import SharedStore
 from ortmux.worker.adapters.sync import SyncLoop
+from ortmux.worker.api.grpc_runtime import GrpcServer, Health, Offload
 from ortmux.worker.api.inference_v2 import grpc_service_pb2_grpc as oip_grpc
 from ortmux.worker.api.interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from ortmux.worker.api.oip import SERVICE as OIP_SERVICE
@@ -50,7 +50,7 @@ from ortmux.worker.generation.kv import KvPool
 from ortmux.worker.observability.metrics import Metrics
 from ortmux.worker.quotas import RequestQuotas, TokenQuota
 from ortmux.worker.scheduler.batcher import BatchLimits
-from ortmux.worker.scheduler.decode_loop import DecodeLimits
+from ortmux.worker.scheduler.decode_scheduler import DecodeLimits
 from ortmux.worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,11 @@ class Worker:
     """A running worker: the gRPC server and everything it serves."""
 
     settings: Settings
-    server: grpc.Server
+    server: GrpcServer
     port: int
     dataplane: DataPlane
     metrics: Metrics
-    health: health.HealthServicer
+    health: Health
     metrics_port: int | None = None
     adapter_sync: SyncLoop | None = None
     keys: KeyRing | None = None
@@ -117,7 +117,8 @@ class Worker:
         ):
             time.sleep(0.05)
         if not stopped.is_set():
-            self.server.stop(0).wait()
+            self.server.stop(0).wait(30)
+        self.server.close()
         if self.http is not None:
             self.http.stop(grace)
         if self.adapter_sync is not None:
@@ -148,7 +149,7 @@ class Worker:
 
 def create_server(
     settings: Settings, metrics_registry: CollectorRegistry | None = None
-) -> tuple[grpc.Server, int, Worker]:
+) -> tuple[GrpcServer, int, Worker]:
     """Bind the server (port 0: any free port) with every service registered; not started yet.
 
     Health answers NOT_SERVING until :meth:`Worker.load_models` has loaded the base models.
@@ -233,35 +234,48 @@ def create_server(
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="ortmux-grpc"),
+    requests_pool = Offload(settings.grpc_workers, "ortmux-requests")
+    control = Offload(max(4, settings.grpc_workers // 4), "ortmux-control")
+    uploads = Offload(max(2, settings.grpc_workers // 4), "ortmux-uploads")
+    server = GrpcServer(
+        (requests_pool, control, uploads),
         interceptors=[MetricsInterceptor(metrics), ErrorInterceptor(), AuthInterceptor(keys)],
         options=options,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(dataplane), server)
-    adapters_pb2_grpc.add_AdapterServiceServicer_to_server(AdapterServicer(dataplane), server)
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-        InferenceServicer(dataplane, settings.stream_window), server
-    )
-    oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-        OipServicer(dataplane, settings.stream_window), server
-    )
-    server.add_generic_rpc_handlers((UnservedRpcs(),))
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            *SERVICE_NAMES,
-            OIP_SERVICE,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    health_servicer = Health(server)
+
+    def build(server: grpc.aio.Server) -> None:
+        models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(dataplane, control), server)
+        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
+            AdapterServicer(dataplane, control, uploads), server
+        )
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(dataplane, settings.stream_window, requests_pool), server
+        )
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+            OipServicer(dataplane, settings.stream_window, requests_pool, control), server
+        )
+        server.add_generic_rpc_handlers((UnservedRpcs(),))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer.servicer, server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                OIP_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+
+    server.register(build)
     address = f"{settings.host}:{settings.port}"
     credentials = _server_credentials(settings)
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    port = server.register(
+        (lambda s: s.add_secure_port(address, credentials))
+        if credentials
+        else (lambda s: s.add_insecure_port(address))
+    )
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
     worker = Worker(settings, server, port, dataplane, metrics, health_servicer, keys=keys)

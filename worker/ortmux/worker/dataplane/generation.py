@@ -8,7 +8,7 @@ import dataclasses
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 
 import numpy as np
@@ -31,7 +31,8 @@ from ortmux.worker.generation.text import TextStream
 from ortmux.worker.observability.metrics import Metrics
 from ortmux.worker.quotas import RequestQuotas, TokenQuota
 from ortmux.worker.request_bounds import MAX_STOP, MAX_STOP_CHARS, check_length
-from ortmux.worker.scheduler.decode_loop import DecodeLimits, DecodeLoop
+from ortmux.worker.scheduler.decode_loop import DecodeLoop
+from ortmux.worker.scheduler.decode_scheduler import DecodeLimits
 
 MAX_NEW_TOKENS = 1 << 16
 
@@ -84,7 +85,17 @@ class GenerationStream:
                 return
             if isinstance(item, Exception):
                 raise item
-            yield item
+            yield item  # type: ignore[misc]
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        """The same chunks, awaited on the running event loop: no thread waits for them."""
+        while True:
+            item = await self._job.events.aget()
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item  # type: ignore[misc]
 
     def close(self) -> None:
         self._cancelled.set()

@@ -4,7 +4,6 @@ its caller reads) and the chunks it sends."""
 from __future__ import annotations
 
 import dataclasses
-import queue
 import time
 from collections.abc import Callable, Mapping
 
@@ -12,6 +11,7 @@ import numpy as np
 
 from ortmux.worker.engine.decoder import DecoderSpec
 from ortmux.worker.engine.lora.feeds import LoraWeights
+from ortmux.worker.generation.events import Events
 from ortmux.worker.generation.sampling import Sampler
 from ortmux.worker.generation.text import TextStream
 
@@ -47,7 +47,7 @@ class GenerationJob:
     deadline: float | None = None  # time.monotonic()
     is_active: Callable[[], bool] = lambda: True
     on_done: Callable[[], None] = lambda: None  # the adapter and quotas it holds go back
-    events: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
+    events: Events = dataclasses.field(default_factory=Events)
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
     generated: list[int] = dataclasses.field(default_factory=list)
     first_token_at: float = 0.0

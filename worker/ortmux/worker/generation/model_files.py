@@ -6,6 +6,7 @@ there: they come with each request."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -79,3 +80,14 @@ class TextTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def piece(self, token_id: int) -> str | None:
+        """The vocabulary entry ``decode`` turns ``token_id`` into text from, or None for an id it
+        leaves out (a special token, or one outside the vocabulary)."""
+        piece = self._tokenizer.id_to_token(token_id)
+        return None if piece is None or piece in self._special_pieces else piece
+
+    @functools.cached_property
+    def _special_pieces(self) -> frozenset[str]:
+        added = self._tokenizer.get_added_tokens_decoder().values()
+        return frozenset(token.content for token in added if token.special)

@@ -1,15 +1,27 @@
 """Choosing each next token: greedy, or sampled with temperature, top-k and top-p from a generator
 of the request's own (seeded by its ``seed``; one draw per token), so a seeded request gives the
-same tokens whatever its batch-mates."""
+same tokens whatever its batch-mates.
+
+:func:`sample` chooses the tokens of a whole decode step in one call: the greedy rows take their
+argmax together; each sampled row is worked on alone, in float32, and never sorts its vocabulary
+in the common case. Top-k is a partial selection of the k largest logits. Top-p selects the largest
+``CANDIDATES`` logits, widens the selection (at least doubling it) until it holds ``top_p`` of the
+probability, and sorts only those; only a nucleus nearly as wide as the vocabulary sorts it all.
+Tokens rank by logit, ties by token id.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
 from ortmux.worker.errors import InvalidArgument
+
+CANDIDATES = 256  # logits top-p sorts first; most nuclei are far narrower
+_SCALE_MAX = float(np.finfo(np.float32).max)  # 1 / temperature beyond it: -inf below the max
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,28 +46,111 @@ class SamplingParams:
 
 
 class Sampler:
+    """One request's sampling: its parameters and its own generator, seeded by ``seed``."""
+
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
 
     def next_token(self, logits: np.ndarray) -> int:
         """The next token of one row, from its ``[vocab]`` logits."""
+        return sample(np.asarray(logits)[np.newaxis], [self])[0]
+
+    def _sampled(self, row: np.ndarray, scratch: np.ndarray) -> int:
+        """The token drawn from one row's float32 logits (temperature above 0). ``scratch`` is room
+        for two rows, reused from row to row: fresh memory for each row costs more than its work."""
         params = self.params
-        if params.temperature == 0:
-            return int(np.argmax(logits))
-        wide = logits.astype(np.float64)
-        with np.errstate(over="ignore"):  # a tiny temperature: -inf, never nan
-            scores = (wide - wide.max()) / params.temperature
-        order = np.argsort(-scores, kind="stable")
-        if params.top_k > 0:
-            order = order[: params.top_k]
-        kept = scores[order]
-        probs = np.exp(kept - kept.max())
-        probs /= probs.sum()
-        if params.top_p < 1:
-            cumulative = np.cumsum(probs)
-            keep = int(np.searchsorted(cumulative, params.top_p)) + 1
-            order, probs = order[:keep], probs[:keep] / cumulative[min(keep, len(cumulative)) - 1]
-        draw = self._rng.random()
-        index = min(int(np.searchsorted(np.cumsum(probs), draw, side="right")), len(order) - 1)
-        return int(order[index])
+        draw = self._rng.random()  # first: one draw per token, whatever the row holds
+        top = row.max()
+        if not np.isfinite(top):  # every token masked, or an infinite or NaN logit
+            return int(np.argmax(row))
+        scale = np.float32(min(1.0 / params.temperature, _SCALE_MAX))
+        vocab = len(row)
+        ids: np.ndarray | None = None
+        if 0 < params.top_k < vocab:
+            ids = _ranked(row, _largest(row, params.top_k, scratch[1]))[: params.top_k]
+            cumulative = np.cumsum(_probabilities(row[ids], top, scale))
+            goal = np.float32(params.top_p) * cumulative[-1]
+        elif params.top_p < 1:
+            probabilities = _probabilities(row, top, scale, scratch[0])
+            goal = np.float32(params.top_p) * probabilities.sum()
+            count = min(vocab, CANDIDATES)
+            while True:  # the mass of the largest ``count``: no sort until it is enough
+                ids = _largest(row, count, scratch[1])
+                kept = probabilities[ids]
+                mass, lightest = kept.sum(), kept.min()
+                if mass >= goal or len(ids) < count or count >= vocab or lightest == 0:
+                    break
+                # The tokens left weigh at most ``lightest`` each: at least this many more are needed.
+                wanted = count + math.ceil(float(goal - mass) / float(lightest))  # float64: never inf
+                count = min(vocab, max(2 * count, wanted))
+            ids = _ranked(row, ids)
+            cumulative = np.cumsum(probabilities[ids])
+        else:
+            cumulative = np.cumsum(_probabilities(row, top, scale, scratch[0]), out=scratch[1])
+            goal = None
+        if goal is not None:  # the nucleus: up to and including the token that reaches top_p
+            cumulative = cumulative[: int(np.searchsorted(cumulative, goal)) + 1]
+        index = int(np.searchsorted(cumulative, np.float32(draw) * cumulative[-1], side="right"))
+        if index >= len(cumulative):  # the draw rounded up to the total: the last token with weight
+            index = int(np.flatnonzero(np.diff(cumulative, prepend=np.float32(0)))[-1])
+        return int(index if ids is None else ids[index])
+
+
+def sample(logits: np.ndarray, samplers: Sequence[Sampler]) -> list[int]:
+    """Each row's next token, from ``[rows, vocab]`` logits (cast to float32) and one sampler per
+    row. A row's token depends on its own logits and sampler only. A sampler that is no
+    :class:`Sampler` (a test's stand-in) is asked with its ``next_token``, one row at a time."""
+    if logits.ndim != 2 or len(logits) != len(samplers):
+        raise ValueError(f"logits of shape {logits.shape} for {len(samplers)} samplers")
+    scores = np.asarray(logits, dtype=np.float32)
+    tokens = [0] * len(samplers)
+    scratch = None
+    greedy = [
+        i
+        for i, sampler in enumerate(samplers)
+        if isinstance(sampler, Sampler) and sampler.params.temperature == 0
+    ]
+    if greedy:
+        chosen = scores.argmax(axis=1) if len(greedy) == len(samplers) else scores[greedy].argmax(axis=1)
+        for i, token in zip(greedy, chosen.tolist(), strict=True):
+            tokens[i] = token
+    for i, sampler in enumerate(samplers):
+        if not isinstance(sampler, Sampler):
+            tokens[i] = int(sampler.next_token(logits[i]))
+        elif sampler.params.temperature > 0:
+            if scratch is None:
+                scratch = np.empty((2, scores.shape[1]), np.float32)
+            tokens[i] = sampler._sampled(scores[i], scratch)
+    return tokens
+
+
+def _largest(row: np.ndarray, count: int, scratch: np.ndarray) -> np.ndarray:
+    """Ids, in id order, of at least the ``count`` largest logits by partial selection: all the
+    tokens tied with the last, none masked with -inf (so fewer where fewer are left)."""
+    if count >= len(row):
+        return np.flatnonzero(row > -np.inf)
+    np.copyto(scratch, row)
+    scratch.partition(len(row) - count)
+    bound = scratch[len(row) - count]
+    return np.flatnonzero(row >= bound if bound > -np.inf else row > -np.inf)
+
+
+def _ranked(row: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``ids`` by their logits, largest first, ties by id: one sort of 64-bit keys, each a logit's
+    bits made to order as integers (descending) above its token id (several times faster than a
+    stable argsort of the logits)."""
+    bits = (row[ids] + np.float32(0)).view(np.int32)  # + 0: -0.0 ties with 0.0
+    ordered = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits).astype(np.int64)
+    keys = (np.int64(0x7FFFFFFF) - ordered).astype(np.uint64) << np.uint64(32) | ids.astype(np.uint64)
+    return (np.sort(keys) & np.uint64(0xFFFFFFFF)).astype(np.intp)
+
+
+def _probabilities(
+    logits: np.ndarray, top: np.float32, scale: np.float32, out: np.ndarray | None = None
+) -> np.ndarray:
+    """exp((logits - top) * scale), unnormalised: the row's max weighs 1, masked tokens 0."""
+    with np.errstate(over="ignore"):  # a tiny temperature: -inf below the max, never NaN
+        weights = np.subtract(logits, top, out=out, dtype=np.float32)
+        weights *= scale
+    return np.exp(weights, out=weights)

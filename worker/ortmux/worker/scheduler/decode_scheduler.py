@@ -1,0 +1,152 @@
+"""The scheduler of generation: which generations wait and which run, what an iteration of the
+decode loop prefills and steps.
+
+Waiting generations sit in a fair queue (priority within a tenant, round robin across tenants
+and adapters, deadlines, cancellation) and are admitted between steps while there are rows,
+prefill tokens and KV room for them. Admitted prompts up to ``max_prefill_tokens`` are prefilled
+together, grouped by what may share a run; a longer one is prefilled a chunk per iteration (the
+oldest first), so it never stalls the running rows for long. Running rows sit in groups: rows of
+one group share decode steps.
+
+Not thread-safe: the decode loop calls it under its lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from ortmux.worker.engine.decoder import DecoderSpec
+from ortmux.worker.errors import Cancelled, DeadlineExceeded, ResourceExhausted
+from ortmux.worker.generation.job import GenerationJob
+from ortmux.worker.generation.kv import KvPool
+from ortmux.worker.scheduler.decode_rows import Partial, Rows
+from ortmux.worker.scheduler.fair_queue import FairQueue
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLimits:
+    max_running: int = 32  # rows of a decode step (all groups together)
+    max_prefill_tokens: int = 2048  # prompt tokens prefilled between two steps
+    max_waiting: int = 1024
+
+
+class DecodeScheduler:
+    def __init__(self, name: str, decoder: DecoderSpec, kv: KvPool, limits: DecodeLimits) -> None:
+        self.name = name
+        self.decoder = decoder
+        self.kv = kv
+        self.limits = limits
+        self.groups: dict[tuple, Rows] = {}
+        self.partial: list[Partial] = []  # long prompts being prefilled a chunk per iteration
+        self._waiting: FairQueue[GenerationJob] = FairQueue()
+
+    @property
+    def running(self) -> int:
+        return sum(len(rows.jobs) for rows in list(self.groups.values())) + len(self.partial)
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting.size
+
+    @property
+    def busy(self) -> bool:
+        """Something runs (a group's steps or a long prompt's prefill)."""
+        return bool(self.groups or self.partial)
+
+    def submit(self, job: GenerationJob) -> None:
+        if self._waiting.size >= self.limits.max_waiting:
+            raise ResourceExhausted(
+                f"{self._waiting.size} generations wait for model '{self.name}' already; retry shortly",
+                retry_after=1.0,
+            )
+        self._waiting.push(job)
+
+    def expired(self) -> list[tuple[GenerationJob, Exception]]:
+        """Waiting generations to end now (deadline passed, caller gone), out of the queue."""
+        now = time.monotonic()
+        return [
+            (job, gone(job, now, "while it waited"))  # type: ignore[misc]
+            for job in self._waiting.remove(lambda job: gone(job, now) is not None)
+        ]
+
+    def admit(self) -> list[GenerationJob]:
+        """Waiting generations that fit now (rows, prefill tokens, KV room), in fair order; their
+        KV room is reserved."""
+        admitted: list[GenerationJob] = []
+        room = self.limits.max_running - self.running
+        budget = self.limits.max_prefill_tokens
+
+        def fits(job: GenerationJob) -> bool:
+            cost = min(len(job.prompt_ids), self.limits.max_prefill_tokens)  # long prompts: a chunk
+            return len(admitted) < room and (not admitted or cost <= budget)
+
+        while True:
+            job = self._waiting.pop(fits)
+            if job is None:
+                break
+            if not self.kv.reserve(job.kv_bytes):
+                self._waiting.push(job, front=True)  # waits for KV room, first of its key
+                break
+            job.admitted_at = time.monotonic()
+            admitted.append(job)
+            budget -= min(len(job.prompt_ids), self.limits.max_prefill_tokens)
+        return admitted
+
+    def prefills(self, admitted: list[GenerationJob]) -> list[tuple[tuple, list[GenerationJob]]]:
+        """The admitted prompts to prefill now, by group; longer ones join the chunked prefills."""
+        by_group: dict[tuple, list[GenerationJob]] = {}
+        for job in admitted:
+            if len(job.prompt_ids) > self.limits.max_prefill_tokens:
+                self.partial.append(Partial(job))
+            else:
+                by_group.setdefault(job.group(self.decoder), []).append(job)
+        return list(by_group.items())
+
+    def next_chunk(self) -> tuple[Partial, list[int]] | None:
+        """The oldest long prompt and its next chunk (counted as read)."""
+        if not self.partial:
+            return None
+        partial = self.partial[0]
+        chunk = partial.job.prompt_ids[partial.done : partial.done + self.limits.max_prefill_tokens]
+        partial.done += len(chunk)
+        return partial, chunk
+
+    def drop_partial(self, partial: Partial) -> None:
+        self.partial.remove(partial)
+
+    def join(self, key: tuple, rows: Rows) -> None:
+        """Rows that have their first token join their group's steps."""
+        if key in self.groups:
+            self.groups[key].merge(rows)
+        else:
+            self.groups[key] = rows
+
+    def replace(self, key: tuple, rows: Rows) -> Rows:
+        """``rows`` (the survivors of a failed step) run in place of the group's rows."""
+        self.drop(key)
+        self.groups[key] = rows
+        return rows
+
+    def drop(self, key: tuple) -> None:
+        rows = self.groups.pop(key)
+        if rows.buffers is not None:
+            rows.buffers.close()
+
+    def clear(self) -> list[GenerationJob]:
+        """Every running generation, out of the running set."""
+        jobs = [job for rows in self.groups.values() for job in rows.jobs]
+        jobs += [partial.job for partial in self.partial]
+        for key in list(self.groups):
+            self.drop(key)
+        self.partial.clear()
+        return jobs
+
+
+def gone(job: GenerationJob, now: float, when: str = "") -> Exception | None:
+    """Why ``job`` is to end now (its deadline passed, its caller went away), or None."""
+    if job.deadline is not None and now >= job.deadline:
+        return DeadlineExceeded(f"the generation's deadline passed {when}")
+    if not job.is_active():
+        return Cancelled(f"the caller cancelled the generation {when}")
+    return None
