@@ -9,7 +9,7 @@ float64 and a stable argsort of the whole vocabulary for every row); the batched
 top_p 0.95 alone (temperature 1). The logits look like a language model's: every row a normal
 background (std 2.5) and 50 tokens of its own lifted by 10 + 3 N(0, 1), so a nucleus of a few
 tokens. The last row per vocabulary is top_p 0.95 on plain normal logits (std 3), a nucleus of
-thousands: the selection widens several times. Medians of ``--repeats`` steps (one warm-up step
+thousands: measured in ranges of logits (two of them sorted). Medians of ``--repeats`` steps (one warm-up step
 first, but for the baseline).
 """
 

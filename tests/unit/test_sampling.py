@@ -169,6 +169,31 @@ def test_top_p_on_a_peaked_row_sorts_no_more_than_its_candidates(monkeypatch: py
     assert sorted_sizes and max(sorted_sizes) < 152_064 // 8, sorted_sizes
 
 
+def test_a_wide_nucleus_sorts_only_the_buckets_it_ends_and_draws_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    sorted_sizes: list[int] = []
+    sort = np.sort
+
+    def counted(values: np.ndarray, *args: object, **kwargs: object) -> np.ndarray:
+        sorted_sizes.append(len(values))
+        return sort(values, *args, **kwargs)
+
+    monkeypatch.setattr(sampling.np, "sort", counted)
+    logits = logits_of(4, 128_256, spread=0.1)  # a random model's logits: nearly flat
+    samplers = [Sampler(SamplingParams(temperature=0.8, top_p=0.95, seed=i)) for i in range(4)]
+    tokens = sample(logits, samplers)
+    assert all(0 <= token < 128_256 for token in tokens)
+    assert sorted_sizes and max(sorted_sizes) < 128_256 // 50, sorted_sizes
+
+
+def test_a_wide_nucleus_with_ties_and_masked_tokens_draws_the_reference() -> None:
+    logits = np.round(logits_of(1, 3000, spread=0.5, seed=5)[0], 1)  # many logits tie
+    logits[::6] = -np.inf
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    expected = reference(logits, params)
+    assert len(expected) > CANDIDATES
+    assert_distribution(draws(logits, params, 20000), expected)
+
+
 @pytest.mark.parametrize("temperature", [1e-30, 1e-45, 5e-324])
 @pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (0, 0.9), (40, 1.0), (40, 0.5)])
 def test_a_tiny_temperature_picks_the_argmax(temperature: float, top_k: int, top_p: float) -> None:

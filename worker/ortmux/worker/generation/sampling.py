@@ -5,8 +5,9 @@ same tokens whatever its batch-mates.
 :func:`sample` chooses the tokens of a whole decode step in one call: the greedy rows take their
 argmax together; each sampled row is worked on alone, in float32, and never sorts its vocabulary
 in the common case. Top-k is a partial selection of the k largest logits. Top-p selects the largest
-``CANDIDATES`` logits, widens the selection (at least doubling it) until it holds ``top_p`` of the
-probability, and sorts only those; only a nucleus nearly as wide as the vocabulary sorts it all.
+``CANDIDATES`` logits and sorts only those when they hold ``top_p`` of the probability; a wider
+nucleus (a flat row, as random weights give) is measured in ``BUCKETS`` ranges of logits, and
+only the two buckets where it ends and where the draw lands are sorted: O(vocab) either way.
 Tokens rank by logit, ties by token id.
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 from ortmux.worker.errors import InvalidArgument
 
 CANDIDATES = 256  # logits top-p sorts first; most nuclei are far narrower
+BUCKETS = 4096  # ranges of logits a wide nucleus is measured in
 _SCALE_MAX = float(np.finfo(np.float32).max)  # 1 / temperature beyond it: -inf below the max
 
 
@@ -74,16 +76,13 @@ class Sampler:
         elif params.top_p < 1:
             probabilities = _probabilities(row, top, scale, scratch[0])
             goal = np.float32(params.top_p) * probabilities.sum()
-            count = min(vocab, CANDIDATES)
-            while True:  # the mass of the largest ``count``: no sort until it is enough
-                ids = _largest(row, count, scratch[1])
-                kept = probabilities[ids]
-                mass, lightest = kept.sum(), kept.min()
-                if mass >= goal or len(ids) < count or count >= vocab or lightest == 0:
-                    break
-                # The tokens left weigh at most ``lightest`` each: at least this many more are needed.
-                wanted = count + math.ceil(float(goal - mass) / float(lightest))  # float64: never inf
-                count = min(vocab, max(2 * count, wanted))
+            # A wide nucleus is found by buckets, never sorted: when the candidates cannot hold it
+            # (each weighs at most 1, the row's max), or when they turn out not to.
+            if goal > min(vocab, CANDIDATES):
+                return _wide_nucleus(row, probabilities, float(goal), draw, scratch[1])
+            ids = _largest(row, min(vocab, CANDIDATES), scratch[1])
+            if probabilities[ids].sum() < goal:
+                return _wide_nucleus(row, probabilities, float(goal), draw, scratch[1])
             ids = _ranked(row, ids)
             cumulative = np.cumsum(probabilities[ids])
         else:
@@ -134,6 +133,44 @@ def _largest(row: np.ndarray, count: int, scratch: np.ndarray) -> np.ndarray:
     scratch.partition(len(row) - count)
     bound = scratch[len(row) - count]
     return np.flatnonzero(row >= bound if bound > -np.inf else row > -np.inf)
+
+
+def _wide_nucleus(row: np.ndarray, weights: np.ndarray, goal: float, draw: float, scratch: np.ndarray) -> int:
+    """The token drawn from a nucleus too wide to sort, in O(vocab): the logits fall in
+    ``BUCKETS`` equal ranges of value (a monotone map: equal logits share a bucket, a larger one
+    is never in a lower bucket), each range's weight summed; the bucket that reaches ``goal`` and
+    the one the draw lands in are ranked exactly, the others only summed. The token is the one the
+    rank-order walk of the nucleus gives."""
+    buckets = BUCKETS
+    low = float(row.min())
+    if low == -np.inf:
+        low = float(row[row > -np.inf].min())
+    span = float(row.max()) - low
+    if span > 0:
+        scaled = np.subtract(row, np.float32(low), out=scratch)
+        scaled *= np.float32((buckets - 1) / span)
+        np.clip(scaled, 0, buckets - 1, out=scaled)  # -inf (masked, weight 0) to the lowest
+        index = scaled.astype(np.intp)
+    else:
+        index = np.zeros(len(row), np.intp)
+    mass = np.bincount(index, weights=weights, minlength=buckets)[::-1]  # the largest weights first
+    reached = np.cumsum(mass)
+    edge = min(int(np.searchsorted(reached, goal)), buckets - 1)  # the bucket the nucleus ends in
+    before = float(reached[edge - 1]) if edge else 0.0
+    members = _ranked(row, np.flatnonzero(index == buckets - 1 - edge))
+    inside = np.cumsum(weights[members], dtype=np.float64)
+    last = min(int(np.searchsorted(inside, goal - before)), len(members) - 1)
+    target = draw * (before + float(inside[last]))  # the nucleus: up to and including ``last``
+    landed = min(int(np.searchsorted(reached, target, side="right")), edge)
+    if landed < edge:
+        members = _ranked(row, np.flatnonzero(index == buckets - 1 - landed))
+        inside = np.cumsum(weights[members], dtype=np.float64)
+        last = len(members) - 1
+    offset = float(reached[landed - 1]) if landed else 0.0
+    chosen = int(np.searchsorted(inside[: last + 1], target - offset, side="right"))
+    if chosen > last:  # the draw rounded up to the total: the last token with weight
+        chosen = int(np.flatnonzero(weights[members[: last + 1]])[-1])
+    return int(members[chosen])
 
 
 def _ranked(row: np.ndarray, ids: np.ndarray) -> np.ndarray:
