@@ -190,6 +190,17 @@ def load(
     }
 
 
+def load_cells(result: dict) -> list[str]:
+    """A load's tokens/s, TTFT p50 / p99 and inter-token p50 / p99, as table cells."""
+    return [
+        f"{result['tokens_per_second']:.1f}",
+        f"{result['ttft_p50']:.0f}",
+        f"{result['ttft_p99']:.0f}",
+        f"{result['itl_p50']:.1f}",
+        f"{result['itl_p99']:.1f}",
+    ]
+
+
 def ready(address: str, decoder: Path, adapters: list[str]) -> None:
     """Register ``adapters`` and warm the worker: the weights' pages, first runs, each adapter."""
     from ortmux.client import Client
@@ -243,11 +254,7 @@ def concurrency_rows(args: argparse.Namespace, adapters: list[str]) -> list[list
             rows.append(
                 [
                     str(streams),
-                    f"{result['tokens_per_second']:.1f}",
-                    f"{result['ttft_p50']:.0f}",
-                    f"{result['ttft_p99']:.0f}",
-                    f"{result['itl_p50']:.1f}",
-                    f"{result['itl_p99']:.1f}",
+                    *load_cells(result),
                     str(result["threads"]),
                     f"{result['rss_mib']:.0f}",
                     f"{result['pss_mib']:.0f}",
@@ -507,11 +514,7 @@ def main() -> None:
                     [
                         f"ortmux {kind}, {via} client, {lengths}-token prompts, {len(adapters)} adapters",
                         str(streams),
-                        f"{result['tokens_per_second']:.1f}",
-                        f"{result['ttft_p50']:.0f}",
-                        f"{result['ttft_p99']:.0f}",
-                        f"{result['itl_p50']:.1f}",
-                        f"{result['itl_p99']:.1f}",
+                        *load_cells(result),
                     ]
                 )
                 print(rows[-1], flush=True)

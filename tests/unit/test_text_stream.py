@@ -221,6 +221,15 @@ def test_text_is_sent_as_soon_as_no_later_token_can_change_it(cases: dict[str, C
                 assert sent == case.tokenizer.decode(ids[:k]).rstrip(CUT), (ids, k, case.path)
 
 
+def random_stops(full: str, rng: random.Random, least: int) -> list[str]:
+    """``least`` to 3 stop strings cut from ``full`` (the text the ids decode to)."""
+    stops = []
+    for _ in range(rng.randint(least, 3)):
+        start = rng.randrange(len(full) + 1)
+        stops.append(full[start : start + rng.randint(1, 5)].replace(CUT, "") or "zz")
+    return stops
+
+
 @pytest.mark.parametrize("name", BYTE_LEVEL)
 def test_each_push_is_what_decoding_from_the_start_gave(cases: dict[str, Case], name: str) -> None:
     """On byte-level tokenizers the window gives, token by token, what decoding the whole
@@ -230,10 +239,7 @@ def test_each_push_is_what_decoding_from_the_start_gave(cases: dict[str, Case], 
     for _ in range(300):
         ids = random_ids(case, rng)
         full = case.tokenizer.decode(ids)
-        stop = []
-        for _ in range(rng.randint(0, 3)):
-            start = rng.randrange(len(full) + 1)
-            stop.append(full[start : start + rng.randint(1, 5)].replace(CUT, "") or "zz")
+        stop = random_stops(full, rng, least=0)
         new, old = TextStream(case.tokenizer, stop), FirstDecodedStream(case.tokenizer, stop)
         for token_id in ids:
             got = new.push(token_id)
@@ -253,10 +259,7 @@ def test_a_stop_string_ends_the_text_at_the_token_that_makes_it(cases: dict[str,
     for _ in range(300):
         ids = random_ids(case, rng)
         full = case.tokenizer.decode(ids)
-        stop = []
-        for _ in range(rng.randint(1, 3)):
-            start = rng.randrange(len(full) + 1)
-            stop.append(full[start : start + rng.randint(1, 5)].replace(CUT, "") or "zz")
+        stop = random_stops(full, rng, least=1)
         want, want_at = full.rstrip(CUT), None
         for k in range(1, len(ids) + 1):
             so_far = case.tokenizer.decode(ids[:k])
