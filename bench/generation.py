@@ -12,7 +12,8 @@ adapters (8 on q_proj/v_proj, 8 on every linear layer; ``--adapters 32`` for all
 ``--sampling``: greedy against sampled (temperature 0.8, top-p 0.95) at 32 streams, on the bench
 decoder and on its 128k-vocabulary variant (``make_decoder.py --vocab 128256``) when made.
 ``--concurrency 1 32 256 1000``: that many streams open at once from one asyncio client, with
-the worker's peak threads, RSS and PSS.
+the worker's peak threads, RSS and PSS. ``--prefix``: 16 streams whose prompts share a
+1,024-token start against 16 unique prompts (the prefix cache).
 
     /tmp/fx/bin/python bench/make_decoder.py [--vocab 128256]     # once
     python bench/generation.py [--streams 1 8 32] [--new-tokens 128] [--int8] [--adapters 16]
@@ -20,6 +21,7 @@ the worker's peak threads, RSS and PSS.
                                [--genai-python /tmp/genai/bin/python]
     python bench/generation.py --sampling [--rounds 2]
     python bench/generation.py --concurrency 1 32 256 1000 [--sweep-new-tokens 32]
+    python bench/generation.py --prefix [--new-tokens 32] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -266,6 +268,46 @@ def concurrency_rows(args: argparse.Namespace, adapters: list[str]) -> list[list
     return rows
 
 
+def prefix_rows(args: argparse.Namespace, adapters: list[str]) -> list[list[str]]:
+    """16 streams on one adapter whose prompts share a 1,024-token start (and end in 16 tokens of
+    their own), against 16 unique prompts of the same length, rounds interleaved on one worker:
+    the time to finish all and the time to first token."""
+    model_dir = without_eos(DECODER / "onnx", OUT / "decoder-no-eos")
+    worker = serve(model_dir, OUT / "gen-data-prefix", [])
+    rows = []
+    try:
+        ready(worker.address, DECODER, adapters)
+        adapter = adapters[0]
+        results: dict[str, list[dict]] = {"unique prompts": [], "a shared 1,024-token start": []}
+        for round_ in range(args.rounds):
+            rng = np.random.default_rng(round_)  # fresh prompts each round: nothing cached before
+            shared = rng.integers(3, 32000, size=1024).tolist()
+            kinds = {
+                "unique prompts": [rng.integers(3, 32000, size=1040).tolist() for _ in range(16)],
+                "a shared 1,024-token start": [
+                    shared + rng.integers(3, 32000, size=16).tolist() for _ in range(16)
+                ],
+            }
+            for kind, prompts in kinds.items():
+                jobs = [(prompt, adapter) for prompt in prompts]
+                began = time.perf_counter()
+                result = stream_load(worker.address, jobs, 16, args.new_tokens)
+                results[kind].append({**result, "wall": time.perf_counter() - began})
+        unique = results["unique prompts"]
+        for kind, measured in results.items():
+            wall = float(np.median([r["wall"] for r in measured]))
+            ttft = float(np.median([r["ttft_p50"] for r in measured]))
+            base_wall = float(np.median([r["wall"] for r in unique]))
+            base_ttft = float(np.median([r["ttft_p50"] for r in unique]))
+            rows.append(
+                [kind, f"{wall:.2f}", f"{base_wall / wall:.2f}", f"{ttft:.0f}", f"{base_ttft / ttft:.2f}"]
+            )
+            print(rows[-1], flush=True)
+    finally:
+        worker.stop()
+    return rows
+
+
 def plain_loop(model: Path, rows: int, new: int) -> float:
     """Tokens/s of plain ONNX Runtime greedy decoding, ``rows`` 64-token prompts at once."""
     import onnxruntime as ort
@@ -445,7 +487,12 @@ def main() -> None:
     parser.add_argument(
         "--sampling", action="store_true", help="only greedy vs sampled at 32 streams (and the 128k variant)"
     )
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of each mode for --sampling")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="rounds of each mode for --sampling and --prefix"
+    )
+    parser.add_argument(
+        "--prefix", action="store_true", help="only 16 streams sharing a 1,024-token start vs unique prompts"
+    )
     parser.add_argument(
         "--concurrency", type=int, nargs="*", help="only the concurrency sweep at these stream counts"
     )
@@ -469,6 +516,18 @@ def main() -> None:
             f"32 streams, {args.new_tokens} new tokens, sampled = {SAMPLED}, medians of {args.rounds} rounds:"
         )
         print(table(heads, sampling_rows(args, adapters)))
+        return
+    if args.prefix:
+        heads = [
+            "16 streams, one adapter, 1,040-token prompts",
+            "finish s",
+            "x faster",
+            "TTFT p50 ms",
+            "x lower",
+        ]
+        rows = prefix_rows(args, adapters)
+        print(f"{args.new_tokens} new tokens, medians of {args.rounds} rounds")
+        print(table([*heads, "x lower"], rows))
         return
     if args.concurrency:
         rows = concurrency_rows(args, adapters)

@@ -54,6 +54,14 @@ def decode_steps(worker: Worker, model: str) -> tuple[float, float]:
     ]
 
 
+def generations_kv_bytes(worker: Worker) -> int:
+    """KV pool bytes the worker's generations hold (the pool's reservations, less the blocks its
+    prefix caches keep)."""
+    generation = worker.dataplane.generation
+    cached = sum(loop.prefix.held_bytes for loop in generation.loops() if loop.prefix is not None)
+    return generation.kv.reserved_bytes - cached
+
+
 def gauge(worker: Worker, name: str, model: str) -> float:
     return scrape(worker)[(name, (("model", model),))]
 

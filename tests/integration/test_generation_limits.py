@@ -25,6 +25,7 @@ from .generation_cases import (
     decode_steps,
     gauge,
     generate_case,
+    generations_kv_bytes,
     prompt_ids,
     reference,
     runs,
@@ -77,9 +78,8 @@ def test_closing_the_stream_frees_the_sequence_within_a_step(
         next(stream)
         stream.close()
         deadline = time.monotonic() + 10
-        while (
-            gauge(generation_worker, "ortmux_generations_running", "gpt2")
-            or scrape(generation_worker)[("ortmux_kv_cache_bytes", ())]
+        while gauge(generation_worker, "ortmux_generations_running", "gpt2") or generations_kv_bytes(
+            generation_worker
         ):
             assert time.monotonic() < deadline, "the cancelled sequence still runs"
             time.sleep(0.02)
@@ -128,7 +128,7 @@ def test_a_step_that_fails_for_one_generation_fails_that_one_alone(
     for run, number in cases:
         assert results[(run, number)] == reference("gpt2", run, number), (run, number)
     assert max(steps) == len(cases) + 1, "the generations never shared a step"
-    assert not scrape(generation_worker)[("ortmux_kv_cache_bytes", ())]
+    assert not generations_kv_bytes(generation_worker)
     assert tokens(generate_case(client, "gpt2", "base", 1)) == reference("gpt2", "base", 1)
 
 

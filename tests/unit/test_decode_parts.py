@@ -101,11 +101,24 @@ def test_long_prompts_are_read_a_chunk_per_iteration_and_groups_split_by_what_sh
     second = plan.admit()
     assert second == [long] and plan.prefills(second) == [] and plan.running == 1
     chunks = []
-    while (planned := plan.next_chunk()) is not None:
-        chunks.append(planned[1])
-        if planned[0].done == len(long.prompt_ids):
-            plan.drop_partial(planned[0])
+    while planned := plan.prefill_chunks():
+        chunks += [chunk for _partial, chunk in planned]
+        for partial, _chunk in planned:
+            if partial.done == len(partial.job.prompt_ids):
+                plan.drop_partial(partial)
     assert chunks == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12], [13, 14]] and plan.running == 0
+
+
+def test_prompts_read_in_chunks_share_an_iterations_prefill_budget() -> None:
+    plan = scheduler(max_prefill_tokens=8)
+    first, second, third = job(5), job(5), job(5)
+    for each in (first, second, third):
+        plan.resume(each, 2, [])  # 2 tokens cached: 3 to read each
+    assert [(p.job, chunk) for p, chunk in plan.prefill_chunks()] == [
+        (first, [3, 4, 5]),
+        (second, [3, 4, 5]),
+        (third, [3, 4]),  # 8 tokens in all
+    ]
 
 
 def test_clear_takes_every_running_generation() -> None:

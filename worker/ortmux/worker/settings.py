@@ -150,6 +150,17 @@ class Settings:
         "KV cache of all generations together; a generation reserves (prompt + max_new_tokens) x the "
         "model's KV bytes per token when admitted and waits while there is no room.",
     )
+    prefix_cache: bool = _field(
+        True,
+        "Keep the KV of prompts' full 16-token blocks, so a later prompt with the same start in the "
+        "same scope (its adapter's content and its tenant) prefills only the rest; cached blocks "
+        "take at most half of kv_cache_bytes and give way to generations that need the room.",
+    )
+    prefix_cache_shared_base: bool = _field(
+        False,
+        "Let prompts on the base model (no adapter) share cached prefixes across tenants; off, each "
+        "tenant's prefixes are its own.",
+    )
     max_running_sequences: int = _field(
         32, "Sequences one model's decode steps run at once; more wait to be admitted."
     )

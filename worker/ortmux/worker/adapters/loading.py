@@ -29,6 +29,7 @@ class Resident:
     # It adapts a projection whose activation every row shares: its requests run without other
     # adapters' or base rows.
     exclusive: bool = False
+    sha256: str = ""  # of its payload: what its generations' cached prefixes are keyed by
 
 
 def load(

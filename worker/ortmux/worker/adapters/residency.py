@@ -131,6 +131,7 @@ class Residency:
     def make_resident(self, key: Key, record: Record, resident: Resident) -> None:
         """Keep ``resident`` in memory (call with the lock held), evicting others past the budget."""
         record.resident = resident
+        resident.sha256 = record.meta.sha256
         self._resident_bytes += resident.nbytes
         self._lru[key] = None
         self._lru.move_to_end(key)

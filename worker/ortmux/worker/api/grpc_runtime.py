@@ -78,7 +78,7 @@ class GrpcServer:
 
     def stop(self, grace: float | None) -> threading.Event:
         """Stop taking calls; those open may finish within ``grace`` seconds. The event is set
-        once every call has ended."""
+        once every call has ended. Once only: grpc.aio's shutdown is not to be called twice."""
         stopped = threading.Event()
 
         async def stop() -> None:

@@ -64,6 +64,10 @@ OVERALL_HEALTH = ""
 MODEL_HEALTH_PREFIX = "ortmux.model."
 
 
+# Calls that stay open as long as their client likes: they never hold back a stop.
+LONG_LIVED_CALLS = ("/grpc.health.v1.Health/Watch", "/grpc.reflection.")
+
+
 @dataclasses.dataclass
 class Worker:
     """A running worker: the gRPC server and everything it serves."""
@@ -108,16 +112,13 @@ class Worker:
         self.health.enter_graceful_shutdown()
         self.dataplane.drain()
         grace = self.settings.drain_grace_seconds if grace is None else grace
-        stopped = self.server.stop(grace)
-        # Health watches and reflection streams would hold the server for the whole grace; once
-        # the worker's own calls are done, end them at once.
+        # New work is refused (draining, health NOT_SERVING); calls in flight get the grace.
+        # Health watches and reflection streams would hold it whole, so they do not count; the
+        # server is stopped once (grpc.aio's shutdown is not to be called twice), ending them.
         deadline = time.monotonic() + grace
-        while (
-            not stopped.is_set() and time.monotonic() < deadline and self.metrics.calls_in_flight("/ortmux.")
-        ):
+        while time.monotonic() < deadline and self.metrics.calls_in_flight(LONG_LIVED_CALLS):
             time.sleep(0.05)
-        if not stopped.is_set():
-            self.server.stop(0).wait(30)
+        self.server.stop(0).wait(30)
         self.server.close()
         if self.http is not None:
             self.http.stop(grace)
@@ -216,6 +217,8 @@ def create_server(
         requests.memory,
         TokenQuota(settings.tenant_max_generated_tokens_per_minute),
         settings.max_generation_seconds,
+        settings.prefix_cache,
+        settings.prefix_cache_shared_base,
     )
     dataplane = DataPlane(management, requests, adapters, statistics, generation)
     metrics.watch_generation(generation.loops, kv)

@@ -26,6 +26,7 @@ from ortmux.worker.generation.chat import ChatTemplate
 from ortmux.worker.generation.job import Chunk, GenerationJob
 from ortmux.worker.generation.kv import KvPool
 from ortmux.worker.generation.model_files import GenerationConfig, TextTokenizer, read_generation_config
+from ortmux.worker.generation.prefix_cache import PrefixCache, scope_of
 from ortmux.worker.generation.sampling import Sampler, SamplingParams
 from ortmux.worker.generation.text import TextStream
 from ortmux.worker.observability.metrics import Metrics
@@ -114,6 +115,8 @@ class GenerationPath:
         memory: MemoryGuard | None = None,
         tokens: TokenQuota | None = None,
         max_seconds: float = 0.0,
+        prefix_cache: bool = True,
+        prefix_cache_shared_base: bool = False,
     ) -> None:
         self.models = models
         self.adapters = adapters
@@ -125,6 +128,8 @@ class GenerationPath:
         self.memory = memory or MemoryGuard(0)
         self.tokens = tokens or TokenQuota()
         self.max_seconds = max_seconds  # the worker's own bound on one generation (0: none)
+        self.prefix_cache = prefix_cache
+        self.prefix_cache_shared_base = prefix_cache_shared_base
         self._loops: dict[str, DecodeLoop] = {}
         # per model object: what its files say, read once (a model loaded again is read again)
         self._files: weakref.WeakKeyDictionary[BaseModel, ModelGeneration] = weakref.WeakKeyDictionary()
@@ -216,6 +221,11 @@ class GenerationPath:
                 lora=adapter.lora if adapter else {},
                 feeds=adapter.feeds if adapter else {},
                 exclusive=bool(adapter and adapter.exclusive),
+                prefix_scope=(
+                    scope_of(adapter.sha256 if adapter else "", tenant, self.prefix_cache_shared_base)
+                    if self.prefix_cache
+                    else b""
+                ),
                 fairness_key=fairness_key(tenant, request.adapter),
                 priority=request.priority,
                 deadline=self._deadline(request.deadline),
@@ -249,6 +259,7 @@ class GenerationPath:
                     self.feed_pool,
                     self.metrics.generation_observer(model.name),
                     pad_id=pad,
+                    prefix=PrefixCache(self.kv) if self.prefix_cache else None,
                 )
                 self._loops[model.name] = loop
             return loop

@@ -42,6 +42,7 @@ class GenerationJob:
     lora: Mapping[str, LoraWeights] = dataclasses.field(default_factory=dict)
     feeds: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     exclusive: bool = False
+    prefix_scope: bytes = b""  # what its prompt's cached blocks may be shared with; empty: not cached
     fairness_key: str = ""
     priority: int = 0
     deadline: float | None = None  # time.monotonic()

@@ -241,14 +241,27 @@ class GenerationCollector(Collector):
         waiting = GaugeMetricFamily(
             "ortmux_generations_waiting", "Generations waiting to be admitted, by model.", labels=["model"]
         )
+        cached = GaugeMetricFamily(
+            "ortmux_prefix_cache_bytes",
+            "KV of cached prompt prefixes, part of ortmux_kv_cache_bytes, by model.",
+            labels=["model"],
+        )
+        blocks = GaugeMetricFamily(
+            "ortmux_prefix_cache_blocks", "Cached prompt blocks (16 tokens each), by model.", labels=["model"]
+        )
         for loop in self._loops():
             running.add_metric([loop.name], loop.running)
             waiting.add_metric([loop.name], loop.waiting)
+            if loop.prefix is not None:
+                cached.add_metric([loop.name], loop.prefix.held_bytes)
+                blocks.add_metric([loop.name], loop.prefix.blocks)
         yield running
         yield waiting
+        yield cached
+        yield blocks
         yield GaugeMetricFamily(
             "ortmux_kv_cache_bytes",
-            "KV cache reserved by admitted generations.",
+            "KV cache reserved by admitted generations and cached prompt prefixes.",
             value=self._kv.reserved_bytes,
         )
         yield GaugeMetricFamily(

@@ -127,6 +127,18 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.prompt_tokens = Counter(
+            "ortmux_prefix_cache_prompt_tokens_total",
+            "Prompt tokens of generations that may use the prefix cache, by base model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.prefix_hit_tokens = Counter(
+            "ortmux_prefix_cache_hit_tokens_total",
+            "Prompt tokens whose KV came from the prefix cache (not prefilled), by base model.",
+            ["model"],
+            registry=self.registry,
+        )
         self.decode_step_rows = Histogram(
             "ortmux_decode_step_rows",
             "Rows (sequences) per decode step, by base model.",
@@ -221,10 +233,10 @@ class Metrics:
         self.inference_seconds.labels(model).observe(seconds)
         self.inference_rows.labels(model).observe(rows)
 
-    def calls_in_flight(self, method_prefix: str) -> int:
-        """Calls being served whose method starts with ``method_prefix``."""
+    def calls_in_flight(self, except_prefixes: tuple[str, ...] = ()) -> int:
+        """Calls being served, but those whose method starts with one of ``except_prefixes``."""
         samples = self.rpcs_in_flight.collect()[0].samples
-        return int(sum(s.value for s in samples if s.labels["method"].startswith(method_prefix)))
+        return int(sum(s.value for s in samples if not s.labels["method"].startswith(except_prefixes)))
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics on ``port`` (0: any free port) in a daemon thread; the bound port."""
@@ -258,6 +270,8 @@ class GenerationMetrics:
         self._first = metrics.time_to_first_token.labels(model)
         self._inter = metrics.inter_token.labels(model)
         self._tokens = metrics.generated_tokens.labels(model)
+        self._prompt = metrics.prompt_tokens.labels(model)
+        self._hits = metrics.prefix_hit_tokens.labels(model)
 
     def step(self, rows: int, seconds: float) -> None:
         self._rows.observe(rows)
@@ -265,3 +279,7 @@ class GenerationMetrics:
     def token(self, first: bool, seconds: float) -> None:
         (self._first if first else self._inter).observe(seconds)
         self._tokens.inc()
+
+    def prefix(self, hit_tokens: int, prompt_tokens: int) -> None:
+        self._prompt.inc(prompt_tokens)
+        self._hits.inc(hit_tokens)

@@ -31,6 +31,7 @@ from ortmux.worker.engine.lora.feeds import FeedPool
 from ortmux.worker.errors import InternalError, Unavailable, WorkerError
 from ortmux.worker.generation.job import Chunk, GenerationJob
 from ortmux.worker.generation.kv import KvPool
+from ortmux.worker.generation.prefix_cache import PrefixCache
 from ortmux.worker.scheduler.decode_output import next_chunks
 from ortmux.worker.scheduler.decode_rows import Rows
 from ortmux.worker.scheduler.decode_runner import DecodeRunner, RunResult
@@ -46,6 +47,8 @@ class GenerationObserver(Protocol):
 
     def token(self, first: bool, seconds: float) -> None: ...
 
+    def prefix(self, hit_tokens: int, prompt_tokens: int) -> None: ...
+
 
 BLOCKED_POLL_SECONDS = 0.1
 
@@ -60,13 +63,17 @@ class DecodeLoop:
         feed_pool: FeedPool,
         observer: GenerationObserver,
         pad_id: int = 0,
+        prefix: PrefixCache | None = None,
     ) -> None:
         self.name = model.name
         self.model = model
         self.decoder = decoder
         self.kv = kv
         self.limits = limits
-        self.scheduler = DecodeScheduler(model.name, decoder, kv, limits)
+        self.prefix = prefix  # cached prompt prefixes (generation/prefix_cache.py), or none
+        self.scheduler = DecodeScheduler(
+            model.name, decoder, kv, limits, make_room=self._make_room, cached=self._cached_tokens
+        )
         self.runner = DecodeRunner(model, decoder, feed_pool)
         self._observer = observer
         self._pad_id = pad_id
@@ -96,6 +103,14 @@ class DecodeLoop:
             self._blocked = False
             self._cond.notify_all()
 
+    def _make_room(self, nbytes: int) -> int:
+        return self.prefix.evict(nbytes) if self.prefix is not None else 0
+
+    def _cached_tokens(self, job: GenerationJob) -> int:
+        if self.prefix is None or not job.prefix_scope:
+            return 0
+        return self.prefix.cached_tokens(job.prefix_scope, job.prompt_ids)
+
     def _wake(self) -> None:
         with self._cond:
             self._blocked = False
@@ -108,6 +123,8 @@ class DecodeLoop:
             self._cond.notify_all()
         self._thread.join(timeout)
         self._stop_listening()
+        if self.prefix is not None and not self._thread.is_alive():
+            self.prefix.clear()
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -125,9 +142,9 @@ class DecodeLoop:
                 admitted = scheduler.admit()
                 self._blocked = not (admitted or scheduler.busy)
             try:
-                for key, jobs in scheduler.prefills(admitted):
+                for key, jobs in scheduler.prefills(self._resumed(admitted)):
                     self._prefill(key, jobs)
-                self._advance_partial()
+                self._advance_partials()
                 for key in list(scheduler.groups):
                     self._step(key)
             except Exception as exc:  # a fault of the loop itself: every generation it holds ends
@@ -135,6 +152,28 @@ class DecodeLoop:
                 error = InternalError(f"model '{self.name}' failed to generate: {exc}")
                 for job in [*admitted, *scheduler.clear()]:
                     self._end(job, error=error)
+
+    def _resumed(self, admitted: list[GenerationJob]) -> list[GenerationJob]:
+        """The admitted generations without a cached prefix; those with one resume after it."""
+        if self.prefix is None:
+            return admitted
+        fresh = []
+        for job in admitted:
+            hit = self.prefix.lookup(job.prefix_scope, job.prompt_ids) if job.prefix_scope else None
+            if job.prefix_scope:
+                self._observer.prefix(hit.tokens if hit else 0, len(job.prompt_ids))
+            if hit is None:
+                fresh.append(job)
+            else:
+                self.scheduler.resume(job, hit.tokens, hit.cache)
+        return fresh
+
+    def _cache_prompt(self, job: GenerationJob, cache: list[np.ndarray], row: int, end: int) -> None:
+        """The prompt's full blocks into the prefix cache: row ``row`` of ``cache``, whose columns
+        up to ``end`` hold the prompt's tokens last."""
+        if self.prefix is not None and job.prefix_scope:
+            start = end - len(job.prompt_ids)
+            self.prefix.insert(job.prefix_scope, job.prompt_ids, [part[row, :, start:end] for part in cache])
 
     def _prefill(self, key: tuple, jobs: list[GenerationJob]) -> None:
         length = max(len(job.prompt_ids) for job in jobs)
@@ -146,36 +185,37 @@ class DecodeLoop:
         result = self.runner.run(jobs, ids, mask, self.runner.empty_cache(len(jobs)))
         rows = self._survivors(jobs, result, mask)
         if rows is not None:
+            for row, job in enumerate(rows.jobs):
+                self._cache_prompt(job, rows.cache, row, rows.mask.shape[1])
             self._emit(rows, result.logits)
             if rows.jobs:
                 self.scheduler.join(key, rows)
 
-    def _advance_partial(self) -> None:
-        """One chunk of the oldest long prompt; once it is all in, its first token is sampled and
-        it joins its group's decode steps."""
-        planned = self.scheduler.next_chunk()
-        if planned is None:
-            return
-        partial, chunk = planned
-        job = partial.job
-        error = gone(job, time.monotonic(), "while its prompt was read")
-        if error is None:
-            mask = np.ones((1, partial.done), np.int64)
-            past = partial.cache or self.runner.empty_cache(1)
-            result = self.runner.run([job], np.array([chunk], np.int64), mask, past)
-            error = self._failure(result.failed[0]) if result.failed else None
-        if error is not None:
+    def _advance_partials(self) -> None:
+        """This iteration's chunks of the prompts read in chunks (long ones, and those resuming
+        after a cached prefix); a prompt all in has its first token sampled and joins its group's
+        decode steps."""
+        for partial, chunk in self.scheduler.prefill_chunks():
+            job = partial.job
+            error = gone(job, time.monotonic(), "while its prompt was read")
+            if error is None:
+                mask = np.ones((1, partial.done), np.int64)
+                past = partial.cache or self.runner.empty_cache(1)
+                result = self.runner.run([job], np.array([chunk], np.int64), mask, past)
+                error = self._failure(result.failed[0]) if result.failed else None
+            if error is not None:
+                self.scheduler.drop_partial(partial)
+                self._end(job, error=error)
+                continue
+            partial.cache = result.present
+            if partial.done < len(job.prompt_ids):
+                continue
             self.scheduler.drop_partial(partial)
-            self._end(job, error=error)
-            return
-        partial.cache = result.present
-        if partial.done < len(job.prompt_ids):
-            return
-        self.scheduler.drop_partial(partial)
-        rows = Rows([job], partial.cache, mask)
-        self._emit(rows, result.logits)
-        if rows.jobs:
-            self.scheduler.join(job.group(self.decoder), rows)
+            self._cache_prompt(job, partial.cache, 0, partial.done)
+            rows = Rows([job], partial.cache, mask)
+            self._emit(rows, result.logits)
+            if rows.jobs:
+                self.scheduler.join(job.group(self.decoder), rows)
 
     def _step(self, key: tuple) -> None:
         rows = self.scheduler.groups[key]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 from ortmux.worker.engine.decoder import DecoderSpec
 from ortmux.worker.errors import Cancelled, DeadlineExceeded, ResourceExhausted
@@ -32,11 +33,21 @@ class DecodeLimits:
 
 
 class DecodeScheduler:
-    def __init__(self, name: str, decoder: DecoderSpec, kv: KvPool, limits: DecodeLimits) -> None:
+    def __init__(
+        self,
+        name: str,
+        decoder: DecoderSpec,
+        kv: KvPool,
+        limits: DecodeLimits,
+        make_room: Callable[[int], int] = lambda nbytes: 0,
+        cached: Callable[[GenerationJob], int] = lambda job: 0,
+    ) -> None:
         self.name = name
         self.decoder = decoder
         self.kv = kv
         self.limits = limits
+        self._make_room = make_room  # frees KV pool bytes held by cached prefixes; what it freed
+        self._cached = cached  # prompt tokens of a job the prefix cache holds (not to prefill)
         self.groups: dict[tuple, Rows] = {}
         self.partial: list[Partial] = []  # long prompts being prefilled a chunk per iteration
         self._waiting: FairQueue[GenerationJob] = FairQueue()
@@ -77,20 +88,24 @@ class DecodeScheduler:
         room = self.limits.max_running - self.running
         budget = self.limits.max_prefill_tokens
 
+        def cost(job: GenerationJob) -> int:  # the tokens to prefill now; long prompts: a chunk
+            return min(len(job.prompt_ids) - self._cached(job), self.limits.max_prefill_tokens)
+
         def fits(job: GenerationJob) -> bool:
-            cost = min(len(job.prompt_ids), self.limits.max_prefill_tokens)  # long prompts: a chunk
-            return len(admitted) < room and (not admitted or cost <= budget)
+            return len(admitted) < room and (not admitted or cost(job) <= budget)
 
         while True:
             job = self._waiting.pop(fits)
             if job is None:
                 break
-            if not self.kv.reserve(job.kv_bytes):
+            if not self.kv.reserve(job.kv_bytes) and not (
+                self._make_room(job.kv_bytes) and self.kv.reserve(job.kv_bytes)
+            ):
                 self._waiting.push(job, front=True)  # waits for KV room, first of its key
                 break
             job.admitted_at = time.monotonic()
             admitted.append(job)
-            budget -= min(len(job.prompt_ids), self.limits.max_prefill_tokens)
+            budget -= cost(job)
         return admitted
 
     def prefills(self, admitted: list[GenerationJob]) -> list[tuple[tuple, list[GenerationJob]]]:
@@ -103,14 +118,23 @@ class DecodeScheduler:
                 by_group.setdefault(job.group(self.decoder), []).append(job)
         return list(by_group.items())
 
-    def next_chunk(self) -> tuple[Partial, list[int]] | None:
-        """The oldest long prompt and its next chunk (counted as read)."""
-        if not self.partial:
-            return None
-        partial = self.partial[0]
-        chunk = partial.job.prompt_ids[partial.done : partial.done + self.limits.max_prefill_tokens]
-        partial.done += len(chunk)
-        return partial, chunk
+    def resume(self, job: GenerationJob, done: int, cache: list) -> None:
+        """An admitted prompt whose first ``done`` tokens' KV is ``cache`` already (a cached
+        prefix): the rest is prefilled in chunks."""
+        self.partial.append(Partial(job, done, cache))
+
+    def prefill_chunks(self) -> list[tuple[Partial, list[int]]]:
+        """This iteration's chunks of the prompts prefilled in chunks, oldest first, within
+        ``max_prefill_tokens`` together (counted as read)."""
+        planned, budget = [], self.limits.max_prefill_tokens
+        for partial in self.partial:
+            if budget <= 0:
+                break
+            chunk = partial.job.prompt_ids[partial.done : partial.done + budget]
+            partial.done += len(chunk)
+            budget -= len(chunk)
+            planned.append((partial, chunk))
+        return planned
 
     def drop_partial(self, partial: Partial) -> None:
         self.partial.remove(partial)
