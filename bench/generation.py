@@ -527,7 +527,7 @@ def main() -> None:
         ]
         rows = prefix_rows(args, adapters)
         print(f"{args.new_tokens} new tokens, medians of {args.rounds} rounds")
-        print(table([*heads, "x lower"], rows))
+        print(table(heads, rows))
         return
     if args.concurrency:
         rows = concurrency_rows(args, adapters)
