@@ -22,6 +22,7 @@ the worker's peak threads, RSS and PSS. ``--prefix``: 16 streams whose prompts s
     python bench/generation.py --sampling [--rounds 2]
     python bench/generation.py --concurrency 1 32 256 1000 [--sweep-new-tokens 32]
     python bench/generation.py --prefix [--new-tokens 32] [--rounds 2]
+    python bench/generation.py --long-among-short [--rounds 2]
 """
 
 from __future__ import annotations
@@ -308,6 +309,50 @@ def prefix_rows(args: argparse.Namespace, adapters: list[str]) -> list[list[str]
     return rows
 
 
+def long_among_short_rows(args: argparse.Namespace, adapters: list[str]) -> list[list[str]]:
+    """31 streams of 64-token prompts alone, and the same 31 while one stream with a 1,536-token
+    prompt runs beside them, rounds interleaved on one worker: the 31 short streams' tokens/s."""
+    from ortmux.client import Client
+
+    model_dir = without_eos(DECODER / "onnx", OUT / "decoder-no-eos")
+    worker = serve(model_dir, OUT / "gen-data-long", [])
+    alone_kind, mixed_kind = "31 short streams alone", "the same 31 and one 1,536-token prompt"
+    rates: dict[str, list[dict]] = {alone_kind: [], mixed_kind: []}
+    try:
+        ready(worker.address, DECODER, adapters)
+        for round_ in range(args.rounds):
+            rng = np.random.default_rng(round_)
+            short = [
+                (rng.integers(3, 32000, size=64).tolist(), adapters[i % len(adapters)]) for i in range(31)
+            ]
+            for kind in rates:
+                long_stream = None
+                if kind == mixed_kind:
+                    ids = rng.integers(3, 32000, size=1536).tolist()
+
+                    def run_long(ids: list[int] = ids) -> None:
+                        with Client(worker.address, timeout=600) as client:
+                            list(
+                                client.generate("llm", input_ids=ids, adapter=adapters[0], max_new_tokens=128)
+                            )
+
+                    long_stream = threading.Thread(target=run_long)
+                    long_stream.start()
+                rates[kind].append(stream_load(worker.address, short, 31, args.new_tokens))
+                if long_stream is not None:
+                    long_stream.join()
+    finally:
+        worker.stop()
+    alone = float(np.median([r["tokens_per_second"] for r in rates[alone_kind]]))
+    rows = []
+    for kind, measured in rates.items():
+        rate = float(np.median([r["tokens_per_second"] for r in measured]))
+        itl = float(np.median([r["itl_p50"] for r in measured]))
+        rows.append([kind, f"{rate:.1f}", f"{itl:.1f}", f"{rate / alone:.2f}"])
+        print(rows[-1], flush=True)
+    return rows
+
+
 def plain_loop(model: Path, rows: int, new: int) -> float:
     """Tokens/s of plain ONNX Runtime greedy decoding, ``rows`` 64-token prompts at once."""
     import onnxruntime as ort
@@ -497,6 +542,9 @@ def main() -> None:
         "--concurrency", type=int, nargs="*", help="only the concurrency sweep at these stream counts"
     )
     parser.add_argument(
+        "--long-among-short", action="store_true", help="only 31 short streams with and without a long one"
+    )
+    parser.add_argument(
         "--sweep-new-tokens", type=int, default=32, help="new tokens per generation of the sweep"
     )
     parser.add_argument("--peft-python", default="/tmp/fx/bin/python")
@@ -528,6 +576,11 @@ def main() -> None:
         rows = prefix_rows(args, adapters)
         print(f"{args.new_tokens} new tokens, medians of {args.rounds} rounds")
         print(table(heads, rows))
+        return
+    if args.long_among_short:
+        rows = long_among_short_rows(args, adapters)
+        print(f"{args.new_tokens} new tokens, 16 adapters, medians of {args.rounds} rounds")
+        print(table(["load", "short streams' tokens/s", "their ITL p50 ms", "x alone"], rows))
         return
     if args.concurrency:
         rows = concurrency_rows(args, adapters)

@@ -91,15 +91,17 @@ def test_a_step_that_fails_for_one_generation_fails_that_one_alone(
     generation_worker: Worker, client: Client
 ) -> None:
     list(client.generate("gpt2", input_ids=prompt_ids(0), max_new_tokens=1))  # the loop runs
-    poisoned = prompt_ids(0) * 5  # 25 tokens: the others never reach its positions
-
-    def fault(inputs) -> Exception | None:  # the poisoned row's third decode step fails
-        positions = inputs.get("position_ids")
-        if positions is not None and positions.shape[1] == 1 and (positions == len(poisoned) + 2).any():
-            return RuntimeError("an injected fault")
-        return None
-
     cases = [(run, number) for run in runs("gpt2")[:2] for number in range(2)]
+    poisoned = prompt_ids(2)
+    # The poisoned generation's third decode step feeds its third token, which no other case
+    # ever feeds: a run holding it fails.
+    marker = reference("gpt2", "base", 2)[2]
+    assert all(marker not in reference("gpt2", run, number) for run, number in cases)
+
+    def fault(inputs) -> Exception | None:
+        ids = inputs["input_ids"]
+        return RuntimeError("an injected fault") if ids.shape[1] == 1 and (ids == marker).any() else None
+
     results: dict[object, object] = {}
 
     def send(key: object, **request) -> None:

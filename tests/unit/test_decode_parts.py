@@ -121,6 +121,36 @@ def test_prompts_read_in_chunks_share_an_iterations_prefill_budget() -> None:
     ]
 
 
+def rows_of(*lengths: int) -> Rows:
+    """Rows of the given token lengths, left-padded to the longest."""
+    width = max(lengths)
+    mask = np.zeros((len(lengths), width), np.int64)
+    for row, length in enumerate(lengths):
+        mask[row, width - length :] = 1
+    cache = [np.zeros((len(lengths), SPEC.kv_heads, width, SPEC.head_dim), np.float32)] * 4
+    return Rows([job(length) for length in lengths], cache, mask)
+
+
+def test_a_long_row_among_short_ones_steps_in_a_group_of_its_own() -> None:
+    plan = scheduler()
+    plan.join(("rows",), rows_of(64, 70, 60))
+    plan.join(("rows",), rows_of(1536))  # padding every short row to 1,536: 96% of the cache
+    plan.join(("rows",), rows_of(66))  # the short group pads it least
+    plan.join(("rows",), rows_of(1400, 1500))  # the long group's own
+    assert sorted(len(rows.jobs) for rows in plan.groups.values()) == [3, 4]
+    widths = sorted(rows.mask.shape[1] for rows in plan.groups.values())
+    assert widths == [70, 1536]
+    plan.join(("own", 7), rows_of(5))
+    assert ("own", 7) in plan.groups and len(plan.groups) == 3
+
+
+def test_a_prefill_batch_is_at_most_half_padding() -> None:
+    plan = scheduler()
+    jobs = [job(12), job(1000), job(10), job(9), job(600), job(400)]
+    lengths = [[len(each.prompt_ids) for each in batch] for _kind, batch in plan.prefills(jobs)]
+    assert lengths == [[1000, 600, 400, 12], [10, 9]]  # 10 more would make it 60% padding
+
+
 def test_clear_takes_every_running_generation() -> None:
     plan = scheduler(max_prefill_tokens=4)
     running, partial = job(), job(9)

@@ -6,7 +6,9 @@ and adapters, deadlines, cancellation) and are admitted between steps while ther
 prefill tokens and KV room for them. Admitted prompts up to ``max_prefill_tokens`` are prefilled
 together, grouped by what may share a run; a longer one is prefilled a chunk per iteration (the
 oldest first), so it never stalls the running rows for long. Running rows sit in groups: rows of
-one group share decode steps.
+one group share decode steps, left-padded to the group's longest, and a row that would make a
+group's cache more than ``MAX_PADDING`` padding steps in a group of its own (a long prompt among
+short ones costs the short rows one more run per step, not their every row padded to its length).
 
 Not thread-safe: the decode loop calls it under its lock.
 """
@@ -14,6 +16,7 @@ Not thread-safe: the decode loop calls it under its lock.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable
 
@@ -23,6 +26,8 @@ from ortmux.worker.generation.job import GenerationJob
 from ortmux.worker.generation.kv import KvPool
 from ortmux.worker.scheduler.decode_rows import Partial, Rows
 from ortmux.worker.scheduler.fair_queue import FairQueue
+
+MAX_PADDING = 0.5  # the share of a group's (or a prefill batch's) cache that may be padding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +56,7 @@ class DecodeScheduler:
         self.groups: dict[tuple, Rows] = {}
         self.partial: list[Partial] = []  # long prompts being prefilled a chunk per iteration
         self._waiting: FairQueue[GenerationJob] = FairQueue()
+        self._serial = itertools.count()
 
     @property
     def running(self) -> int:
@@ -109,14 +115,26 @@ class DecodeScheduler:
         return admitted
 
     def prefills(self, admitted: list[GenerationJob]) -> list[tuple[tuple, list[GenerationJob]]]:
-        """The admitted prompts to prefill now, by group; longer ones join the chunked prefills."""
-        by_group: dict[tuple, list[GenerationJob]] = {}
+        """The admitted prompts to prefill now, by what may share a run and then by length (a
+        batch pads its prompts to its longest, at most ``MAX_PADDING`` of it); longer ones join
+        the chunked prefills."""
+        by_kind: dict[tuple, list[GenerationJob]] = {}
         for job in admitted:
             if len(job.prompt_ids) > self.limits.max_prefill_tokens:
                 self.partial.append(Partial(job))
             else:
-                by_group.setdefault(job.group(self.decoder), []).append(job)
-        return list(by_group.items())
+                by_kind.setdefault(job.group(self.decoder), []).append(job)
+        batches = []
+        for kind, jobs in by_kind.items():
+            batch: list[GenerationJob] = []
+            for job in sorted(jobs, key=lambda job: -len(job.prompt_ids)):  # stable: arrival order
+                lengths = [len(each.prompt_ids) for each in (*batch, job)]
+                if batch and 1 - sum(lengths) / (len(lengths) * lengths[0]) > MAX_PADDING:
+                    batches.append((kind, batch))
+                    batch = []
+                batch.append(job)
+            batches.append((kind, batch))
+        return batches
 
     def resume(self, job: GenerationJob, done: int, cache: list) -> None:
         """An admitted prompt whose first ``done`` tokens' KV is ``cache`` already (a cached
@@ -139,12 +157,21 @@ class DecodeScheduler:
     def drop_partial(self, partial: Partial) -> None:
         self.partial.remove(partial)
 
-    def join(self, key: tuple, rows: Rows) -> None:
-        """Rows that have their first token join their group's steps."""
-        if key in self.groups:
-            self.groups[key].merge(rows)
+    def join(self, kind: tuple, rows: Rows) -> None:
+        """Rows that have their first token join the group of their kind they pad least, if the
+        group's cache stays at most ``MAX_PADDING`` padding; else they start a group of their own
+        (a long row among short ones steps apart, rather than pad every short row to its length)."""
+        if kind[0] == "own":
+            self.groups[kind] = rows
+            return
+        shares = {
+            key: padding_share(group, rows) for key, group in self.groups.items() if key[: len(kind)] == kind
+        }
+        best = min(shares, key=shares.__getitem__, default=None)
+        if best is not None and shares[best] <= MAX_PADDING:
+            self.groups[best].merge(rows)
         else:
-            self.groups[key] = rows
+            self.groups[(*kind, next(self._serial))] = rows
 
     def replace(self, key: tuple, rows: Rows) -> Rows:
         """``rows`` (the survivors of a failed step) run in place of the group's rows."""
@@ -174,3 +201,11 @@ def gone(job: GenerationJob, now: float, when: str = "") -> Exception | None:
     if not job.is_active():
         return Cancelled(f"the caller cancelled the generation {when}")
     return None
+
+
+def padding_share(group: Rows, rows: Rows) -> float:
+    """The share of padding in the cache of ``group`` and ``rows`` merged (left-padded to the
+    longer)."""
+    width = max(group.mask.shape[1], rows.mask.shape[1])
+    tokens = int(group.mask.sum()) + int(rows.mask.sum())
+    return 1 - tokens / (width * (len(group.jobs) + len(rows.jobs)))
