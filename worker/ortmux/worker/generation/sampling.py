@@ -4,10 +4,12 @@ same tokens whatever its batch-mates.
 
 :func:`sample` chooses the tokens of a whole decode step in one call: the greedy rows take their
 argmax together; each sampled row is worked on alone, in float32, and never sorts its vocabulary
-in the common case. Top-k is a partial selection of the k largest logits. Top-p selects the largest
-``CANDIDATES`` logits and sorts only those when they hold ``top_p`` of the probability; a wider
-nucleus (a flat row, as random weights give) is measured in ``BUCKETS`` ranges of logits, and
-only the two buckets where it ends and where the draw lands are sorted: O(vocab) either way.
+in the common case. Both top-k and top-p first take the tokens near the likeliest (weighing at least
+e**-NEAR_LOGITS of it, in one pass: a prefix of the ranking) and sort only those: top-k when they
+are k or more (else a partial selection of the k largest), top-p when they hold ``top_p`` of the
+probability. A wider nucleus (a flat row, as random weights give) is measured in ``BUCKETS``
+ranges of logits, and only the two buckets where it ends and where the draw lands are sorted:
+O(vocab) either way.
 Tokens rank by logit, ties by token id.
 """
 
@@ -21,8 +23,10 @@ import numpy as np
 
 from ortmux.worker.errors import InvalidArgument
 
-CANDIDATES = 256  # logits top-p sorts first; most nuclei are far narrower
+CANDIDATES = 256  # a nucleus that must hold more tokens than this is measured in buckets
 BUCKETS = 4096  # ranges of logits a wide nucleus is measured in
+NEAR_LOGITS = 9.21  # ln(1e4): candidates weigh at least 1e-4 of the likeliest token
+NEAR_MAX = 8192  # more candidates than this: a partition selects instead
 _SCALE_MAX = float(np.finfo(np.float32).max)  # 1 / temperature beyond it: -inf below the max
 
 
@@ -70,7 +74,14 @@ class Sampler:
         vocab = len(row)
         ids: np.ndarray | None = None
         if 0 < params.top_k < vocab:
-            ids = _ranked(row, _largest(row, params.top_k, scratch[1]))[: params.top_k]
+            near = _near_top(row, top, scale)  # a pass or a few; a partition only if they fail
+            for widen in (2, 4, 8):
+                if len(near) >= params.top_k:
+                    break
+                near = _near_top(row, top, scale, widen)
+            if not params.top_k <= len(near) <= NEAR_MAX:
+                near = _largest(row, params.top_k, scratch[1])
+            ids = _ranked(row, near)[: params.top_k]
             cumulative = np.cumsum(_probabilities(row[ids], top, scale))
             goal = np.float32(params.top_p) * cumulative[-1]
         elif params.top_p < 1:
@@ -80,8 +91,8 @@ class Sampler:
             # (each weighs at most 1, the row's max), or when they turn out not to.
             if goal > min(vocab, CANDIDATES):
                 return _wide_nucleus(row, probabilities, float(goal), draw, scratch[1])
-            ids = _largest(row, min(vocab, CANDIDATES), scratch[1])
-            if probabilities[ids].sum() < goal:
+            ids = _near_top(row, top, scale)  # a prefix of the ranking: the nucleus if it holds goal
+            if len(ids) > NEAR_MAX or probabilities[ids].sum() < goal:
                 return _wide_nucleus(row, probabilities, float(goal), draw, scratch[1])
             ids = _ranked(row, ids)
             cumulative = np.cumsum(probabilities[ids])
@@ -133,6 +144,13 @@ def _largest(row: np.ndarray, count: int, scratch: np.ndarray) -> np.ndarray:
     scratch.partition(len(row) - count)
     bound = scratch[len(row) - count]
     return np.flatnonzero(row >= bound if bound > -np.inf else row > -np.inf)
+
+
+def _near_top(row: np.ndarray, top: np.float32, scale: np.float32, widen: float = 1.0) -> np.ndarray:
+    """Ids, in id order, of the tokens weighing at least e**-(NEAR_LOGITS * widen) of the
+    likeliest: every token ranked above the least of them, so a prefix of the ranking, found in
+    one pass."""
+    return np.flatnonzero(row >= top - np.float32(NEAR_LOGITS * widen / max(float(scale), 1e-30)))
 
 
 def _wide_nucleus(row: np.ndarray, weights: np.ndarray, goal: float, draw: float, scratch: np.ndarray) -> int:
