@@ -169,6 +169,29 @@ def test_top_p_on_a_peaked_row_sorts_no_more_than_its_candidates(monkeypatch: py
     assert sorted_sizes and max(sorted_sizes) < 152_064 // 8, sorted_sizes
 
 
+def test_top_k_on_a_large_vocabulary_sorts_a_few_hundred_and_draws_the_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sorted_sizes: list[int] = []
+    sort = np.sort
+
+    def counted(values: np.ndarray, *args: object, **kwargs: object) -> np.ndarray:
+        sorted_sizes.append(len(values))
+        return sort(values, *args, **kwargs)
+
+    logits = logits_of(1, 152_064, spread=2.5, seed=4)[0]
+    logits[::7] = -np.inf
+    logits[np.argsort(-logits)[40:60]] = np.sort(logits)[-50]  # ties across the 50th place
+    params = SamplingParams(temperature=1.0, top_k=50)
+    expected = reference(logits, params)
+    assert len(expected) == 50
+    monkeypatch.setattr(sampling.np, "sort", counted)
+    tokens = draws(logits, params, 5000)
+    assert max(sorted_sizes) < 2000, max(sorted_sizes)
+    monkeypatch.undo()
+    assert_distribution(tokens, expected)
+
+
 def test_a_wide_nucleus_sorts_only_the_buckets_it_ends_and_draws_in(monkeypatch: pytest.MonkeyPatch) -> None:
     sorted_sizes: list[int] = []
     sort = np.sort

@@ -4,9 +4,10 @@ same tokens whatever its batch-mates.
 
 :func:`sample` chooses the tokens of a whole decode step in one call: the greedy rows take their
 argmax together; each sampled row is worked on alone, in float32, and never sorts its vocabulary
-in the common case. Both top-k and top-p first take the tokens near the likeliest (weighing at least
-e**-NEAR_LOGITS of it, in one pass: a prefix of the ranking) and sort only those: top-k when they
-are k or more (else a partial selection of the k largest), top-p when they hold ``top_p`` of the
+in the common case. Top-k takes the tokens above a bound read off a strided sample of the row (one
+pass: a prefix of the ranking) and sorts only those when they are k or more (else a partial
+selection of the k largest). Top-p takes the tokens near the likeliest (weighing at least
+e**-NEAR_LOGITS of it, one pass) and sorts only those when they hold ``top_p`` of the
 probability. A wider nucleus (a flat row, as random weights give) is measured in ``BUCKETS``
 ranges of logits, and only the two buckets where it ends and where the draw lands are sorted:
 O(vocab) either way.
@@ -27,6 +28,7 @@ CANDIDATES = 256  # a nucleus that must hold more tokens than this is measured i
 BUCKETS = 4096  # ranges of logits a wide nucleus is measured in
 NEAR_LOGITS = 9.21  # ln(1e4): candidates weigh at least 1e-4 of the likeliest token
 NEAR_MAX = 8192  # more candidates than this: a partition selects instead
+SAMPLE = 4096  # logits of a row top-k reads its bound off
 _SCALE_MAX = float(np.finfo(np.float32).max)  # 1 / temperature beyond it: -inf below the max
 
 
@@ -74,11 +76,7 @@ class Sampler:
         vocab = len(row)
         ids: np.ndarray | None = None
         if 0 < params.top_k < vocab:
-            near = _near_top(row, top, scale)  # a pass or a few; a partition only if they fail
-            for widen in (2, 4, 8):
-                if len(near) >= params.top_k:
-                    break
-                near = _near_top(row, top, scale, widen)
+            near = _above_sampled_bound(row, params.top_k)  # one pass; a partition only if it fails
             if not params.top_k <= len(near) <= NEAR_MAX:
                 near = _largest(row, params.top_k, scratch[1])
             ids = _ranked(row, near)[: params.top_k]
@@ -146,11 +144,21 @@ def _largest(row: np.ndarray, count: int, scratch: np.ndarray) -> np.ndarray:
     return np.flatnonzero(row >= bound if bound > -np.inf else row > -np.inf)
 
 
-def _near_top(row: np.ndarray, top: np.float32, scale: np.float32, widen: float = 1.0) -> np.ndarray:
-    """Ids, in id order, of the tokens weighing at least e**-(NEAR_LOGITS * widen) of the
-    likeliest: every token ranked above the least of them, so a prefix of the ranking, found in
-    one pass."""
-    return np.flatnonzero(row >= top - np.float32(NEAR_LOGITS * widen / max(float(scale), 1e-30)))
+def _near_top(row: np.ndarray, top: np.float32, scale: np.float32) -> np.ndarray:
+    """Ids, in id order, of the tokens weighing at least e**-NEAR_LOGITS of the likeliest: every
+    token ranked above the least of them, so a prefix of the ranking, found in one pass."""
+    return np.flatnonzero(row >= top - np.float32(NEAR_LOGITS / max(float(scale), 1e-30)))
+
+
+def _above_sampled_bound(row: np.ndarray, k: int) -> np.ndarray:
+    """Ids, in id order, of the logits at or above a bound read off an evenly strided sample of the
+    row, placed so that about 4k + 64 tokens pass it: a prefix of the ranking, most often holding
+    the k largest (the caller checks), in one pass over the row."""
+    stride = max(1, len(row) // SAMPLE)
+    sample = row[::stride]
+    rank = min(len(sample) - 1, math.ceil((4 * k + 64) * len(sample) / len(row)))
+    bound = np.partition(sample, len(sample) - 1 - rank)[len(sample) - 1 - rank]
+    return np.flatnonzero(row >= bound if bound > -np.inf else row > -np.inf)  # never a masked one
 
 
 def _wide_nucleus(row: np.ndarray, weights: np.ndarray, goal: float, draw: float, scratch: np.ndarray) -> int:
