@@ -26,7 +26,7 @@ from ortmux.worker.generation.chat import ChatTemplate
 from ortmux.worker.generation.job import Chunk, GenerationJob
 from ortmux.worker.generation.kv import KvPool
 from ortmux.worker.generation.model_files import GenerationConfig, TextTokenizer, read_generation_config
-from ortmux.worker.generation.prefix_cache import PrefixCache, scope_of
+from ortmux.worker.generation.prefix_cache import PrefixCache, block_keys, scope_of
 from ortmux.worker.generation.sampling import Sampler, SamplingParams
 from ortmux.worker.generation.text import TextStream
 from ortmux.worker.observability.metrics import Metrics
@@ -221,11 +221,7 @@ class GenerationPath:
                 lora=adapter.lora if adapter else {},
                 feeds=adapter.feeds if adapter else {},
                 exclusive=bool(adapter and adapter.exclusive),
-                prefix_scope=(
-                    scope_of(adapter.sha256 if adapter else "", tenant, self.prefix_cache_shared_base)
-                    if self.prefix_cache
-                    else b""
-                ),
+                prefix_keys=self._prefix_keys(adapter.sha256 if adapter else "", tenant, prompt),
                 fairness_key=fairness_key(tenant, request.adapter),
                 priority=request.priority,
                 deadline=self._deadline(request.deadline),
@@ -244,6 +240,13 @@ class GenerationPath:
             return asked
         own = time.monotonic() + self.max_seconds
         return own if asked is None else min(asked, own)
+
+    def _prefix_keys(self, adapter_sha256: str, tenant: str, prompt: list[int]) -> tuple[bytes, ...] | None:
+        """The keys of the prompt's blocks in the prefix cache (hashed here, not on the decode
+        loop's thread), or None when the cache is off."""
+        if not self.prefix_cache:
+            return None
+        return block_keys(scope_of(adapter_sha256, tenant, self.prefix_cache_shared_base), prompt)
 
     def _loop(self, model: BaseModel, info: ModelGeneration) -> DecodeLoop:
         assert info.decoder is not None

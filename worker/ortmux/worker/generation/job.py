@@ -42,7 +42,8 @@ class GenerationJob:
     lora: Mapping[str, LoraWeights] = dataclasses.field(default_factory=dict)
     feeds: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     exclusive: bool = False
-    prefix_scope: bytes = b""  # what its prompt's cached blocks may be shared with; empty: not cached
+    # Its prompt's full blocks' keys in the prefix cache (generation/prefix_cache.py); None: not cached
+    prefix_keys: tuple[bytes, ...] | None = None
     fairness_key: str = ""
     priority: int = 0
     deadline: float | None = None  # time.monotonic()

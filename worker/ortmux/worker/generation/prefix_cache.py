@@ -3,7 +3,8 @@ their prefill, so a later prompt that starts with the same tokens, in the same s
 only what follows.
 
 A block's key chains its scope and every token up to its end (sha256 over the previous key and
-its tokens), so equal keys mean equal prefixes. The scope is what may share: the adapter's
+its tokens), so equal keys mean equal prefixes; a generation's keys are computed once, when it is
+made (:func:`block_keys`), off the decode loop's thread. The scope is what may share: the adapter's
 content (its sha256, never its name, so a replaced adapter never reuses the old blocks) and the
 tenant (base rows may share across tenants by a setting). One cache per decode loop, so per
 loaded base model.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -57,35 +58,27 @@ class PrefixCache:
     def blocks(self) -> int:
         return len(self._blocks)
 
-    def cached_tokens(self, scope: bytes, prompt: Sequence[int]) -> int:
-        """How many of ``prompt``'s tokens :meth:`lookup` would give now (nothing is touched)."""
-        found = 0
-        for key in _keys(scope, prompt, (len(prompt) - 1) // BLOCK_TOKENS):
-            if key not in self._blocks:
-                break
-            found += BLOCK_TOKENS
-        return found
+    def cached_tokens(self, keys: Sequence[bytes], prompt_tokens: int) -> int:
+        """How many of a prompt's tokens :meth:`lookup` would give now (nothing is touched)."""
+        return sum(1 for _block in self._cached(keys, prompt_tokens)) * BLOCK_TOKENS
 
-    def lookup(self, scope: bytes, prompt: Sequence[int]) -> Hit | None:
-        """The longest cached prefix of ``prompt`` short of its last token (a run must compute the
-        last token's logits), or None."""
-        found: list[Block] = []
-        for key in _keys(scope, prompt, (len(prompt) - 1) // BLOCK_TOKENS):
-            block = self._blocks.get(key)
-            if block is None:
-                break
-            self._blocks.move_to_end(key)
-            found.append(block)
+    def lookup(self, keys: Sequence[bytes], prompt_tokens: int) -> Hit | None:
+        """The longest cached prefix of a prompt of ``prompt_tokens`` whose blocks have ``keys``
+        (:func:`block_keys`), short of its last token (a run must compute its logits), or None."""
+        found = list(self._cached(keys, prompt_tokens))
         if not found:
             return None
+        for key in keys[: len(found)]:
+            self._blocks.move_to_end(key)
         parts = zip(*(block.parts for block in found), strict=True)
         cache = [np.concatenate(layer, axis=1)[np.newaxis] for layer in parts]
         return Hit(len(found) * BLOCK_TOKENS, cache)
 
-    def insert(self, scope: bytes, prompt: Sequence[int], cache: Sequence[np.ndarray]) -> None:
-        """Keep the full blocks of ``prompt``, whose KV ``cache`` holds (per part
-        ``[kv_heads, >= len(prompt), head_dim]``, the prompt's tokens first), as far as room allows."""
-        for index, key in enumerate(_keys(scope, prompt, len(prompt) // BLOCK_TOKENS)):
+    def insert(self, keys: Sequence[bytes], cache: Sequence[np.ndarray]) -> None:
+        """Keep a prompt's full blocks (``keys``), whose KV ``cache`` holds (per part
+        ``[kv_heads, >= the prompt's length, head_dim]``, the prompt's tokens first), as far as
+        room allows."""
+        for index, key in enumerate(keys):
             if key in self._blocks:
                 self._blocks.move_to_end(key)
                 continue
@@ -96,6 +89,14 @@ class PrefixCache:
                 return
             self._blocks[key] = Block(parts, nbytes)
             self.held_bytes += nbytes
+
+    def _cached(self, keys: Sequence[bytes], prompt_tokens: int) -> Iterator[Block]:
+        """The cached blocks a prompt starts with, short of its last token."""
+        for key in keys[: (prompt_tokens - 1) // BLOCK_TOKENS]:
+            block = self._blocks.get(key)
+            if block is None:
+                return
+            yield block
 
     def evict(self, nbytes: int) -> int:
         """Give back at least ``nbytes`` of the least recently used blocks (or all); the bytes freed."""
@@ -122,10 +123,13 @@ class PrefixCache:
             self.kv.release(nbytes)
 
 
-def _keys(scope: bytes, prompt: Sequence[int], blocks: int) -> list[bytes]:
+def block_keys(scope: bytes, prompt: Sequence[int]) -> tuple[bytes, ...]:
+    """The keys of ``prompt``'s full blocks in ``scope``: each the sha256 of the previous key (the
+    scope's, first) and the block's tokens."""
     keys, previous = [], scope
+    blocks = len(prompt) // BLOCK_TOKENS
     ids = np.asarray(prompt[: blocks * BLOCK_TOKENS], np.int64)
     for block in ids.reshape(blocks, BLOCK_TOKENS):
         previous = hashlib.sha256(previous + block.tobytes()).digest()
         keys.append(previous)
-    return keys
+    return tuple(keys)

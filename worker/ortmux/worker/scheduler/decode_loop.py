@@ -107,9 +107,9 @@ class DecodeLoop:
         return self.prefix.evict(nbytes) if self.prefix is not None else 0
 
     def _cached_tokens(self, job: GenerationJob) -> int:
-        if self.prefix is None or not job.prefix_scope:
+        if self.prefix is None or job.prefix_keys is None:
             return 0
-        return self.prefix.cached_tokens(job.prefix_scope, job.prompt_ids)
+        return self.prefix.cached_tokens(job.prefix_keys, len(job.prompt_ids))
 
     def _wake(self) -> None:
         with self._cond:
@@ -159,8 +159,9 @@ class DecodeLoop:
             return admitted
         fresh = []
         for job in admitted:
-            hit = self.prefix.lookup(job.prefix_scope, job.prompt_ids) if job.prefix_scope else None
-            if job.prefix_scope:
+            hit = None
+            if job.prefix_keys is not None:
+                hit = self.prefix.lookup(job.prefix_keys, len(job.prompt_ids))
                 self._observer.prefix(hit.tokens if hit else 0, len(job.prompt_ids))
             if hit is None:
                 fresh.append(job)
@@ -171,9 +172,9 @@ class DecodeLoop:
     def _cache_prompt(self, job: GenerationJob, cache: list[np.ndarray], row: int, end: int) -> None:
         """The prompt's full blocks into the prefix cache: row ``row`` of ``cache``, whose columns
         up to ``end`` hold the prompt's tokens last."""
-        if self.prefix is not None and job.prefix_scope:
+        if self.prefix is not None and job.prefix_keys is not None:
             start = end - len(job.prompt_ids)
-            self.prefix.insert(job.prefix_scope, job.prompt_ids, [part[row, :, start:end] for part in cache])
+            self.prefix.insert(job.prefix_keys, [part[row, :, start:end] for part in cache])
 
     def _prefill(self, key: tuple, jobs: list[GenerationJob]) -> None:
         length = max(len(job.prompt_ids) for job in jobs)
