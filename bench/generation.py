@@ -9,11 +9,12 @@ API and through tritonclient, and with ``--peers`` the peers of bench/generation
 (onnxruntime-genai, PyTorch + PEFT), each in its own virtual environment. Streams draw from 16
 adapters (8 on q_proj/v_proj, 8 on every linear layer; ``--adapters 32`` for all).
 
-``--sampling``: greedy against sampled (temperature 0.8, top-p 0.95) at 32 streams, on the bench
-decoder and on its 128k-vocabulary variant (``make_decoder.py --vocab 128256``) when made.
-``--concurrency 1 32 256 1000``: that many streams open at once from one asyncio client, with
-the worker's peak threads, RSS and PSS. ``--prefix``: 16 streams whose prompts share a
-1,024-token start against 16 unique prompts (the prefix cache).
+The scenarios (bench/generation_scenarios.py): ``--sampling``, greedy against sampled
+(temperature 0.8, top-p 0.95) at 32 streams, on the bench decoder and on its 128k-vocabulary
+variant (``make_decoder.py --vocab 128256``) when made; ``--concurrency 1 32 256 1000``, that many
+streams open at once from one asyncio client, with the worker's peak threads, RSS and PSS;
+``--prefix``, 16 streams whose prompts share a 1,024-token start against 16 unique prompts (the
+prefix cache); ``--long-among-short``, 31 short streams alone and beside one 1,536-token prompt.
 
     /tmp/fx/bin/python bench/make_decoder.py [--vocab 128256]     # once
     python bench/generation.py [--streams 1 8 32] [--new-tokens 128] [--int8] [--adapters 16]
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -39,77 +39,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, WorkerProcess, table
-from generation_load import percentile, stream_load
-
-DECODER = OUT / "decoder"
-DECODER_128K = OUT / "decoder-128k"  # bench/make_decoder.py --vocab 128256
-SAMPLED = {"temperature": 0.8, "top_p": 0.95}  # top-p over the whole vocabulary: the costly path
-
-
-def serve(model_dir: Path, data: Path, extra: list[str]) -> WorkerProcess:
-    return WorkerProcess(
-        "--http-port",
-        "0",
-        "--data-dir",
-        str(data),
-        "--model",
-        f"llm={model_dir / 'model.onnx'}",
-        "--max-running-sequences",
-        "32",
-        "--kv-cache-bytes",
-        str(8 << 30),
-        *extra,
-    )
-
-
-def without_eos(source: Path, target: Path) -> Path:
-    """A copy of the export whose config states no eos (generations run to max_new_tokens), with a
-    word-level tokenizer whose token ``t<N>`` is id N: the text protocols then carry exactly the
-    prompts the native client sends as ids."""
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(source, target)
-    for name in ("config.json", "generation_config.json"):
-        path = target / name
-        if path.is_file():
-            values = json.loads(path.read_text())
-            values.pop("eos_token_id", None)
-            path.write_text(json.dumps(values))
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = vocab_of(target)
-    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    words.save(str(target / "tokenizer.json"))
-    return target
-
-
-def vocab_of(model_dir: Path) -> int:
-    return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
-
-
-def as_text(ids: list[int]) -> str:
-    return " ".join(f"t{i}" for i in ids)
-
-
-def jobs_of(
-    streams: int,
-    adapters: list[str],
-    prompt: tuple[int, int] = (32, 128),
-    count: int | None = None,
-    vocab: int = 32000,
-) -> list[tuple[list[int], str]]:
-    """``count`` generations (two per stream unless given): a random prompt of ``prompt`` tokens
-    (shortest, longest) and a random adapter each."""
-    rng = np.random.default_rng(streams)
-    return [
-        (
-            rng.integers(3, min(vocab, 32000), size=int(rng.integers(prompt[0], prompt[1] + 1))).tolist(),
-            adapters[int(rng.integers(len(adapters)))],
-        )
-        for _ in range(streams * 2 if count is None else count)
-    ]
+from common import OUT, table
+from generation_load import percentile
+from generation_scenarios import (
+    SAMPLED,
+    concurrency_rows,
+    long_among_short_rows,
+    prefix_rows,
+    sampling_rows,
+)
+from generation_setup import DECODER, as_text, jobs_of, load_cells, serve, without_eos
 
 
 def through_tritonclient(address: str, streams: int, adapters: list[str], new: int) -> dict:
@@ -191,166 +130,6 @@ def load(
         "itl_p50": percentile(gaps, 50) * 1000,
         "itl_p99": percentile(gaps, 99) * 1000,
     }
-
-
-def load_cells(result: dict) -> list[str]:
-    """A load's tokens/s, TTFT p50 / p99 and inter-token p50 / p99, as table cells."""
-    return [
-        f"{result['tokens_per_second']:.1f}",
-        f"{result['ttft_p50']:.0f}",
-        f"{result['ttft_p99']:.0f}",
-        f"{result['itl_p50']:.1f}",
-        f"{result['itl_p99']:.1f}",
-    ]
-
-
-def ready(address: str, decoder: Path, adapters: list[str]) -> None:
-    """Register ``adapters`` and warm the worker: the weights' pages, first runs, each adapter."""
-    from ortmux.client import Client
-
-    with Client(address, timeout=600) as client:
-        for name in adapters:
-            client.register_adapter("llm", name, decoder / "adapters" / name, replace=True)
-        for name in ["", *adapters]:
-            list(client.generate("llm", input_ids=list(range(3, 67)), adapter=name, max_new_tokens=2))
-
-
-def sampling_rows(args: argparse.Namespace, adapters: list[str]) -> list[list[str]]:
-    """Greedy and sampled generation at 32 streams, side by side on one worker per decoder (the
-    bench decoder, and its 128k-vocabulary variant when made), rounds interleaved."""
-    rows = []
-    decoders = [DECODER] + ([DECODER_128K] if (DECODER_128K / "onnx" / "model.onnx").is_file() else [])
-    for decoder in decoders:
-        model_dir = without_eos(decoder / "onnx", OUT / f"{decoder.name}-no-eos")
-        vocab = vocab_of(model_dir)
-        worker = serve(model_dir, OUT / f"gen-data-{decoder.name}", [])
-        try:
-            ready(worker.address, decoder, adapters)
-            jobs = jobs_of(32, adapters, tuple(args.prompt_tokens), vocab=vocab)
-            rates: dict[str, list[dict]] = {"greedy": [], "sampled": []}
-            for _round in range(args.rounds):
-                for mode in rates:
-                    sampling = SAMPLED if mode == "sampled" else None
-                    rates[mode].append(stream_load(worker.address, jobs, 32, args.new_tokens, sampling))
-            greedy = float(np.median([r["tokens_per_second"] for r in rates["greedy"]]))
-            for mode, results in rates.items():
-                rate = float(np.median([r["tokens_per_second"] for r in results]))
-                itl = float(np.median([r["itl_p50"] for r in results]))
-                rows.append([f"{vocab:,}", mode, f"{rate:.1f}", f"{itl:.1f}", f"{rate / greedy:.3f}"])
-                print(rows[-1], flush=True)
-        finally:
-            worker.stop()
-    return rows
-
-
-def concurrency_rows(args: argparse.Namespace, adapters: list[str]) -> list[list[str]]:
-    """1 to 1,000 concurrent streams on one worker, one generation each (at least 4), from one
-    asyncio client: tokens/s, TTFT, ITL and the worker's peak threads, RSS and PSS."""
-    model_dir = without_eos(DECODER / "onnx", OUT / "decoder-no-eos")
-    worker = serve(model_dir, OUT / "gen-data-concurrency", ["--max-queue-size", "4096"])
-    rows = []
-    try:
-        ready(worker.address, DECODER, adapters)
-        for streams in args.concurrency:
-            jobs = jobs_of(streams, adapters, tuple(args.prompt_tokens), count=max(streams, 4))
-            result = stream_load(worker.address, jobs, streams, args.sweep_new_tokens, pid=worker.pid)
-            rows.append(
-                [
-                    str(streams),
-                    *load_cells(result),
-                    str(result["threads"]),
-                    f"{result['rss_mib']:.0f}",
-                    f"{result['pss_mib']:.0f}",
-                ]
-            )
-            print(rows[-1], flush=True)
-    finally:
-        worker.stop()
-    return rows
-
-
-def prefix_rows(args: argparse.Namespace, adapters: list[str]) -> list[list[str]]:
-    """16 streams on one adapter whose prompts share a 1,024-token start (and end in 16 tokens of
-    their own), against 16 unique prompts of the same length, rounds interleaved on one worker:
-    the time to finish all and the time to first token."""
-    model_dir = without_eos(DECODER / "onnx", OUT / "decoder-no-eos")
-    worker = serve(model_dir, OUT / "gen-data-prefix", [])
-    rows = []
-    try:
-        ready(worker.address, DECODER, adapters)
-        adapter = adapters[0]
-        results: dict[str, list[dict]] = {"unique prompts": [], "a shared 1,024-token start": []}
-        for round_ in range(args.rounds):
-            rng = np.random.default_rng(round_)  # fresh prompts each round: nothing cached before
-            shared = rng.integers(3, 32000, size=1024).tolist()
-            kinds = {
-                "unique prompts": [rng.integers(3, 32000, size=1040).tolist() for _ in range(16)],
-                "a shared 1,024-token start": [
-                    shared + rng.integers(3, 32000, size=16).tolist() for _ in range(16)
-                ],
-            }
-            for kind, prompts in kinds.items():
-                jobs = [(prompt, adapter) for prompt in prompts]
-                began = time.perf_counter()
-                result = stream_load(worker.address, jobs, 16, args.new_tokens)
-                results[kind].append({**result, "wall": time.perf_counter() - began})
-        unique = results["unique prompts"]
-        for kind, measured in results.items():
-            wall = float(np.median([r["wall"] for r in measured]))
-            ttft = float(np.median([r["ttft_p50"] for r in measured]))
-            base_wall = float(np.median([r["wall"] for r in unique]))
-            base_ttft = float(np.median([r["ttft_p50"] for r in unique]))
-            rows.append(
-                [kind, f"{wall:.2f}", f"{base_wall / wall:.2f}", f"{ttft:.0f}", f"{base_ttft / ttft:.2f}"]
-            )
-            print(rows[-1], flush=True)
-    finally:
-        worker.stop()
-    return rows
-
-
-def long_among_short_rows(args: argparse.Namespace, adapters: list[str]) -> list[list[str]]:
-    """31 streams of 64-token prompts alone, and the same 31 while one stream with a 1,536-token
-    prompt runs beside them, rounds interleaved on one worker: the 31 short streams' tokens/s."""
-    from ortmux.client import Client
-
-    model_dir = without_eos(DECODER / "onnx", OUT / "decoder-no-eos")
-    worker = serve(model_dir, OUT / "gen-data-long", [])
-    alone_kind, mixed_kind = "31 short streams alone", "the same 31 and one 1,536-token prompt"
-    rates: dict[str, list[dict]] = {alone_kind: [], mixed_kind: []}
-    try:
-        ready(worker.address, DECODER, adapters)
-        for round_ in range(args.rounds):
-            rng = np.random.default_rng(round_)
-            short = [
-                (rng.integers(3, 32000, size=64).tolist(), adapters[i % len(adapters)]) for i in range(31)
-            ]
-            for kind in rates:
-                long_stream = None
-                if kind == mixed_kind:
-                    ids = rng.integers(3, 32000, size=1536).tolist()
-
-                    def run_long(ids: list[int] = ids) -> None:
-                        with Client(worker.address, timeout=600) as client:
-                            list(
-                                client.generate("llm", input_ids=ids, adapter=adapters[0], max_new_tokens=128)
-                            )
-
-                    long_stream = threading.Thread(target=run_long)
-                    long_stream.start()
-                rates[kind].append(stream_load(worker.address, short, 31, args.new_tokens))
-                if long_stream is not None:
-                    long_stream.join()
-    finally:
-        worker.stop()
-    alone = float(np.median([r["tokens_per_second"] for r in rates[alone_kind]]))
-    rows = []
-    for kind, measured in rates.items():
-        rate = float(np.median([r["tokens_per_second"] for r in measured]))
-        itl = float(np.median([r["itl_p50"] for r in measured]))
-        rows.append([kind, f"{rate:.1f}", f"{itl:.1f}", f"{rate / alone:.2f}"])
-        print(rows[-1], flush=True)
-    return rows
 
 
 def plain_loop(model: Path, rows: int, new: int) -> float:
