@@ -17,6 +17,7 @@ import pytest
 from ortmux.client import Client, GenerationChunk, OrtmuxError
 from ortmux.worker.api.server import Worker, start_worker
 from ortmux.worker.engine.base_model import BaseModel
+from ortmux.worker.engine.paged_model import PagedModel
 
 from ..conftest import scrape, worker_settings
 from .generation_cases import (
@@ -38,9 +39,9 @@ def client(generation_client: Client) -> Client:
     return generation_client
 
 
-def loop_model(worker: Worker, model: str) -> BaseModel:
+def loop_model(worker: Worker, model: str) -> BaseModel | PagedModel:
     """The model a running decode loop runs (the loop starts with the model's first generation)."""
-    return next(loop for loop in worker.dataplane.generation.loops() if loop.name == model).runner.model
+    return next(loop for loop in worker.dataplane.generation.loops() if loop.name == model).executes
 
 
 @contextmanager
@@ -134,19 +135,23 @@ def test_a_step_that_fails_for_one_generation_fails_that_one_alone(
     assert tokens(generate_case(client, "gpt2", "base", 1)) == reference("gpt2", "base", 1)
 
 
-def test_the_kv_bound_makes_generations_wait_and_refuses_one_that_cannot_fit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("paged", [False, True])
+def test_the_kv_bound_makes_generations_wait_and_refuses_one_that_cannot_fit(
+    tmp_path: Path, paged: bool
+) -> None:
+    """Room for one generation of 5 + 40 tokens: one that alone cannot fit is refused; of two,
+    the dense cache admits one at a time (each reserves its whole length), the paged cache admits
+    both and preempts the newer when blocks run out, which recomputes and gives the same tokens."""
     # gpt2 fixture: 2 layers x 2 (key, value) x 2 heads x 16 x 4 bytes = 512 bytes per token.
     prompt = prompt_ids(0)
-    one = (len(prompt) + 40) * 512
-    running = start_worker(
-        worker_settings(
-            tmp_path, "--model", f"gpt2={FIXTURES / 'gpt2' / 'model.onnx'}", "--kv-cache-bytes", str(one)
-        )
-    )
+    one = 48 * 512  # 45 tokens, 3 blocks of 16
+    flags = ["--model", f"gpt2={FIXTURES / 'gpt2' / 'model.onnx'}", "--kv-cache-bytes", str(one)]
+    running = start_worker(worker_settings(tmp_path, *flags, "--paged-kv-cache", str(paged).lower()))
     try:
         with Client(running.address, timeout=60) as client:
+            assert client.model_info("gpt2").kv_cache == ("paged" if paged else "dense")
             with pytest.raises(OrtmuxError) as caught:
-                list(client.generate("gpt2", input_ids=prompt, max_new_tokens=41))
+                list(client.generate("gpt2", input_ids=prompt, max_new_tokens=44))
             assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "over the worker's" in caught.value.message and "(kv_cache_bytes)" in caught.value.message
             done: list[list[GenerationChunk]] = []
@@ -160,10 +165,14 @@ def test_the_kv_bound_makes_generations_wait_and_refuses_one_that_cannot_fit(tmp
             for thread in threads:
                 thread.join(60)
         assert [len(chunks) for chunks in done] == [40, 40]
-        # Room for one: the other waited, and no decode step ever held both.
-        assert max(chunks[-1].queue_seconds for chunks in done) > 0.005
+        assert tokens(done[0]) == tokens(done[1])
         steps, rows = decode_steps(running, "gpt2")
-        assert steps and rows == steps
+        preempted = scrape(running).get(("ortmux_kv_preemptions_total", (("model", "gpt2"),)), 0)
+        if paged:  # both ran, until the blocks ran out
+            assert rows > steps and preempted >= 1
+        else:  # room for one: the other waited, and no decode step ever held both
+            assert max(chunks[-1].queue_seconds for chunks in done) > 0.005
+            assert steps and rows == steps and not preempted
     finally:
         running.stop(0)
 

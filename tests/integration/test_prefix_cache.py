@@ -86,10 +86,10 @@ def test_blocks_never_cross_adapters_or_a_replaced_adapters_old_content(worker: 
 
 
 def test_cached_blocks_give_way_to_generations(tmp_path: Path) -> None:
-    # 60 tokens of room (512 bytes each): a 17-token prompt leaves one block cached; a 42-token
-    # prompt with 10 new tokens needs the pool but for 8 tokens, so the block must go.
+    # 4 blocks of room (16 tokens of 512 bytes each): a 17-token prompt leaves one block cached;
+    # a 42-token prompt with 10 new tokens needs all four blocks, so the cached one must go.
     running = start_worker(
-        worker_settings(tmp_path, "--model", f"gpt2={MODEL}", "--kv-cache-bytes", str(60 * 512))
+        worker_settings(tmp_path, "--model", f"gpt2={MODEL}", "--kv-cache-bytes", str(64 * 512))
     )
     try:
         with Client(running.address, timeout=30) as client:

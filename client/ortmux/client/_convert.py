@@ -117,6 +117,8 @@ def model_info(message: models_pb2.ModelInfo) -> ModelInfo:
         generation_problem=message.generation_problem,
         context_length=message.context_length,
         has_tokenizer=message.has_tokenizer,
+        kv_cache=message.kv_cache,
+        kv_cache_reason=message.kv_cache_reason,
     )
 
 

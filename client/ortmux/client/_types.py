@@ -82,6 +82,8 @@ class ModelInfo:
     generation_problem: str = ""  # why it cannot generate, when it cannot
     context_length: int = 0  # prompt + new tokens at most (0: not stated)
     has_tokenizer: bool = False  # it takes text prompts
+    kv_cache: str = ""  # a generating model's KV cache: "paged" or "dense"
+    kv_cache_reason: str = ""  # why it takes that path
 
 
 @dataclasses.dataclass(frozen=True)

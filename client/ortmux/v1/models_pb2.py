@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from ortmux.v1 import tensor_pb2 as ortmux_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ortmux/v1/models.proto\x12\tortmux.v1\x1a\x16ortmux/v1/tensor.proto\"\x96\x02\n\rAdapterTarget\x12\x0e\n\x06weight\x18\x01 \x01(\t\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12*\n\x04kind\x18\x04 \x01(\x0e\x32\x1c.ortmux.v1.AdapterTargetKind\x12\x13\n\x0bin_features\x18\x05 \x01(\x03\x12\x14\n\x0cout_features\x18\x06 \x01(\x03\x12\x0c\n\x04rule\x18\x07 \x01(\t\x12\x0c\n\x04node\x18\x08 \x01(\t\x12\x0e\n\x06layout\x18\t \x01(\t\x12\x0f\n\x07\x61liases\x18\n \x03(\t\x12\x14\n\x0cquantized_op\x18\x0b \x01(\t\x12\x0f\n\x07per_row\x18\x0c \x01(\x08\x12\r\n\x05group\x18\r \x01(\t\x12\x0c\n\x04\x62ias\x18\x0e \x01(\t\"f\n\x15UnadaptableProjection\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07op_type\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\t\x12\x0e\n\x06module\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\x9e\x01\n\nModelStats\x12\x13\n\x0b\x61rena_bytes\x18\x01 \x01(\x04\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x02 \x01(\x04\x12\x10\n\x08sessions\x18\x03 \x01(\r\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\x12\x10\n\x08\x61\x64\x61pters\x18\x06 \x01(\r\x12\x19\n\x11resident_adapters\x18\x07 \x01(\r\"\x8b\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.ortmux.v1.ModelState\x12%\n\x06inputs\x18\x03 \x03(\x0b\x32\x15.ortmux.v1.TensorSpec\x12&\n\x07outputs\x18\x04 \x03(\x0b\x32\x15.ortmux.v1.TensorSpec\x12\x31\n\x0f\x61\x64\x61pter_targets\x18\x05 \x03(\x0b\x32\x18.ortmux.v1.AdapterTarget\x12$\n\x05stats\x18\x06 \x01(\x0b\x32\x15.ortmux.v1.ModelStats\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x11\n\tproviders\x18\x08 \x03(\t\x12\x16\n\x0emax_batch_size\x18\t \x01(\r\x12\x35\n\x0bunadaptable\x18\n \x03(\x0b\x32 .ortmux.v1.UnadaptableProjection\x12\x13\n\x0b\x66used_nodes\x18\x0b \x03(\t\x12\x1b\n\x13max_sequence_length\x18\x0c \x01(\r\x12 \n\x18max_sequence_length_from\x18\r \x01(\t\x12\x11\n\tgenerates\x18\x0e \x01(\x08\x12\x1a\n\x12generation_problem\x18\x0f \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x10 \x01(\r\x12\x15\n\rhas_tokenizer\x18\x11 \x01(\x08\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.ortmux.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse*q\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03*x\n\x11\x41\x64\x61pterTargetKind\x12#\n\x1f\x41\x44\x41PTER_TARGET_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41\x44\x41PTER_TARGET_KIND_LORA\x10\x01\x12 \n\x1c\x41\x44\x41PTER_TARGET_KIND_OVERRIDE\x10\x02\x32\xa5\x02\n\x0cModelService\x12I\n\nListModels\x12\x1c.ortmux.v1.ListModelsRequest\x1a\x1d.ortmux.v1.ListModelsResponse\x12<\n\x08GetModel\x12\x1a.ortmux.v1.GetModelRequest\x1a\x14.ortmux.v1.ModelInfo\x12>\n\tLoadModel\x12\x1b.ortmux.v1.LoadModelRequest\x1a\x14.ortmux.v1.ModelInfo\x12L\n\x0bUnloadModel\x12\x1d.ortmux.v1.UnloadModelRequest\x1a\x1e.ortmux.v1.UnloadModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ortmux/v1/models.proto\x12\tortmux.v1\x1a\x16ortmux/v1/tensor.proto\"\x96\x02\n\rAdapterTarget\x12\x0e\n\x06weight\x18\x01 \x01(\t\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12*\n\x04kind\x18\x04 \x01(\x0e\x32\x1c.ortmux.v1.AdapterTargetKind\x12\x13\n\x0bin_features\x18\x05 \x01(\x03\x12\x14\n\x0cout_features\x18\x06 \x01(\x03\x12\x0c\n\x04rule\x18\x07 \x01(\t\x12\x0c\n\x04node\x18\x08 \x01(\t\x12\x0e\n\x06layout\x18\t \x01(\t\x12\x0f\n\x07\x61liases\x18\n \x03(\t\x12\x14\n\x0cquantized_op\x18\x0b \x01(\t\x12\x0f\n\x07per_row\x18\x0c \x01(\x08\x12\r\n\x05group\x18\r \x01(\t\x12\x0c\n\x04\x62ias\x18\x0e \x01(\t\"f\n\x15UnadaptableProjection\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07op_type\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\t\x12\x0e\n\x06module\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\x9e\x01\n\nModelStats\x12\x13\n\x0b\x61rena_bytes\x18\x01 \x01(\x04\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x02 \x01(\x04\x12\x10\n\x08sessions\x18\x03 \x01(\r\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\x12\x10\n\x08\x61\x64\x61pters\x18\x06 \x01(\r\x12\x19\n\x11resident_adapters\x18\x07 \x01(\r\"\xb6\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.ortmux.v1.ModelState\x12%\n\x06inputs\x18\x03 \x03(\x0b\x32\x15.ortmux.v1.TensorSpec\x12&\n\x07outputs\x18\x04 \x03(\x0b\x32\x15.ortmux.v1.TensorSpec\x12\x31\n\x0f\x61\x64\x61pter_targets\x18\x05 \x03(\x0b\x32\x18.ortmux.v1.AdapterTarget\x12$\n\x05stats\x18\x06 \x01(\x0b\x32\x15.ortmux.v1.ModelStats\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x11\n\tproviders\x18\x08 \x03(\t\x12\x16\n\x0emax_batch_size\x18\t \x01(\r\x12\x35\n\x0bunadaptable\x18\n \x03(\x0b\x32 .ortmux.v1.UnadaptableProjection\x12\x13\n\x0b\x66used_nodes\x18\x0b \x03(\t\x12\x1b\n\x13max_sequence_length\x18\x0c \x01(\r\x12 \n\x18max_sequence_length_from\x18\r \x01(\t\x12\x11\n\tgenerates\x18\x0e \x01(\x08\x12\x1a\n\x12generation_problem\x18\x0f \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x10 \x01(\r\x12\x15\n\rhas_tokenizer\x18\x11 \x01(\x08\x12\x10\n\x08kv_cache\x18\x12 \x01(\t\x12\x17\n\x0fkv_cache_reason\x18\x13 \x01(\t\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.ortmux.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse*q\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03*x\n\x11\x41\x64\x61pterTargetKind\x12#\n\x1f\x41\x44\x41PTER_TARGET_KIND_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x41\x44\x41PTER_TARGET_KIND_LORA\x10\x01\x12 \n\x1c\x41\x44\x41PTER_TARGET_KIND_OVERRIDE\x10\x02\x32\xa5\x02\n\x0cModelService\x12I\n\nListModels\x12\x1c.ortmux.v1.ListModelsRequest\x1a\x1d.ortmux.v1.ListModelsResponse\x12<\n\x08GetModel\x12\x1a.ortmux.v1.GetModelRequest\x1a\x14.ortmux.v1.ModelInfo\x12>\n\tLoadModel\x12\x1b.ortmux.v1.LoadModelRequest\x1a\x14.ortmux.v1.ModelInfo\x12L\n\x0bUnloadModel\x12\x1d.ortmux.v1.UnloadModelRequest\x1a\x1e.ortmux.v1.UnloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ortmux.v1.models_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=1354
-  _globals['_MODELSTATE']._serialized_end=1467
-  _globals['_ADAPTERTARGETKIND']._serialized_start=1469
-  _globals['_ADAPTERTARGETKIND']._serialized_end=1589
+  _globals['_MODELSTATE']._serialized_start=1397
+  _globals['_MODELSTATE']._serialized_end=1510
+  _globals['_ADAPTERTARGETKIND']._serialized_start=1512
+  _globals['_ADAPTERTARGETKIND']._serialized_end=1632
   _globals['_ADAPTERTARGET']._serialized_start=62
   _globals['_ADAPTERTARGET']._serialized_end=340
   _globals['_UNADAPTABLEPROJECTION']._serialized_start=342
@@ -43,19 +43,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELSTATS']._serialized_start=447
   _globals['_MODELSTATS']._serialized_end=605
   _globals['_MODELINFO']._serialized_start=608
-  _globals['_MODELINFO']._serialized_end=1131
-  _globals['_LISTMODELSREQUEST']._serialized_start=1133
-  _globals['_LISTMODELSREQUEST']._serialized_end=1152
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1154
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1212
-  _globals['_GETMODELREQUEST']._serialized_start=1214
-  _globals['_GETMODELREQUEST']._serialized_end=1245
-  _globals['_LOADMODELREQUEST']._serialized_start=1247
-  _globals['_LOADMODELREQUEST']._serialized_end=1293
-  _globals['_UNLOADMODELREQUEST']._serialized_start=1295
-  _globals['_UNLOADMODELREQUEST']._serialized_end=1329
-  _globals['_UNLOADMODELRESPONSE']._serialized_start=1331
-  _globals['_UNLOADMODELRESPONSE']._serialized_end=1352
-  _globals['_MODELSERVICE']._serialized_start=1592
-  _globals['_MODELSERVICE']._serialized_end=1885
+  _globals['_MODELINFO']._serialized_end=1174
+  _globals['_LISTMODELSREQUEST']._serialized_start=1176
+  _globals['_LISTMODELSREQUEST']._serialized_end=1195
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1197
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1255
+  _globals['_GETMODELREQUEST']._serialized_start=1257
+  _globals['_GETMODELREQUEST']._serialized_end=1288
+  _globals['_LOADMODELREQUEST']._serialized_start=1290
+  _globals['_LOADMODELREQUEST']._serialized_end=1336
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1338
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1372
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1374
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1395
+  _globals['_MODELSERVICE']._serialized_start=1635
+  _globals['_MODELSERVICE']._serialized_end=1928
 # @@protoc_insertion_point(module_scope)

@@ -93,7 +93,7 @@ class ModelStats(_message.Message):
     def __init__(self, arena_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., load_seconds: _Optional[float] = ..., cache_hit: bool = ..., adapters: _Optional[int] = ..., resident_adapters: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "state", "inputs", "outputs", "adapter_targets", "stats", "sha256", "providers", "max_batch_size", "unadaptable", "fused_nodes", "max_sequence_length", "max_sequence_length_from", "generates", "generation_problem", "context_length", "has_tokenizer")
+    __slots__ = ("name", "state", "inputs", "outputs", "adapter_targets", "stats", "sha256", "providers", "max_batch_size", "unadaptable", "fused_nodes", "max_sequence_length", "max_sequence_length_from", "generates", "generation_problem", "context_length", "has_tokenizer", "kv_cache", "kv_cache_reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,8 @@ class ModelInfo(_message.Message):
     GENERATION_PROBLEM_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     HAS_TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: ModelState
     inputs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
@@ -128,7 +130,9 @@ class ModelInfo(_message.Message):
     generation_problem: str
     context_length: int
     has_tokenizer: bool
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., adapter_targets: _Optional[_Iterable[_Union[AdapterTarget, _Mapping]]] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., sha256: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., unadaptable: _Optional[_Iterable[_Union[UnadaptableProjection, _Mapping]]] = ..., fused_nodes: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., max_sequence_length_from: _Optional[str] = ..., generates: bool = ..., generation_problem: _Optional[str] = ..., context_length: _Optional[int] = ..., has_tokenizer: bool = ...) -> None: ...
+    kv_cache: str
+    kv_cache_reason: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., inputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., adapter_targets: _Optional[_Iterable[_Union[AdapterTarget, _Mapping]]] = ..., stats: _Optional[_Union[ModelStats, _Mapping]] = ..., sha256: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., unadaptable: _Optional[_Iterable[_Union[UnadaptableProjection, _Mapping]]] = ..., fused_nodes: _Optional[_Iterable[str]] = ..., max_sequence_length: _Optional[int] = ..., max_sequence_length_from: _Optional[str] = ..., generates: bool = ..., generation_problem: _Optional[str] = ..., context_length: _Optional[int] = ..., has_tokenizer: bool = ..., kv_cache: _Optional[str] = ..., kv_cache_reason: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -71,6 +71,7 @@ def inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         import onnx
 
         from ortmux.worker.engine.lora.targets import find_sites
+        from ortmux.worker.engine.paged import kv_cache_path
     except ImportError as exc:
         print(f"ortmux inspect needs the worker extra (pip install 'ortmux[worker]'): {exc}", file=sys.stderr)
         return 2
@@ -103,6 +104,7 @@ def inspect(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     modules = sorted({site.module.rsplit(".", 1)[-1] for site in firsts if site.module})
     if modules:
         print(f"  PEFT target_modules: {', '.join(modules)}")
+    print(f"  KV cache: {kv_cache_path(model)}")
     return 0
 
 
@@ -121,6 +123,7 @@ def models(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     context = info.context_length or "not stated"
                     text = "text or token ids" if info.has_tokenizer else "token ids only (no tokenizer.json)"
                     print(f"  generates: context {context}, takes {text}")
+                    print(f"  kv cache: {info.kv_cache} ({info.kv_cache_reason})")
                 lora = [t for t in info.adapter_targets if t.kind == "lora"]
                 print_projections(
                     [

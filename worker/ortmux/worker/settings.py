@@ -147,8 +147,16 @@ class Settings:
     )
     kv_cache_bytes: int = _field(
         1 << 30,
-        "KV cache of all generations together; a generation reserves (prompt + max_new_tokens) x the "
-        "model's KV bytes per token when admitted and waits while there is no room.",
+        "KV cache of all generations together. On the paged cache a sequence holds 16-token blocks "
+        "as its length grows (the newest is preempted and recomputed when none are free); on the "
+        "dense cache a generation reserves (prompt + max_new_tokens) x the model's KV bytes per "
+        "token when admitted. Either way a generation waits while there is no room.",
+    )
+    paged_kv_cache: bool = _field(
+        True,
+        "Rewrite a decoder's attention at load to read and append to the KV cache's blocks in place, "
+        "each row over its own length (no padding to the longest row, no per-step copy); decoders "
+        "whose attention is not recognised keep the dense cache (GetModel says which and why).",
     )
     prefix_cache: bool = _field(
         True,

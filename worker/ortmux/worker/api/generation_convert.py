@@ -66,4 +66,6 @@ def describe(info: models_pb2.ModelInfo, generation: ModelGeneration) -> models_
     info.generation_problem = generation.problem
     info.context_length = generation.context_length
     info.has_tokenizer = generation.tokenizer is not None
+    info.kv_cache = generation.kv_cache
+    info.kv_cache_reason = generation.kv_cache_reason
     return info

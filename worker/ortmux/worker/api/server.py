@@ -219,6 +219,7 @@ def create_server(
         settings.max_generation_seconds,
         settings.prefix_cache,
         settings.prefix_cache_shared_base,
+        settings.paged_kv_cache,
     )
     dataplane = DataPlane(management, requests, adapters, statistics, generation)
     metrics.watch_generation(generation.loops, kv)

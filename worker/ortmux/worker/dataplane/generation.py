@@ -21,10 +21,13 @@ from ortmux.worker.engine.base_model import BaseModel
 from ortmux.worker.engine.decoder import DecoderSpec
 from ortmux.worker.engine.lora.feeds import FeedPool
 from ortmux.worker.engine.memory import MemoryGuard
+from ortmux.worker.engine.paged import BLOCK_TOKENS, PAGED_OP
+from ortmux.worker.engine.paged_model import PagedModel, paged_or_reason
 from ortmux.worker.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from ortmux.worker.generation.chat import ChatTemplate
 from ortmux.worker.generation.job import Chunk, GenerationJob
 from ortmux.worker.generation.kv import KvPool
+from ortmux.worker.generation.kv_blocks import blocks_for
 from ortmux.worker.generation.model_files import GenerationConfig, TextTokenizer, read_generation_config
 from ortmux.worker.generation.prefix_cache import PrefixCache, block_keys, scope_of
 from ortmux.worker.generation.sampling import Sampler, SamplingParams
@@ -34,6 +37,7 @@ from ortmux.worker.quotas import RequestQuotas, TokenQuota
 from ortmux.worker.request_bounds import MAX_STOP, MAX_STOP_CHARS, check_length
 from ortmux.worker.scheduler.decode_loop import DecodeLoop
 from ortmux.worker.scheduler.decode_scheduler import DecodeLimits
+from ortmux.worker.scheduler.paged_loop import PagedDecodeLoop
 
 MAX_NEW_TOKENS = 1 << 16
 
@@ -65,6 +69,12 @@ class ModelGeneration:
     config: GenerationConfig
     tokenizer: TextTokenizer | None
     chat: ChatTemplate | None = None
+    paged: PagedModel | None = None  # its paged KV cache's sessions, or None: the dense cache
+    kv_cache_reason: str = ""  # why it takes the path it takes
+
+    @property
+    def kv_cache(self) -> str:
+        return "" if self.decoder is None else "paged" if self.paged is not None else "dense"
 
     @property
     def context_length(self) -> int:
@@ -117,6 +127,7 @@ class GenerationPath:
         max_seconds: float = 0.0,
         prefix_cache: bool = True,
         prefix_cache_shared_base: bool = False,
+        paged_kv_cache: bool = True,
     ) -> None:
         self.models = models
         self.adapters = adapters
@@ -130,6 +141,7 @@ class GenerationPath:
         self.max_seconds = max_seconds  # the worker's own bound on one generation (0: none)
         self.prefix_cache = prefix_cache
         self.prefix_cache_shared_base = prefix_cache_shared_base
+        self.paged_kv_cache = paged_kv_cache
         self._loops: dict[str, DecodeLoop] = {}
         # per model object: what its files say, read once (a model loaded again is read again)
         self._files: weakref.WeakKeyDictionary[BaseModel, ModelGeneration] = weakref.WeakKeyDictionary()
@@ -145,16 +157,35 @@ class GenerationPath:
             config = read_generation_config(model.path)
             if not config.context_length and model.limits.sequence:
                 config = dataclasses.replace(config, context_length=model.limits.sequence)
+            paged, reason = self._kv_path(model, decoder, config)
             known = ModelGeneration(
                 decoder if isinstance(decoder, DecoderSpec) else None,
                 decoder if isinstance(decoder, str) else "",
                 config,
                 TextTokenizer.beside(model.path),
                 ChatTemplate.beside(model.path),
+                paged,
+                reason,
             )
             with self._lock:
                 self._files[model] = known
         return known
+
+    def _kv_path(
+        self, model: BaseModel, decoder: DecoderSpec | str, config: GenerationConfig
+    ) -> tuple[PagedModel | None, str]:
+        """The paged sessions of a decoder and why, or None and why it keeps the dense cache."""
+        if not isinstance(decoder, DecoderSpec):
+            return None, ""
+        if not self.paged_kv_cache:
+            return None, "the paged_kv_cache setting is off"
+        if config.window_problem:
+            return None, config.window_problem
+        found = paged_or_reason(model, decoder, config.sliding_window)
+        if isinstance(found, str):
+            return None, found
+        window = f", sliding window {config.sliding_window}" if config.sliding_window else ""
+        return found, f"attention rewritten to {PAGED_OP}{window}"
 
     def loops(self) -> list[DecodeLoop]:
         with self._lock:
@@ -179,7 +210,10 @@ class GenerationPath:
             raise FailedPrecondition(f"model '{model.name}' cannot generate: {info.problem}", field="model")
         prompt = self._prompt_ids(model, info, request)
         self._check(request, info, len(prompt))
-        kv_bytes = (len(prompt) + request.max_new_tokens) * info.decoder.kv_bytes_per_token
+        positions = len(prompt) + request.max_new_tokens
+        if info.paged is not None:  # held in whole blocks
+            positions = blocks_for(positions) * BLOCK_TOKENS
+        kv_bytes = positions * info.decoder.kv_bytes_per_token
         if kv_bytes > self.kv.limit_bytes:
             raise ResourceExhausted(
                 f"the generation needs {kv_bytes} bytes of KV cache ({len(prompt)} prompt + "
@@ -254,16 +288,24 @@ class GenerationPath:
             loop = self._loops.get(model.name)
             if loop is None:
                 pad = info.config.pad_id if info.config.pad_id is not None else 0
-                loop = DecodeLoop(
-                    model,
-                    info.decoder,
-                    self.kv,
-                    self.limits,
-                    self.feed_pool,
-                    self.metrics.generation_observer(model.name),
-                    pad_id=pad,
-                    prefix=PrefixCache(self.kv) if self.prefix_cache else None,
-                )
+                observer = self.metrics.generation_observer(model.name)
+                prefix = PrefixCache(self.kv) if self.prefix_cache else None
+                if info.paged is not None:
+                    loop = PagedDecodeLoop(
+                        model,
+                        info.decoder,
+                        info.paged,
+                        self.kv,
+                        self.limits,
+                        self.feed_pool,
+                        observer,
+                        pad,
+                        prefix,
+                    )
+                else:
+                    loop = DecodeLoop(
+                        model, info.decoder, self.kv, self.limits, self.feed_pool, observer, pad, prefix
+                    )
                 self._loops[model.name] = loop
             return loop
 

@@ -293,9 +293,15 @@ class BaseModel:
             feeds.update(build_feeds(self.lora_inputs, leading_rows(inputs), lora_spans, buffers))
         if extra_feeds:
             feeds.update(extra_feeds)
+        chosen = session or (self._base if len(feeds) > len(inputs) else self._plain)
+        return self.execute(chosen, names, feeds)
+
+    def execute(
+        self, session: ModelSession, names: Sequence[str], feeds: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """One run of ``session`` on feeds already checked; its failures as the worker's errors."""
         try:
-            chosen = session or (self._base if len(feeds) > len(inputs) else self._plain)
-            results = chosen.run(names, feeds)
+            results = session.run(names, feeds)
         except _CALLER_FAULTS as exc:
             raise InvalidArgument(f"model '{self.name}' refused the inputs: {_ort_message(exc)}") from None
         except Exception as exc:

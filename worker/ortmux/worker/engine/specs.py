@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import onnx
 
 from ortmux.worker.errors import InvalidArgument
 
@@ -46,6 +47,17 @@ class TensorSpec:
         shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in dims)
         dim_names = tuple(dim if isinstance(dim, str) else "" for dim in dims)
         return cls(name, dtype, shape, dim_names)
+
+    @classmethod
+    def from_onnx(cls, value: onnx.ValueInfoProto) -> TensorSpec:
+        """From a graph input or output as the file declares it."""
+        tensor = value.type.tensor_type
+        dtype = (
+            np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name if tensor.elem_type else ""
+        )
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim]
+        shape = tuple(dim if isinstance(dim, int) and dim > 0 else -1 for dim in dims)
+        return cls(value.name, dtype, shape, tuple(dim if isinstance(dim, str) else "" for dim in dims))
 
     def describe(self) -> str:
         dims = [

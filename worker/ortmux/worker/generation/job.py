@@ -56,6 +56,15 @@ class GenerationJob:
     last_token_at: float = 0.0
     admitted_at: float = 0.0
     ended: bool = False  # its last event is sent and what it held released
+    # On the paged KV cache (scheduler/paged_loop.py): the blocks it holds, the positions they hold
+    blocks: list[int] = dataclasses.field(default_factory=list)
+    kv_len: int = 0
+    preemptions: int = 0
+
+    def context_ids(self) -> list[int]:
+        """What its KV must hold before it samples again: its prompt and the tokens it generated
+        (all of them after a preemption, to recompute)."""
+        return self.prompt_ids + self.generated if self.generated else self.prompt_ids
 
     def group(self, decoder: DecoderSpec) -> tuple:
         """Jobs of one group share decode steps."""

@@ -25,6 +25,10 @@ class GenerationConfig:
     bos_id: int | None = None
     pad_id: int | None = None
     context_length: int = 0  # 0: not stated
+    # The attention's sliding window (Mistral's ``sliding_window``; 0: none), or why the
+    # config's windows are not one the paged kernel applies ("" when they are)
+    sliding_window: int = 0
+    window_problem: str = ""
 
 
 def read_generation_config(model_path: Path) -> GenerationConfig:
@@ -40,12 +44,28 @@ def read_generation_config(model_path: Path) -> GenerationConfig:
     eos = values.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (eos,) if isinstance(eos, int) else ()
     context = next((values[key] for key in _CONTEXT_KEYS if isinstance(values.get(key), int)), 0)
+    window, window_problem = _sliding_window(values)
     return GenerationConfig(
+        sliding_window=window,
+        window_problem=window_problem,
         eos_ids=tuple(int(i) for i in eos_ids if isinstance(i, int)),
         bos_id=values.get("bos_token_id") if isinstance(values.get("bos_token_id"), int) else None,
         pad_id=values.get("pad_token_id") if isinstance(values.get("pad_token_id"), int) else None,
         context_length=int(context),
     )
+
+
+def _sliding_window(values: dict) -> tuple[int, str]:
+    window = values.get("sliding_window")
+    if not isinstance(window, int) or window <= 0 or values.get("use_sliding_window") is False:
+        return 0, ""
+    layers = values.get("num_hidden_layers")
+    first = values.get("max_window_layers")
+    if isinstance(first, int) and isinstance(layers, int) and 0 < first < layers:
+        return 0, f"its config windows layers from {first} on only"
+    if isinstance(values.get("layer_types"), list) and len(set(values["layer_types"])) > 1:
+        return 0, "its config gives layers different attention types"
+    return window, ""
 
 
 class TextTokenizer:

@@ -249,7 +249,14 @@ class GenerationCollector(Collector):
         blocks = GaugeMetricFamily(
             "ortmux_prefix_cache_blocks", "Cached prompt blocks (16 tokens each), by model.", labels=["model"]
         )
+        used = GaugeMetricFamily(
+            "ortmux_kv_blocks_used",
+            "KV cache blocks (16 positions each) held by sequences, on the paged path, by model.",
+            labels=["model"],
+        )
         for loop in self._loops():
+            if loop.blocks is not None:
+                used.add_metric([loop.name], loop.blocks.used)
             running.add_metric([loop.name], loop.running)
             waiting.add_metric([loop.name], loop.waiting)
             if loop.prefix is not None:
@@ -259,6 +266,7 @@ class GenerationCollector(Collector):
         yield waiting
         yield cached
         yield blocks
+        yield used
         yield GaugeMetricFamily(
             "ortmux_kv_cache_bytes",
             "KV cache reserved by admitted generations and cached prompt prefixes.",

@@ -139,6 +139,12 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.preemptions = Counter(
+            "ortmux_kv_preemptions_total",
+            "Sequences preempted when the paged KV cache ran out of blocks (recomputed later), by model.",
+            ["model"],
+            registry=self.registry,
+        )
         self.decode_step_rows = Histogram(
             "ortmux_decode_step_rows",
             "Rows (sequences) per decode step, by base model.",
@@ -272,6 +278,7 @@ class GenerationMetrics:
         self._tokens = metrics.generated_tokens.labels(model)
         self._prompt = metrics.prompt_tokens.labels(model)
         self._hits = metrics.prefix_hit_tokens.labels(model)
+        self._preempted = metrics.preemptions.labels(model)
 
     def step(self, rows: int, seconds: float) -> None:
         self._rows.observe(rows)
@@ -283,3 +290,6 @@ class GenerationMetrics:
     def prefix(self, hit_tokens: int, prompt_tokens: int) -> None:
         self._prompt.inc(prompt_tokens)
         self._hits.inc(hit_tokens)
+
+    def preempted(self) -> None:
+        self._preempted.inc()

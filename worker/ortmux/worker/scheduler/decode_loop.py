@@ -49,11 +49,15 @@ class GenerationObserver(Protocol):
 
     def prefix(self, hit_tokens: int, prompt_tokens: int) -> None: ...
 
+    def preempted(self) -> None: ...
+
 
 BLOCKED_POLL_SECONDS = 0.1
 
 
 class DecodeLoop:
+    blocks = None  # the paged KV cache's blocks (scheduler/paged_loop.py); the dense loop has none
+
     def __init__(
         self,
         model: BaseModel,
@@ -71,9 +75,8 @@ class DecodeLoop:
         self.kv = kv
         self.limits = limits
         self.prefix = prefix  # cached prompt prefixes (generation/prefix_cache.py), or none
-        self.scheduler = DecodeScheduler(
-            model.name, decoder, kv, limits, make_room=self._make_room, cached=self._cached_tokens
-        )
+        hooks = {"make_room": self._make_room, "cached": self._cached_tokens, **self._scheduler_hooks()}
+        self.scheduler = DecodeScheduler(model.name, decoder, kv, limits, **hooks)
         self.runner = DecodeRunner(model, decoder, feed_pool)
         self._observer = observer
         self._pad_id = pad_id
@@ -86,6 +89,11 @@ class DecodeLoop:
         self._stop_listening = kv.on_release(self._wake)
         self._thread = threading.Thread(target=self._loop, name=f"ortmux-decode-{self.name}", daemon=True)
         self._thread.start()
+
+    @property
+    def executes(self) -> BaseModel:
+        """What runs this loop's steps (its ``run`` takes the feeds by name)."""
+        return self.runner.model
 
     @property
     def running(self) -> int:
@@ -102,6 +110,10 @@ class DecodeLoop:
             self.scheduler.submit(job)
             self._blocked = False
             self._cond.notify_all()
+
+    def _scheduler_hooks(self) -> dict:
+        """What the scheduler asks this loop (a paged loop admits by blocks)."""
+        return {}
 
     def _make_room(self, nbytes: int) -> int:
         return self.prefix.evict(nbytes) if self.prefix is not None else 0
@@ -132,7 +144,7 @@ class DecodeLoop:
         scheduler = self.scheduler
         while True:
             with self._cond:
-                while not scheduler.busy and (self._blocked or not scheduler.waiting):
+                while not self._busy() and (self._blocked or not scheduler.waiting):
                     if self._closed and not scheduler.waiting:
                         return
                     self._cond.wait(BLOCKED_POLL_SECONDS if scheduler.waiting else None)
@@ -140,18 +152,33 @@ class DecodeLoop:
                 for job, error in scheduler.expired():
                     self._end(job, error=error)
                 admitted = scheduler.admit()
-                self._blocked = not (admitted or scheduler.busy)
+                self._blocked = not (admitted or self._busy())
             try:
-                for key, jobs in scheduler.prefills(self._resumed(admitted)):
-                    self._prefill(key, jobs)
-                self._advance_partials()
-                for key in list(scheduler.groups):
-                    self._step(key)
+                self._iterate(admitted)
             except Exception as exc:  # a fault of the loop itself: every generation it holds ends
                 log.exception("decode loop of model '%s' failed", self.name)
                 error = InternalError(f"model '{self.name}' failed to generate: {exc}")
-                for job in [*admitted, *scheduler.clear()]:
+                for job in [*admitted, *self._clear()]:
                     self._end(job, error=error)
+
+    # -- one iteration on the dense cache (a subclass pages it: scheduler/paged_loop.py) -------
+
+    def _busy(self) -> bool:
+        return self.scheduler.busy
+
+    def _clear(self) -> list[GenerationJob]:
+        return self.scheduler.clear()
+
+    def _release(self, job: GenerationJob) -> None:
+        self.kv.release(job.kv_bytes)
+
+    def _iterate(self, admitted: list[GenerationJob]) -> None:
+        scheduler = self.scheduler
+        for key, jobs in scheduler.prefills(self._resumed(admitted)):
+            self._prefill(key, jobs)
+        self._advance_partials()
+        for key in list(scheduler.groups):
+            self._step(key)
 
     def _resumed(self, admitted: list[GenerationJob]) -> list[GenerationJob]:
         """The admitted generations without a cached prefix; those with one resume after it."""
@@ -283,7 +310,7 @@ class DecodeLoop:
             return
         job.ended = True
         if job.admitted_at:
-            self.kv.release(job.kv_bytes)
+            self._release(job)
         job.events.put(chunk if chunk is not None else error)
         job.events.put(None)
         try:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from ortmux.worker.engine.decoder import DecoderSpec
 from ortmux.worker.errors import Cancelled, DeadlineExceeded, ResourceExhausted
@@ -26,6 +27,8 @@ from ortmux.worker.generation.job import GenerationJob
 from ortmux.worker.generation.kv import KvPool
 from ortmux.worker.scheduler.decode_rows import Partial, Rows
 from ortmux.worker.scheduler.fair_queue import FairQueue
+
+T = TypeVar("T")
 
 MAX_PADDING = 0.5  # the share of a group's (or a prefill batch's) cache that may be padding
 
@@ -46,6 +49,8 @@ class DecodeScheduler:
         limits: DecodeLimits,
         make_room: Callable[[int], int] = lambda nbytes: 0,
         cached: Callable[[GenerationJob], int] = lambda job: 0,
+        reserve: Callable[[GenerationJob], bool] | None = None,
+        running: Callable[[], int] | None = None,
     ) -> None:
         self.name = name
         self.decoder = decoder
@@ -53,6 +58,9 @@ class DecodeScheduler:
         self.limits = limits
         self._make_room = make_room  # frees KV pool bytes held by cached prefixes; what it freed
         self._cached = cached  # prompt tokens of a job the prefix cache holds (not to prefill)
+        # Takes a job's KV room at admission (default: its whole reservation from the KV pool)
+        self._reserve = reserve or (lambda job: self.kv.reserve(job.kv_bytes))
+        self._running = running  # how many rows run, where the caller keeps them (paged loop)
         self.groups: dict[tuple, Rows] = {}
         self.partial: list[Partial] = []  # long prompts being prefilled a chunk per iteration
         self._waiting: FairQueue[GenerationJob] = FairQueue()
@@ -60,6 +68,8 @@ class DecodeScheduler:
 
     @property
     def running(self) -> int:
+        if self._running is not None:
+            return self._running()
         return sum(len(rows.jobs) for rows in list(self.groups.values())) + len(self.partial)
 
     @property
@@ -104,9 +114,7 @@ class DecodeScheduler:
             job = self._waiting.pop(fits)
             if job is None:
                 break
-            if not self.kv.reserve(job.kv_bytes) and not (
-                self._make_room(job.kv_bytes) and self.kv.reserve(job.kv_bytes)
-            ):
+            if not self._reserve(job) and not (self._make_room(job.kv_bytes) and self._reserve(job)):
                 self._waiting.push(job, front=True)  # waits for KV room, first of its key
                 break
             job.admitted_at = time.monotonic()
@@ -124,17 +132,15 @@ class DecodeScheduler:
                 self.partial.append(Partial(job))
             else:
                 by_kind.setdefault(job.group(self.decoder), []).append(job)
-        batches = []
-        for kind, jobs in by_kind.items():
-            batch: list[GenerationJob] = []
-            for job in sorted(jobs, key=lambda job: -len(job.prompt_ids)):  # stable: arrival order
-                lengths = [len(each.prompt_ids) for each in (*batch, job)]
-                if batch and 1 - sum(lengths) / (len(lengths) * lengths[0]) > MAX_PADDING:
-                    batches.append((kind, batch))
-                    batch = []
-                batch.append(job)
-            batches.append((kind, batch))
-        return batches
+        return [
+            (kind, batch)
+            for kind, jobs in by_kind.items()
+            for batch in pad_batches(jobs, lambda job: len(job.prompt_ids))
+        ]
+
+    def requeue(self, job: GenerationJob) -> None:
+        """A preempted generation waits again, first of its key."""
+        self._waiting.push(job, front=True)
 
     def resume(self, job: GenerationJob, done: int, cache: list) -> None:
         """An admitted prompt whose first ``done`` tokens' KV is ``cache`` already (a cached
@@ -192,6 +198,22 @@ class DecodeScheduler:
             self.drop(key)
         self.partial.clear()
         return jobs
+
+
+def pad_batches(items: Sequence[T], length: Callable[[T], int]) -> list[list[T]]:
+    """``items`` in batches padded to their longest, at most ``MAX_PADDING`` of each batch
+    padding (longest first; items of one length keep their order)."""
+    batches: list[list[T]] = []
+    batch: list[T] = []
+    for item in sorted(items, key=lambda item: -length(item)):  # stable
+        lengths = [length(each) for each in (*batch, item)]
+        if batch and 1 - sum(lengths) / (len(lengths) * lengths[0]) > MAX_PADDING:
+            batches.append(batch)
+            batch = []
+        batch.append(item)
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 def gone(job: GenerationJob, now: float, when: str = "") -> Exception | None:

@@ -3,6 +3,9 @@
 ``LoraBranch`` (lora_branch.c) computes a projection's LoRA branch for every row of a run from
 per-row addresses of the adapters' factors, so a mixed-adapter run reads each adapter's factors
 where they lie instead of copying them into per-run feeds (docs/lora-kernel.md).
+``PagedAttention`` (paged_attention.c) is a decoder layer's attention over the KV cache's blocks,
+each row over its own length (engine/paged.py, docs/kv-cache.md). One library holds both
+(ops.c registers them).
 
 :func:`library` finds the compiled library: beside this module when the install built it
 (``python -m ortmux.worker.engine.kernels``), else in a per-user cache directory, compiling it
@@ -32,7 +35,9 @@ from ortmux.worker.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("lora_branch.c")
+HERE = Path(__file__).parent
+SOURCES = tuple(HERE / name for name in ("ops.c", "lora_branch.c", "paged_attention.c"))
+HEADERS = (HERE / "ortmux_api.h",)
 DOMAIN = "ortmux"
 OP = "LoraBranch"
 # The C API version the library asks for (KernelContext_ParallelFor): ONNX Runtime 1.17 or newer.
@@ -71,12 +76,15 @@ _GRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 def _tag() -> str:
     """What the compiled file depends on: the source and the machine's architecture."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    return f"{platform.machine()}-{digest}"
+    digest = hashlib.sha256()
+    for path in (*SOURCES, *HEADERS):
+        digest.update(path.read_bytes())
+    digest.update(" ".join(FLAGS).encode())
+    return f"{platform.machine()}-{digest.hexdigest()[:16]}"
 
 
 def _file_name() -> str:
-    return f"liblora_branch-{_tag()}.so"
+    return f"libortmux_ops-{_tag()}.so"
 
 
 def build(directory: Path) -> Path:
@@ -90,7 +98,10 @@ def build(directory: Path) -> Path:
     os.close(handle)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, "-o", scratch, str(SOURCE)], capture_output=True, text=True, timeout=120
+            [compiler, *FLAGS, "-o", scratch, *(str(path) for path in SOURCES), "-lm"],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
@@ -128,8 +139,8 @@ def library() -> Path | None:
     if sys.platform != "linux":
         log.warning("LoRA kernel off: built for Linux only; branches use MatMul on copied factors")
         return None
-    if (SOURCE.parent / _file_name()).is_file():
-        return SOURCE.parent / _file_name()
+    if (HERE / _file_name()).is_file():
+        return HERE / _file_name()
     try:
         cache = _cache_directory()
         if (cache / _file_name()).is_file():
@@ -142,4 +153,4 @@ def library() -> Path | None:
 
 def main() -> None:
     """Build the library beside this module (what an image build runs, so pods compile nothing)."""
-    print(build(SOURCE.parent))
+    print(build(HERE))

@@ -13,82 +13,15 @@
  * Output: float, the shape of base.
  *
  * The addresses are process-internal: the worker builds the table from the resident adapters'
- * arrays and keeps them alive for the run; clients cannot feed it. Written against the ONNX
- * Runtime C API (an append-only table of function pointers, OrtApiBase->GetApi(version)); only
- * the entries below are used, by their index in that table, and the library links nothing of
- * ONNX Runtime. tests/unit/test_lora_kernel.py checks every entry against the runtime.
+ * arrays and keeps them alive for the run; clients cannot feed it.
  */
-#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define API_VERSION 17u /* KernelContext_ParallelFor arrived in 17 */
+#include "ortmux_api.h"
 
-/* Indices into OrtApi (onnxruntime_c_api.h, struct OrtApi, in declaration order). */
-enum {
-    API_CreateStatus = 0,
-    API_CreateCustomOpDomain = 26,
-    API_CustomOpDomain_Add = 27,
-    API_AddCustomOpDomain = 28,
-    API_GetTensorMutableData = 51,
-    API_GetDimensionsCount = 61,
-    API_GetDimensions = 62,
-    API_GetTensorTypeAndShape = 65,
-    API_KernelContext_GetInput = 90,
-    API_KernelContext_GetOutput = 91,
-    API_ReleaseTensorTypeAndShapeInfo = 99,
-    API_KernelContext_ParallelFor = 274,
-};
-
-typedef void *Status; /* OrtStatus*: NULL is success */
-typedef struct {
-    const void *const *(*GetApi)(uint32_t version);
-    const char *(*GetVersionString)(void);
-} ApiBase;
-
-typedef Status (*CreateStatusFn)(int code, const char *message);
-typedef Status (*CreateCustomOpDomainFn)(const char *domain, void **out);
-typedef Status (*CustomOpDomainAddFn)(void *domain, const void *op);
-typedef Status (*AddCustomOpDomainFn)(void *options, void *domain);
-typedef Status (*GetTensorMutableDataFn)(void *value, void **out);
-typedef Status (*GetDimensionsCountFn)(const void *info, size_t *out);
-typedef Status (*GetDimensionsFn)(const void *info, int64_t *dims, size_t count);
-typedef Status (*GetTensorTypeAndShapeFn)(const void *value, void **out);
-typedef Status (*GetInputFn)(const void *context, size_t index, const void **out);
-typedef Status (*GetOutputFn)(void *context, size_t index, const int64_t *dims, size_t count, void **out);
-typedef void (*ReleaseInfoFn)(void *info);
-typedef Status (*ParallelForFn)(const void *context, void (*fn)(void *, size_t), size_t total,
-                                size_t num_batch, void *data);
-
-static const void *const *api;
-#define CALL(type, index) ((type)api[index])
-
-enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2, TYPE_FLOAT = 1, TYPE_INT64 = 7, MAX_DIMS = 8 };
 enum { BLOCK_TOKENS = 16 };
-
-/* OrtCustomOp up to version 16's fields (KernelComputeV2); ORT reads no further at version 16. */
-typedef struct {
-    uint32_t version;
-    void *(*CreateKernel)(const void *op, const void *api, const void *info);
-    const char *(*GetName)(const void *op);
-    const char *(*GetExecutionProviderType)(const void *op);
-    int (*GetInputType)(const void *op, size_t index);
-    size_t (*GetInputTypeCount)(const void *op);
-    int (*GetOutputType)(const void *op, size_t index);
-    size_t (*GetOutputTypeCount)(const void *op);
-    void (*KernelCompute)(void *kernel, void *context);
-    void (*KernelDestroy)(void *kernel);
-    int (*GetInputCharacteristic)(const void *op, size_t index);
-    int (*GetOutputCharacteristic)(const void *op, size_t index);
-    int (*GetInputMemoryType)(const void *op, size_t index);
-    int (*GetVariadicInputMinArity)(const void *op);
-    int (*GetVariadicInputHomogeneity)(const void *op);
-    int (*GetVariadicOutputMinArity)(const void *op);
-    int (*GetVariadicOutputHomogeneity)(const void *op);
-    Status (*CreateKernelV2)(const void *op, const void *api, const void *info, void **kernel);
-    Status (*KernelComputeV2)(void *kernel, void *context);
-} CustomOp;
 
 typedef struct {
     const float *x;
@@ -239,30 +172,7 @@ static int row_order(const Work *w, int64_t *order) {
     return 1;
 }
 
-static Status fail(const char *message) {
-    return CALL(CreateStatusFn, API_CreateStatus)(ORT_INVALID_ARGUMENT, message);
-}
-
-/* The words ONNX Runtime's own allocation failures carry, which the worker answers as
- * RESOURCE_EXHAUSTED. */
-static Status out_of_memory(void) {
-    return CALL(CreateStatusFn, API_CreateStatus)(ORT_FAIL, "LoraBranch: Failed to allocate memory");
-}
-
-/* The dimensions of input or output value; their count, or -1. */
-static int64_t shape_of(const void *value, int64_t *dims) {
-    void *info = NULL;
-    size_t count = 0;
-    if (CALL(GetTensorTypeAndShapeFn, API_GetTensorTypeAndShape)(value, &info) != NULL) return -1;
-    int64_t result = -1;
-    if (CALL(GetDimensionsCountFn, API_GetDimensionsCount)(info, &count) == NULL && count <= MAX_DIMS &&
-        CALL(GetDimensionsFn, API_GetDimensions)(info, dims, count) == NULL)
-        result = (int64_t)count;
-    CALL(ReleaseInfoFn, API_ReleaseTensorTypeAndShapeInfo)(info);
-    return result;
-}
-
-static Status compute(void *kernel, void *context) {
+Status lora_branch_compute(void *kernel, void *context) {
     (void)kernel;
     const void *values[3];
     int64_t dims[3][MAX_DIMS], ranks[3], elements[3];
@@ -311,7 +221,7 @@ static Status compute(void *kernel, void *context) {
     int64_t *order = (int64_t *)malloc((size_t)w.rows * sizeof(int64_t));
     if (order == NULL || !row_order(&w, order)) {
         free(order);
-        return out_of_memory();
+        return out_of_memory("LoraBranch");
     }
     w.order = order;
     w.failed = 0;
@@ -321,44 +231,7 @@ static Status compute(void *kernel, void *context) {
     else
         status = CALL(ParallelForFn, API_KernelContext_ParallelFor)(context, run_task, total, 0, &w);
     free(order);
-    if (status == NULL && __atomic_load_n(&w.failed, __ATOMIC_RELAXED)) return out_of_memory();
+    if (status == NULL && __atomic_load_n(&w.failed, __ATOMIC_RELAXED)) return out_of_memory("LoraBranch");
     return status;
 }
 
-static void *create_kernel(const void *op, const void *ort_api, const void *info) {
-    (void)op, (void)ort_api, (void)info;
-    return (void *)&api; /* stateless: any non-NULL pointer */
-}
-static Status create_kernel_v2(const void *op, const void *ort_api, const void *info, void **kernel) {
-    *kernel = create_kernel(op, ort_api, info);
-    return NULL;
-}
-static void compute_v1(void *kernel, void *context) { (void)compute(kernel, context); }
-static void destroy_kernel(void *kernel) { (void)kernel; }
-static const char *op_name(const void *op) { (void)op; return "LoraBranch"; }
-static const char *op_provider(const void *op) { (void)op; return "CPUExecutionProvider"; }
-static int input_type(const void *op, size_t index) { (void)op; return index == 2 ? TYPE_INT64 : TYPE_FLOAT; }
-static size_t input_count(const void *op) { (void)op; return 3; }
-static int output_type(const void *op, size_t index) { (void)op, (void)index; return TYPE_FLOAT; }
-static size_t output_count(const void *op) { (void)op; return 1; }
-static int required(const void *op, size_t index) { (void)op, (void)index; return 0; }
-static int default_memory(const void *op, size_t index) { (void)op, (void)index; return 0; }
-static int one(const void *op) { (void)op; return 1; }
-
-static const CustomOp lora_branch = {
-    16,          create_kernel, op_name,        op_provider,    input_type,   input_count,
-    output_type, output_count,  compute_v1,     destroy_kernel, required,     required,
-    default_memory, one,        one,            one,            one,          create_kernel_v2,
-    compute,
-};
-
-/* What SessionOptions.register_custom_ops_library calls. */
-__attribute__((visibility("default"))) Status RegisterCustomOps(void *options, const ApiBase *base) {
-    api = base->GetApi(API_VERSION);
-    if (api == NULL) return NULL; /* a runtime older than 1.17: the worker checks the version first */
-    void *domain = NULL;
-    Status status = CALL(CreateCustomOpDomainFn, API_CreateCustomOpDomain)("ortmux", &domain);
-    if (status == NULL) status = CALL(CustomOpDomainAddFn, API_CustomOpDomain_Add)(domain, &lora_branch);
-    if (status == NULL) status = CALL(AddCustomOpDomainFn, API_AddCustomOpDomain)(options, domain);
-    return status;
-}
