@@ -71,13 +71,7 @@ def test_paged_rows_of_different_lengths_equal_the_exported_graph_alone(tmp_path
     )
     # rows hold scattered blocks, not in id order
     tables = rng.permutation(blocks)[: width * len(prompts)].reshape(len(prompts), width).astype(np.int64)
-    ids = np.zeros((len(prompts), max(LENGTHS)), np.int64)
-    positions = np.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = prompt
-        positions[row, : len(prompt)] = np.arange(len(prompt))
-    lens = np.array([[0, len(p)] for p in prompts], np.int64)
-    logits = paged.run(PagedModel.inputs(ids, positions, pools.astype(np.int64), tables, lens))
+    logits = paged.run(PagedModel.prefill_inputs(prompts, pools.astype(np.int64), tables))
     state = []
     for row, prompt in enumerate(prompts):
         want, past = _dense(model, prompt, None)

@@ -58,7 +58,6 @@ class PagedModel:
         tag = f"{REWRITE_VERSION}-w{window}"
         main = self._graph(directory / MODEL_FILE, directory / f"paged-{tag}.onnx", decoder, window)
         self._main = model.new_session(graph=main[0])
-        self.graph_inputs = main[1].inputs
         self.last_index = main[1].last_index
         self._plain = self._main
         if (directory / BASE_MODEL_FILE).is_file():
@@ -66,7 +65,6 @@ class PagedModel:
                 directory / BASE_MODEL_FILE, directory / f"paged_base-{tag}.onnx", decoder, window
             )
             self._plain = model.new_session(graph=base[0])
-        self.vocab = 0
         try:
             difference = self._probe()
         except Exception:
@@ -102,6 +100,19 @@ class PagedModel:
             return logits[:, -1, :]
         return logits[np.arange(len(real)), real - 1, :]
 
+    @classmethod
+    def prefill_inputs(
+        cls, prompts: Sequence[Sequence[int]], pools: np.ndarray, tables: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """The inputs of a first run of ``prompts`` (no past), right-padded to the longest."""
+        ids = np.zeros((len(prompts), max(len(prompt) for prompt in prompts)), np.int64)
+        positions = np.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = prompt
+            positions[row, : len(prompt)] = np.arange(len(prompt))
+        lens = np.array([[0, len(prompt)] for prompt in prompts], np.int64)
+        return cls.inputs(ids, positions, pools, tables, lens)
+
     @staticmethod
     def inputs(
         ids: np.ndarray, positions: np.ndarray, pools: np.ndarray, tables: np.ndarray, lens: np.ndarray
@@ -128,13 +139,7 @@ class PagedModel:
             [[pool[i, 0].ctypes.data, pool[i, 1].ctypes.data, blocks] for i in range(decoder.layers)]
         )
         tables = np.arange(blocks, dtype=np.int64).reshape(len(prompts), width)
-        ids = np.zeros((len(prompts), max(PROBE_LENGTHS)), np.int64)
-        positions = np.zeros_like(ids)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = prompt
-            positions[row, : len(prompt)] = np.arange(len(prompt))
-        lens = np.array([[0, len(p)] for p in prompts], np.int64)
-        paged = self.run(self.inputs(ids, positions, pools.astype(np.int64), tables, lens))
+        paged = self.run(self.prefill_inputs(prompts, pools.astype(np.int64), tables))
         worst = 0.0
         nexts = []
         for row, prompt in enumerate(prompts):
